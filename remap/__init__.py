@@ -1,0 +1,30 @@
+"""remap: the Oneiros memory engine. One pool of pages per device, shared by model parameters,
+KV blocks and staging slots; parameters are lent to the KV cache with no write-back and streamed
+back from their host master copy. Pure Python + torch: nothing here imports Ray or HTTP code."""
+
+from remap.backend import TENSOR_ALIGN_BYTES, ArenaBackend, Backend
+from remap.kv import KVBlocks, KVGeometry
+from remap.memory import DEFAULT_PAGE_SIZE_BYTES, DeviceMemory, RestoreOutcome
+from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_views
+from remap.pool import PagePool
+from remap.staging import StagingRing
+from remap.transfer import SyncTransferEngine, ThreadTransferEngine, TransferEngine, make_transfer_engine
+from remap.types import (
+    BASE_SLAB,
+    FREE,
+    IntegrityError,
+    ModelId,
+    Owner,
+    OwnerKind,
+    PageId,
+    RemapError,
+    SeqId,
+)
+
+__all__ = [
+    "BASE_SLAB", "DEFAULT_PAGE_SIZE_BYTES", "FREE", "TENSOR_ALIGN_BYTES", "ArenaBackend", "Backend",
+    "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",
+    "PagePool", "ParamStore", "RemapError", "RestoreOutcome", "SeqId", "Slab", "StagingRing",
+    "SyncTransferEngine", "TensorSpec", "ThreadTransferEngine", "TransferEngine", "make_transfer_engine",
+    "pack_layout", "slab_views",
+]

@@ -1,0 +1,103 @@
+"""Where the bytes of a device's pages physically live.
+
+The pool decides who owns a page; a backend holds the page's bytes and gives out tensor views.
+Two backends fit this seam:
+
+- `ArenaBackend` (here): one preallocated torch buffer on any device. Page p is the byte range
+  [p * page_size, (p + 1) * page_size). A layer slab's tensors are views into a fixed contiguous run
+  of pages (its "home"), so restoring a layer needs exactly those pages back.
+- `cuda_vmm` (the GPU issue): each slab and each model's KV get a reserved virtual range and
+  physical pages are mapped into them on demand, so a slab can be restored into any free pages.
+  `needs_home_runs` is False there and the map/unmap hooks do the real work.
+
+A model's KV view is one tensor over all pages, indexed by page id = KV block id:
+
+    kv[page, layer, k_or_v, token_in_block, kv_head, head_dim]
+
+with the first stride equal to one page, so blocks of different models share the same pages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from remap.types import ModelId, PageId, RemapError
+
+TENSOR_ALIGN_BYTES = 256  # every packed tensor starts at a multiple of this (CUDA's malloc alignment)
+
+
+class Backend(ABC):
+    """Bytes of `num_pages` pages of `page_size_bytes` each on one device."""
+
+    device: torch.device
+    num_pages: int
+    page_size_bytes: int
+    needs_home_runs: bool  # True: a slab can only live in its own contiguous run of pages
+
+    @abstractmethod
+    def run_bytes(self, first: PageId, num_pages: int) -> torch.Tensor:
+        """uint8 view of `num_pages` contiguous pages starting at `first`."""
+
+    @abstractmethod
+    def kv_view(self, model: ModelId, shape_per_page: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Tensor [num_pages, *shape_per_page] whose row p lies in page p."""
+
+    @abstractmethod
+    def copy_pages(self, src: Sequence[PageId], dst: Sequence[PageId], num_bytes: int) -> None:
+        """Device-local copy of the first `num_bytes` of each src page into the matching dst page."""
+
+    @abstractmethod
+    def read_pages(self, pages: Sequence[PageId], num_bytes: int, out: torch.Tensor) -> None:
+        """Copy the first `num_bytes` of each page into rows of the host tensor `out` [n, num_bytes]."""
+
+    @abstractmethod
+    def write_pages(self, pages: Sequence[PageId], num_bytes: int, data: torch.Tensor) -> None:
+        """Inverse of read_pages."""
+
+
+class ArenaBackend(Backend):
+    needs_home_runs = True
+
+    def __init__(self, num_pages: int, page_size_bytes: int, device: torch.device | str = "cpu") -> None:
+        if page_size_bytes <= 0 or page_size_bytes % TENSOR_ALIGN_BYTES:
+            raise RemapError(
+                f"page size {page_size_bytes} B is not a positive multiple of the tensor alignment "
+                f"{TENSOR_ALIGN_BYTES} B"
+            )
+        self.device = torch.device(device)
+        self.num_pages = num_pages
+        self.page_size_bytes = page_size_bytes
+        # torch.empty: pages hold garbage until an owner writes them, like freshly mapped memory.
+        self._buffer = torch.empty(num_pages * page_size_bytes, dtype=torch.uint8, device=self.device)
+        self._pages = self._buffer.view(num_pages, page_size_bytes)
+
+    def run_bytes(self, first: PageId, num_pages: int) -> torch.Tensor:
+        start = first * self.page_size_bytes
+        return self._buffer[start : start + num_pages * self.page_size_bytes]
+
+    def kv_view(self, model: ModelId, shape_per_page: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        elems = self._buffer.view(dtype)
+        inner = list(shape_per_page)
+        strides = [1] * len(inner)
+        for i in range(len(inner) - 2, -1, -1):
+            strides[i] = strides[i + 1] * inner[i + 1]
+        if strides[0] * inner[0] * itemsize > self.page_size_bytes:
+            raise RemapError(f"KV block shape {inner} of {dtype} exceeds a page of {self.page_size_bytes} B")
+        return elems.as_strided([self.num_pages, *inner], [self.page_size_bytes // itemsize, *strides])
+
+    def copy_pages(self, src: Sequence[PageId], dst: Sequence[PageId], num_bytes: int) -> None:
+        src_idx = torch.as_tensor(list(src), dtype=torch.long, device=self.device)
+        dst_idx = torch.as_tensor(list(dst), dtype=torch.long, device=self.device)
+        self._pages[dst_idx, :num_bytes] = self._pages[src_idx, :num_bytes]
+
+    def read_pages(self, pages: Sequence[PageId], num_bytes: int, out: torch.Tensor) -> None:
+        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        out.copy_(self._pages[idx, :num_bytes])
+
+    def write_pages(self, pages: Sequence[PageId], num_bytes: int, data: torch.Tensor) -> None:
+        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        self._pages[idx, :num_bytes] = data.to(self.device, non_blocking=True)

@@ -1,0 +1,346 @@
+"""RemapController: the per-step policy that decides which parameter layers to lend to the KV cache.
+
+`RemapController(config).plan(snapshot) -> RemapPlan` is pure and synchronous: time and every
+measurement come in the snapshot, and the same snapshot always gives the same plan (tenant order in
+the snapshot does not matter). Executing the plan is the engine's job.
+
+Central invariant: no plan remaps more than `cap` layers of any model (cap = floor(f * num_layers),
+at most num_layers - 1), so every model keeps at least one resident layer.
+
+The page ledger every decision is made against ("spare" pages; negative = a deficit):
+
+    spare = num_free_pages + layer_pages * reclaimed - layer_pages * restored
+            - sum(kv_pages_needed) - staging pages of every active model after the plan
+
+Staging is charged in full for the post-plan state, so `num_free_pages` must count the pages the
+staging rings hold now as free: rings are re-sized to each plan's StreamPlans (execute: reclaim,
+re-size rings, restore). A woken model whose layers were reclaimed while it slept is thereby charged
+for the ring it is about to need.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+_EPS = 1e-9  # float slack for floor(): 0.29 * 100 is 28.999999999999996, and we mean 29
+
+
+class VictimOrder(str, enum.Enum):
+    MRU = "mru"  # most recently active inactive tenant first (paper: turn-taking makes it the safest)
+    LRU = "lru"
+
+
+@dataclass(frozen=True)
+class RemapConfig:
+    victim_order: VictimOrder = VictimOrder.MRU  # order in which inactive tenants lose layers
+    max_remapped_fraction: float = 0.75  # cap = floor(f * num_layers) remapped layers, never all
+    double_buffer_min_alpha: int = 9  # alpha >= this streams through alpha+2 slots, else alpha+1
+    revert_headroom_pages: int = 0  # spare pages kept above demand before giving pages back to params
+    max_staging_slots: int | None = None  # ring size limit in slots; None = the paper's alpha+1/+2
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "victim_order", VictimOrder(self.victim_order))
+        except ValueError:
+            raise ValueError(f"victim_order={self.victim_order!r}: expected 'mru' or 'lru'") from None
+        f = self.max_remapped_fraction
+        if not (isinstance(f, (int, float)) and 0 <= f < 1):
+            raise ValueError(f"max_remapped_fraction={f!r}: expected 0 <= f < 1")
+        _check_int("double_buffer_min_alpha", self.double_buffer_min_alpha)
+        _check_int("revert_headroom_pages", self.revert_headroom_pages)
+        if self.max_staging_slots is not None:
+            _check_int("max_staging_slots", self.max_staging_slots, minimum=1)
+
+
+@dataclass(frozen=True)
+class TenantSnapshot:
+    model: str  # model name, unique in a snapshot
+    num_layers: int  # transformer layers (>= 1)
+    remapped_layers: frozenset[int]  # layer ids whose pages are lent out now (not resident)
+    layer_pages: int  # pages one layer slab occupies (>= 1; all layers of a model are the same size)
+    layer_bytes: int  # bytes copied host->device to bring one layer back (>= 1)
+    num_running: int  # sequences running
+    num_waiting: int  # sequences waiting for admission
+    kv_pages_needed: int  # extra KV pages this tenant needs now, beyond the pages it holds
+    last_active_s: float  # time of its last request or step, seconds on the snapshot's clock
+    predicted_compute_s: float  # predicted compute time of its next step, seconds; 0 when inactive
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remapped_layers", frozenset(self.remapped_layers))
+        for name, minimum in (("num_layers", 1), ("layer_pages", 1), ("layer_bytes", 1),
+                              ("num_running", 0), ("num_waiting", 0), ("kv_pages_needed", 0)):
+            _check_int(f"tenant {self.model!r}: {name}", getattr(self, name), minimum)
+        bad = sorted(i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < self.num_layers))
+        if bad:
+            raise ValueError(f"tenant {self.model!r}: remapped layer ids {bad} outside [0, {self.num_layers})")
+        if len(self.remapped_layers) >= self.num_layers:
+            raise ValueError(f"tenant {self.model!r}: {len(self.remapped_layers)} of {self.num_layers} "
+                             "layers remapped; at least one must stay resident")
+        if not (math.isfinite(self.predicted_compute_s) and self.predicted_compute_s >= 0):
+            raise ValueError(f"tenant {self.model!r}: predicted_compute_s={self.predicted_compute_s}")
+        if not math.isfinite(self.last_active_s):
+            raise ValueError(f"tenant {self.model!r}: last_active_s={self.last_active_s}")
+
+    @property
+    def is_active(self) -> bool:
+        return self.num_running + self.num_waiting > 0
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    now_s: float  # the snapshot's clock, seconds
+    num_free_pages: int  # pages owned by no parameter slab and no KV block (staging rings count as free)
+    link_bytes_per_s: float  # measured host->device bandwidth, bytes per second
+    tenants: tuple[TenantSnapshot, ...]  # every model on the device
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenants", tuple(self.tenants))
+        _check_int("num_free_pages", self.num_free_pages)
+        if not (math.isfinite(self.link_bytes_per_s) and self.link_bytes_per_s >= 0):
+            raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s}: expected finite and >= 0")
+        if not math.isfinite(self.now_s):
+            raise ValueError(f"now_s={self.now_s}: expected finite")
+        names = [t.model for t in self.tenants]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate model names {dups} among {len(names)} tenants")
+
+
+@dataclass(frozen=True)
+class LayerAction:
+    model: str  # tenant the layer belongs to
+    layer: int  # layer id in [0, num_layers)
+    reason: str  # why, with the numbers that drove it
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    model: str  # an active tenant with remapped layers after the plan
+    layers: tuple[int, ...]  # remapped layer ids, ascending: streamed from host every forward pass
+    alpha: int  # len(layers)
+    alpha_budget: int  # layers whose transfer the step's compute hides (clipped to the cap)
+    num_staging_slots: int  # ring size in slots, each layer_pages pages
+    reason: str  # why, with numbers; says "over budget" when alpha > alpha_budget
+
+
+@dataclass(frozen=True)
+class RemapPlan:
+    reclaim: tuple[LayerAction, ...]  # execute first: each frees layer_pages pages
+    restore: tuple[LayerAction, ...]  # then: each consumes layer_pages free pages
+    stream: tuple[StreamPlan, ...]  # per active model with remapped layers after the plan, by name
+    num_pages_short: int  # KV/staging pages still missing after the plan (0 when demand is covered)
+    reason: str = ""  # the page ledger after the plan; says "short" when num_pages_short > 0
+
+    @property
+    def is_noop(self) -> bool:
+        """No layer changes hands (streams only restate the standing state)."""
+        return not self.reclaim and not self.restore
+
+    def describe(self) -> list[str]:
+        """One line per decision, for the engine's log."""
+        lines = [f"{verb} {model} layers {list(layers)}: {reason}"
+                 for verb, actions in (("reclaim", self.reclaim), ("restore", self.restore))
+                 for (model, reason), layers in _group(actions).items()]
+        lines += [f"stream {s.model} layers {list(s.layers)} through {s.num_staging_slots} slots: {s.reason}"
+                  for s in self.stream]
+        return lines + ([self.reason] if self.reason else [])
+
+
+def uniform_layers(num_layers: int, k: int) -> tuple[int, ...]:
+    """k distinct layer ids spread evenly over [0, num_layers): the centres of k equal bins."""
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"cannot pick {k} of {num_layers} layers")
+    return tuple((2 * i + 1) * num_layers // (2 * k) for i in range(k))
+
+
+def num_staging_slots(alpha: int, config: RemapConfig) -> int:
+    """Slots a model streaming alpha layers needs: alpha+1, alpha+2 once double buffering pays."""
+    if alpha == 0:
+        return 0
+    slots = alpha + 2 if alpha >= config.double_buffer_min_alpha else alpha + 1
+    return slots if config.max_staging_slots is None else min(slots, config.max_staging_slots)
+
+
+def layers_to_add(num_layers: int, remapped: frozenset[int], k: int) -> tuple[int, ...]:
+    """k resident layers to remap: missing members of the uniform target set, farthest first."""
+    chosen: set[int] = set(remapped)
+    missing = [i for i in uniform_layers(num_layers, len(remapped) + k) if i not in chosen]
+    picks = []
+    for _ in range(k):  # |missing| >= k: the target has len(remapped) + k distinct members
+        best = max(missing, key=lambda i: (min((abs(i - j) for j in chosen), default=num_layers), -i))
+        missing.remove(best)
+        chosen.add(best)
+        picks.append(best)
+    return tuple(sorted(picks))
+
+
+def layers_to_restore(num_layers: int, remapped: frozenset[int], k: int) -> tuple[int, ...]:
+    """k remapped layers to restore so the rest stay closest to the uniform target set."""
+    target = uniform_layers(num_layers, len(remapped) - k)
+    keep = set(remapped) & set(target)
+    for t in (t for t in target if t not in remapped):  # snap each missing target to its nearest
+        keep.add(min(remapped - keep, key=lambda i: (abs(i - t), i)))
+    return tuple(sorted(remapped - keep))
+
+
+@dataclass
+class _Tenant:
+    """Working state of one tenant while a plan is built: only counts move; ids are chosen last."""
+    snap: TenantSnapshot
+    cap: int
+    budget: int
+    count: int  # remapped layers after the decisions so far
+    why: list[str] = field(default_factory=list)  # reasons of this tenant's reclaims or restores
+
+    @property
+    def count0(self) -> int:
+        return len(self.snap.remapped_layers)
+
+
+class RemapController:
+    def __init__(self, config: RemapConfig | None = None) -> None:
+        self.config = config or RemapConfig()
+
+    def cap(self, tenant: TenantSnapshot) -> int:
+        """Most layers of this model any plan may leave remapped."""
+        return min(math.floor(self.config.max_remapped_fraction * tenant.num_layers + _EPS), tenant.num_layers - 1)
+
+    def alpha_budget(self, tenant: TenantSnapshot, link_bytes_per_s: float) -> int:
+        """Layers whose host->device copies hide under the next step's compute; the cap if inactive."""
+        cap = self.cap(tenant)
+        if not tenant.is_active:
+            return cap
+        hidden = tenant.predicted_compute_s * link_bytes_per_s / tenant.layer_bytes
+        return cap if hidden >= cap else math.floor(hidden + _EPS)
+
+    def plan(self, snapshot: MemorySnapshot) -> RemapPlan:
+        tenants = [_Tenant(t, self.cap(t), self.alpha_budget(t, snapshot.link_bytes_per_s), len(t.remapped_layers))
+                   for t in sorted(snapshot.tenants, key=lambda t: t.model)]
+        spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
+                 - sum(self._staging_pages(t, t.count) for t in tenants))
+        spare = self._restore_over_budget(tenants, spare)
+        spare, reclaimed = self._reclaim(tenants, spare)
+        spare = self._restore_over_budget(tenants, spare)
+        if not reclaimed:
+            spare = self._revert(tenants, spare)
+        return self._build(snapshot, tenants, reclaimed, spare)
+
+    # -- the ledger ----------------------------------------------------------------------------
+
+    def _staging_pages(self, t: _Tenant, count: int) -> int:
+        return num_staging_slots(count, self.config) * t.snap.layer_pages if t.snap.is_active else 0
+
+    def _gain(self, t: _Tenant, new_count: int) -> int:
+        """Change in spare pages if t's remapped count became new_count (reclaim > 0 > restore)."""
+        return ((new_count - t.count) * t.snap.layer_pages
+                - self._staging_pages(t, new_count) + self._staging_pages(t, t.count))
+
+    # -- the phases ----------------------------------------------------------------------------
+
+    def _victims(self, tenants: list[_Tenant]) -> list[_Tenant]:
+        """Inactive tenants in victim order; ties broken by model name."""
+        sign = -1 if self.config.victim_order is VictimOrder.MRU else 1
+        idle = [t for t in tenants if not t.snap.is_active]
+        return sorted(idle, key=lambda t: (sign * t.snap.last_active_s, t.snap.model))
+
+    def _reclaim(self, tenants: list[_Tenant], spare: int) -> tuple[int, list[_Tenant]]:
+        """Cover a deficit: inactive tenants up to the cap, then active ones up to their alpha budget."""
+        order = self.config.victim_order.value.upper()
+        active = sorted((t for t in tenants if t.snap.is_active and t.count < t.budget),
+                        key=lambda t: (t.count - t.budget, t.snap.model))  # most unused budget first
+        reclaimed = []
+        for rank, t in enumerate(self._victims(tenants) + active, start=1):
+            deficit, start = -spare, t.count
+            limit = t.budget  # == cap for an inactive tenant
+            while spare < 0 and t.count < limit and (gain := self._gain(t, t.count + 1)) > 0:
+                spare, t.count = spare + gain, t.count + 1
+            if t.count == start:
+                continue
+            reclaimed.append(t)
+            who = (f"{order} victim #{rank} (inactive, last_active_s={t.snap.last_active_s:g}, cap {t.cap})"
+                   if not t.snap.is_active else f"active, unused alpha budget {t.budget - start} of {t.budget}")
+            t.why.append(f"{who}: deficit {deficit} pages, {t.count - start} layer(s) x {t.snap.layer_pages} "
+                         f"pages, remapped {start}->{t.count} of {t.snap.num_layers}")
+        return spare, reclaimed
+
+    def _restore_over_budget(self, tenants: list[_Tenant], spare: int) -> int:
+        """Bring models above their budget back down, using no page another tenant's KV needs."""
+        for t in sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model)):
+            start = t.count
+            while t.count > t.budget and spare + (gain := self._gain(t, t.count - 1)) + t.snap.kv_pages_needed >= 0:
+                spare, t.count = spare + gain, t.count - 1
+            if t.count < start:
+                t.why.append(f"over budget: {start} remapped > alpha_budget {t.budget}, "
+                             f"restored {start - t.count} x {t.snap.layer_pages} pages (spare {spare} after)")
+        return spare
+
+    def _revert(self, tenants: list[_Tenant], spare: int) -> int:
+        """Give spare pages back to parameters: active models first, then inactive, reverse victim order."""
+        headroom = self.config.revert_headroom_pages
+        active = sorted((t for t in tenants if t.snap.is_active and t.count > 0),
+                        key=lambda t: (-t.count * t.snap.layer_bytes, t.snap.model))  # costliest stream first
+        for t in active + self._victims(tenants)[::-1]:
+            lp, start, spare0 = t.snap.layer_pages, t.count, spare
+            while t.count > 0 and spare - headroom >= lp and spare + (gain := self._gain(t, t.count - 1)) >= headroom:
+                spare, t.count = spare + gain, t.count - 1
+            if t.count < start:
+                t.why.append(f"reversion: spare {spare0} pages >= {lp} layer pages + {headroom} headroom, "
+                             f"remapped {start}->{t.count} (spare {spare} after)")
+        return spare
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def _build(self, snapshot: MemorySnapshot, tenants: list[_Tenant], reclaimed: list[_Tenant],
+               spare: int) -> RemapPlan:
+        n = {t.snap.model: t.snap.num_layers for t in tenants}
+        reclaim = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
+                        for t in reclaimed
+                        for i in layers_to_add(n[t.snap.model], t.snap.remapped_layers, t.count - t.count0))
+        restore = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
+                        for t in tenants if t.count < t.count0
+                        for i in layers_to_restore(n[t.snap.model], t.snap.remapped_layers, t.count0 - t.count))
+        after = {t.snap.model: set(t.snap.remapped_layers) for t in tenants}
+        for a in reclaim:
+            after[a.model].add(a.layer)
+        for a in restore:
+            after[a.model].discard(a.layer)
+        stream = tuple(self._stream(t, tuple(sorted(after[t.snap.model])), snapshot.link_bytes_per_s)
+                       for t in tenants if t.snap.is_active and t.count > 0)
+        staging = sum(self._staging_pages(t, t.count) for t in tenants)
+        kv = sum(t.snap.kv_pages_needed for t in tenants)
+        reason = (f"ledger: free {snapshot.num_free_pages} + reclaimed {_pages(reclaim, tenants)} "
+                  f"- restored {_pages(restore, tenants)} - kv needed {kv} - staging {staging} = spare {spare} pages")
+        if spare < 0:
+            reason += (f"; SHORT by {-spare} pages: no layer left to reclaim (inactive tenants at their cap, "
+                       "active tenants at their alpha budget or their staging slots would cost what they free)")
+        return RemapPlan(reclaim, restore, stream, max(0, -spare), reason)
+
+    def _stream(self, t: _Tenant, layers: tuple[int, ...], link_bytes_per_s: float) -> StreamPlan:
+        alpha, slots = len(layers), num_staging_slots(len(layers), self.config)
+        transfer_ms = 1e3 * t.snap.layer_bytes / link_bytes_per_s if link_bytes_per_s > 0 else math.inf
+        timing = (f"{alpha} x {transfer_ms:.3g} ms transfer vs {1e3 * t.snap.predicted_compute_s:.3g} ms compute"
+                  f" (cap {t.cap})")
+        if alpha > t.budget:
+            why = f"OVER BUDGET: alpha {alpha} > alpha_budget {t.budget}, not enough free pages to restore; {timing}"
+        else:
+            why = f"alpha {alpha} <= alpha_budget {t.budget}: {timing}"
+        return StreamPlan(t.snap.model, layers, alpha, t.budget, slots, why)
+
+
+def _check_int(name: str, value: object, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+
+def _pages(actions: tuple[LayerAction, ...], tenants: list[_Tenant]) -> int:
+    lp = {t.snap.model: t.snap.layer_pages for t in tenants}
+    return sum(lp[a.model] for a in actions)
+
+
+def _group(actions: tuple[LayerAction, ...]) -> dict[tuple[str, str], list[int]]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for a in actions:
+        groups.setdefault((a.model, a.reason), []).append(a.layer)
+    return groups

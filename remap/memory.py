@@ -1,0 +1,241 @@
+"""DeviceMemory: one device's page pool shared by every tenant's parameters, KV cache and staging.
+
+This is the memory engine's front: the engine registers models, allocates KV through the model's
+`KVBlocks`, and executes RemapController plans through `reclaim`, `restore` and `open_stream`.
+It owns the cross-cutting moves that touch several owners at once:
+
+- restore into an arena home run: KV blocks sitting in the run migrate to free pages outside it
+  first (a device-local copy plus a block-table update); if too few pages are free, the restore
+  reports failure and nothing changes.
+- staging slots: contiguous runs, carved out of free pages, migrating KV blocks the same way.
+
+`check_integrity()` proves the whole picture: every page has one owner, every owner's view of its
+pages agrees with the pool, and the per-kind page counts add up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+from remap.backend import ArenaBackend, Backend
+from remap.kv import KVBlocks, KVGeometry
+from remap.params import ParamStore
+from remap.pool import PagePool
+from remap.staging import StagingRing
+from remap.transfer import TransferEngine, make_transfer_engine
+from remap.types import IntegrityError, ModelId, Owner, OwnerKind, PageId, RemapError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE_BYTES = 2 << 20  # CUDA VMM allocation granularity
+
+
+class RestoreOutcome(NamedTuple):
+    restored: bool
+    num_blocks_migrated: int  # KV blocks moved out of the layer's home run
+    reason: str  # why not, when restored is False
+
+
+class DeviceMemory:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES,
+        device: torch.device | str = "cpu",
+        backend: Backend | None = None,
+        transfer: TransferEngine | None = None,
+    ) -> None:
+        self.backend = backend or ArenaBackend(num_pages, page_size_bytes, device)
+        self.device = self.backend.device
+        self.pool = PagePool(num_pages, page_size_bytes)
+        self.transfer = transfer or make_transfer_engine()
+        self.params = ParamStore(self.pool, self.backend, self.transfer)
+        self.kv: dict[ModelId, KVBlocks] = {}
+        self._rings: dict[ModelId, StagingRing] = {}
+        self.num_blocks_migrated = 0  # total since start, for stats
+        logger.info(
+            "device memory: %d pages x %d B = %.1f MiB on %s", num_pages, page_size_bytes,
+            num_pages * page_size_bytes / 2**20, self.device,
+        )
+
+    @property
+    def page_size_bytes(self) -> int:
+        return self.pool.page_size_bytes
+
+    # ---- models --------------------------------------------------------------------------
+    def register_model(
+        self,
+        model: ModelId,
+        layers: Sequence[Mapping[str, torch.Tensor]],
+        base: Mapping[str, torch.Tensor],
+        kv_geometry: KVGeometry,
+    ) -> KVBlocks:
+        """Place a model's parameters in pages and set up its KV blocks. All or nothing."""
+        kv = KVBlocks(model, kv_geometry, self.pool, self.backend)  # validates geometry first
+        self.params.register(model, layers, base)
+        self.kv[model] = kv
+        return kv
+
+    def model_kv(self, model: ModelId) -> KVBlocks:
+        if model not in self.kv:
+            raise RemapError(f"unknown model {model!r}; registered: {sorted(self.kv)}")
+        return self.kv[model]
+
+    # ---- reclaim / restore ---------------------------------------------------------------
+    def reclaim(self, model: ModelId, layer: int) -> int:
+        """Lend a layer's pages to the pool (no copy). Returns pages freed."""
+        if model in self._rings:
+            raise RemapError(f"close {model!r}'s staging ring before changing its resident layers")
+        return self.params.reclaim(model, layer)
+
+    def restore(self, model: ModelId, layer: int) -> RestoreOutcome:
+        """Bring a layer back from the host copy, migrating KV out of its home run if needed."""
+        if model in self._rings:
+            raise RemapError(f"close {model!r}'s staging ring before changing its resident layers")
+        moved: list[int] = []
+
+        def evict(pages: list[PageId]) -> bool:
+            n = self._evict(pages, self.params.slab(model, layer).pages)
+            moved.append(n)
+            return n >= 0
+
+        if self.params.restore(model, layer, evict):
+            return RestoreOutcome(True, sum(moved), "")
+        slab = self.params.slab(model, layer)
+        busy = [p for p in slab.pages if self.pool.owner(p).kind is not OwnerKind.FREE]
+        not_kv = sum(self.pool.owner(p).kind is not OwnerKind.KV for p in busy)
+        free_outside = self.pool.num_free - (slab.num_pages - len(busy))
+        return RestoreOutcome(
+            False, 0, f"{len(busy)} of its {slab.num_pages} home pages are in use ({not_kv} not KV) and only "
+            f"{free_outside} pages are free outside them",
+        )
+
+    def _evict(self, pages: Sequence[PageId], keep_out: Sequence[PageId]) -> int:
+        """Move the KV blocks on `pages` to free pages outside `keep_out`; -1 if impossible."""
+        owners = [self.pool.owner(p) for p in pages]
+        if any(o.kind is not OwnerKind.KV for o in owners):
+            return -1
+        # Fence the run's free pages so the destinations land elsewhere, then release the fence.
+        fence = [p for p in keep_out if self.pool.owner(p).kind is OwnerKind.FREE]
+        fence_owner = Owner(OwnerKind.STAGING, ModelId("<fence>"), 0)
+        self.pool.claim(fence, fence_owner)
+        try:
+            if self.pool.num_free < len(pages):
+                return -1
+            by_model: dict[ModelId, list[PageId]] = {}
+            for p, o in zip(pages, owners):
+                by_model.setdefault(o.model, []).append(p)
+            for m, src in by_model.items():
+                dst = self.pool.alloc(len(src), Owner(OwnerKind.KV, m, 0))
+                assert dst is not None
+                # Each destination is reassigned to its source's sequence inside migrate().
+                self.kv[m].migrate(src, dst)
+        finally:
+            self.pool.free(fence)
+        self.num_blocks_migrated += len(pages)
+        return len(pages)
+
+    # ---- staging -------------------------------------------------------------------------
+    def open_stream(self, model: ModelId, num_slots: int) -> StagingRing | None:
+        """Carve `num_slots` staging slots for a model's remapped layers; None if no room."""
+        if model in self._rings:
+            raise RemapError(f"{model!r} already has a staging ring; close it first")
+        slot_pages = -(-self.params.max_layer_bytes(model) // self.page_size_bytes)
+        runs: list[PageId] = []
+        for slot in range(num_slots):
+            first = self._make_run(slot_pages, Owner(OwnerKind.STAGING, model, slot))
+            if first is None:
+                for f in runs:
+                    self.pool.free(range(f, f + slot_pages))
+                return None
+            runs.append(first)
+        ring = StagingRing(model, runs, slot_pages, self.params, self.backend, self.transfer)
+        self._rings[model] = ring
+        return ring
+
+    def close_stream(self, model: ModelId) -> None:
+        ring = self._rings.pop(model)
+        ring.finish()
+        self.pool.free(ring.pages)
+
+    def ring(self, model: ModelId) -> StagingRing | None:
+        return self._rings.get(model)
+
+    def _make_run(self, num_pages: int, owner: Owner) -> PageId | None:
+        """A contiguous run of pages for `owner`: free if possible, else cleared of KV blocks."""
+        first = self.pool.find_free_run(num_pages, homed_ok=True)
+        if first is None:
+            first = self._cheapest_run(num_pages)
+            if first is None:
+                return None
+            run = [PageId(p) for p in range(first, first + num_pages)]
+            busy = [p for p in run if self.pool.owner(p).kind is not OwnerKind.FREE]
+            if self._evict(busy, run) < 0:
+                return None
+        run = [PageId(p) for p in range(first, first + num_pages)]
+        if not self.pool.claim(run, owner):
+            raise IntegrityError(f"run {first}+{num_pages} not free after eviction")
+        return first
+
+    def _cheapest_run(self, num_pages: int) -> PageId | None:
+        """Start of the run with the fewest KV blocks and no other owners (sliding window)."""
+        best, best_cost, kv_in_window, blocked_in_window = None, None, 0, 0
+        for p in range(self.pool.num_pages):
+            kind = self.pool.owner(PageId(p)).kind
+            kv_in_window += kind is OwnerKind.KV
+            blocked_in_window += kind in (OwnerKind.PARAM, OwnerKind.STAGING)
+            if p >= num_pages:
+                old = self.pool.owner(PageId(p - num_pages)).kind
+                kv_in_window -= old is OwnerKind.KV
+                blocked_in_window -= old in (OwnerKind.PARAM, OwnerKind.STAGING)
+            if p >= num_pages - 1 and not blocked_in_window and (best_cost is None or kv_in_window < best_cost):
+                best, best_cost = PageId(p - num_pages + 1), kv_in_window
+        if best is None or self.pool.num_free - (num_pages - best_cost) < best_cost:
+            return None
+        return best
+
+    # ---- views ---------------------------------------------------------------------------
+    def summary(self) -> dict[str, int]:
+        return self.pool.summary()
+
+    def describe(self) -> str:
+        """One line per model: resident layers and KV pages, then the pool's page counts."""
+        lines = []
+        for model in self.params.models:
+            n = self.params.num_layers(model)
+            resident = self.params.resident_layers(model)
+            mask = "".join("#" if i in resident else "." for i in range(n))
+            lines.append(
+                f"{model:>12}: layers [{mask}] {len(resident)}/{n} resident, "
+                f"{self.kv[model].num_pages_used} KV pages, block_size {self.kv[model].block_size} tokens"
+            )
+        s = self.summary()
+        lines.append(f"{'pool':>12}: " + ", ".join(f"{k} {v}" for k, v in s.items()) + f" (of {self.pool.num_pages})")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        for model in list(self._rings):
+            self.close_stream(model)
+        self.transfer.close()
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        self.params.check_integrity()
+        for kv in self.kv.values():
+            kv.check_integrity()
+        kv_pages = sum(kv.num_pages_used for kv in self.kv.values())
+        if kv_pages != self.pool.num_owned_by(OwnerKind.KV):
+            raise IntegrityError(f"block tables hold {kv_pages} pages, pool says {self.pool.num_owned_by(OwnerKind.KV)} KV")
+        staging = sum(len(r.pages) for r in self._rings.values())
+        if staging != self.pool.num_owned_by(OwnerKind.STAGING):
+            raise IntegrityError(f"rings hold {staging} pages, pool says {self.pool.num_owned_by(OwnerKind.STAGING)} staging")
+        for model, ring in self._rings.items():
+            for slot, first in enumerate(ring.slot_runs):
+                for p in range(first, first + ring.slot_pages):
+                    if self.pool.owner(PageId(p)) != Owner(OwnerKind.STAGING, model, slot):
+                        raise IntegrityError(f"slot {slot} of {model!r} page {p} owned by {self.pool.owner(PageId(p))}")

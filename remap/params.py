@@ -1,0 +1,232 @@
+"""ParamStore: model parameters packed into slabs of pages, with a host master copy of each slab.
+
+A slab is one transformer layer of one model (or the model's "base": embeddings, final norm,
+lm_head, which is never reclaimed). Its tensors are packed back to back, each at a multiple of
+TENSOR_ALIGN_BYTES, into `num_pages` pages:
+
+    slab bytes: |q_proj ...|pad|k_proj ...|pad| ... |last tensor|unused tail of the last page|
+                ^ offset 0      ^ offset 256k
+
+The host keeps the same packed bytes (pinned on CUDA), so a restore is one host-to-device copy of
+`num_bytes` and a staging slot can hold any layer of the model with the same layout.
+
+Invariant: a slab is resident iff every page of its home run is owned by PARAM(model, layer);
+reclaim frees those pages without copying anything (the host copy is the truth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from remap.backend import TENSOR_ALIGN_BYTES, Backend
+from remap.pool import PagePool
+from remap.transfer import TransferEngine
+from remap.types import BASE_SLAB, IntegrityError, ModelId, Owner, OwnerKind, PageId, RemapError
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    offset_bytes: int  # from the start of the slab, a multiple of TENSOR_ALIGN_BYTES
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass
+class Slab:
+    model: ModelId
+    index: int  # layer id, or BASE_SLAB
+    specs: tuple[TensorSpec, ...]
+    num_bytes: int  # packed bytes (what a restore copies)
+    num_pages: int
+    home: PageId  # first page of its contiguous home run in the pool
+    host: torch.Tensor  # uint8 [num_bytes] master copy
+    resident: bool = True
+
+    @property
+    def pages(self) -> list[PageId]:
+        return [PageId(p) for p in range(self.home, self.home + self.num_pages)]
+
+
+def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], int]:
+    """Offsets of each tensor in a slab and the slab's packed size in bytes."""
+    specs, offset = [], 0
+    for name, t in tensors.items():
+        specs.append(TensorSpec(name, offset, t.dtype, tuple(t.shape)))
+        offset += _round_up(t.numel() * t.element_size(), TENSOR_ALIGN_BYTES)
+    return tuple(specs), offset
+
+
+def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensor views of a slab's packed bytes `data` (device pages, a staging slot, or the host)."""
+    return {
+        s.name: data[s.offset_bytes : s.offset_bytes + s.num_bytes].view(s.dtype).view(s.shape) for s in specs
+    }
+
+
+class ParamStore:
+    def __init__(self, pool: PagePool, backend: Backend, transfer: TransferEngine) -> None:
+        self._pool, self._backend, self._transfer = pool, backend, transfer
+        self._slabs: dict[tuple[ModelId, int], Slab] = {}
+        self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
+        self._num_layers: dict[ModelId, int] = {}
+
+    # ---- registration --------------------------------------------------------------------
+    def register(
+        self, model: ModelId, layers: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Pack a model's tensors into pages (all of them resident). All or nothing."""
+        if model in self._num_layers:
+            raise RemapError(f"model {model!r} is already registered")
+        if not layers or any(not layer for layer in layers) or not base:
+            raise RemapError(f"model {model!r} needs >= 1 non-empty layer and non-empty base tensors")
+        parts = [(i, layer) for i, layer in enumerate(layers)] + [(BASE_SLAB, base)]
+        layouts = [(i, *pack_layout(t)) for i, t in parts]
+        page = self._pool.page_size_bytes
+        need = sum(-(-nbytes // page) for _, _, nbytes in layouts)
+        if need > self._pool.num_pages:
+            raise RemapError(
+                f"model {model!r} needs {need} pages of {page} B but the pool has only {self._pool.num_pages}"
+            )
+        placed: list[Slab] = []
+        for (i, tensors), (_, specs, nbytes) in zip(parts, layouts):
+            slab = self._place(model, i, specs, nbytes)
+            if slab is None:
+                for s in placed:
+                    self._unplace(s)
+                raise RemapError(
+                    f"model {model!r} needs {need} pages in contiguous runs of up to "
+                    f"{max(-(-n // page) for _, _, n in layouts)}; only {self._pool.num_free} pages are free"
+                )
+            _fill_host(slab, tensors)
+            placed.append(slab)
+        for slab in placed:
+            self._slabs[(model, slab.index)] = slab
+            self._views[(model, slab.index)] = slab_views(slab.specs, self._device_bytes(slab))
+            self._copy_in(slab)
+        self._num_layers[model] = len(layers)
+
+    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int) -> Slab | None:
+        num_pages = -(-nbytes // self._pool.page_size_bytes)
+        first = self._pool.find_free_run(num_pages)
+        if first is None:
+            return None
+        pages = [PageId(p) for p in range(first, first + num_pages)]
+        claimed = self._pool.claim(pages, Owner(OwnerKind.PARAM, model, index))
+        assert claimed, "find_free_run returned a run that is not free"
+        self._pool.set_homed(pages, True)
+        pinned = self._backend.device.type == "cuda"
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        return Slab(model, index, specs, nbytes, num_pages, first, host)
+
+    def _unplace(self, slab: Slab) -> None:
+        self._pool.set_homed(slab.pages, False)
+        self._pool.free(slab.pages)
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def models(self) -> list[ModelId]:
+        return list(self._num_layers)
+
+    def num_layers(self, model: ModelId) -> int:
+        if model not in self._num_layers:
+            raise RemapError(f"unknown model {model!r}; registered: {sorted(self._num_layers)}")
+        return self._num_layers[model]
+
+    def slab(self, model: ModelId, layer: int) -> Slab:
+        n = self.num_layers(model)
+        if layer != BASE_SLAB and not 0 <= layer < n:
+            raise RemapError(f"model {model!r} has layers 0..{n - 1}, not {layer}")
+        return self._slabs[(model, layer)]
+
+    def is_resident(self, model: ModelId, layer: int) -> bool:
+        return self.slab(model, layer).resident
+
+    def resident_layers(self, model: ModelId) -> list[int]:
+        return [i for i in range(self.num_layers(model)) if self._slabs[(model, i)].resident]
+
+    def tensors(self, model: ModelId, layer: int) -> dict[str, torch.Tensor]:
+        """Device views of a resident slab's tensors (stable until the slab is reclaimed)."""
+        if not self.slab(model, layer).resident:
+            raise IntegrityError(f"layer {layer} of {model!r} is reclaimed; stream it into a staging slot")
+        return self._views[(model, layer)]
+
+    def max_layer_bytes(self, model: ModelId) -> int:
+        return max(self._slabs[(model, i)].num_bytes for i in range(self.num_layers(model)))
+
+    # ---- reclaim / restore ---------------------------------------------------------------
+    def reclaim(self, model: ModelId, layer: int) -> int:
+        """Free a resident layer's pages with no copy; returns the number of pages freed."""
+        slab = self.slab(model, layer)
+        if layer == BASE_SLAB:
+            raise RemapError(f"the base slab of {model!r} (embeddings, norm, lm_head) is never reclaimed")
+        if not slab.resident:
+            raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
+        slab.resident = False
+        self._pool.free(slab.pages)
+        return slab.num_pages
+
+    def restore(self, model: ModelId, layer: int, evict: Callable[[list[PageId]], bool]) -> bool:
+        """Bring a reclaimed layer back into its home run and copy its bytes from the host.
+
+        `evict(pages)` must move whatever owns those pages elsewhere (KV migration) and return
+        False if it cannot; then nothing changes and this returns False.
+        """
+        slab = self.slab(model, layer)
+        if slab.resident:
+            raise RemapError(f"layer {layer} of {model!r} is already resident")
+        busy = [p for p in slab.pages if self._pool.owner(p).kind is not OwnerKind.FREE]
+        if busy and not evict(busy):
+            return False
+        if not self._pool.claim(slab.pages, Owner(OwnerKind.PARAM, model, layer)):
+            raise IntegrityError(f"evict() left pages of layer {layer} of {model!r} owned")
+        self._copy_in(slab)
+        slab.resident = True
+        return True
+
+    def _device_bytes(self, slab: Slab) -> torch.Tensor:
+        return self._backend.run_bytes(slab.home, slab.num_pages)[: slab.num_bytes]
+
+    def _copy_in(self, slab: Slab) -> None:
+        self._transfer.wait(self._transfer.submit(self._device_bytes(slab), slab.host))
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        for (model, index), slab in self._slabs.items():
+            want = Owner(OwnerKind.PARAM, model, index)
+            owners = {self._pool.owner(p) for p in slab.pages}
+            if slab.resident and owners != {want}:
+                raise IntegrityError(f"resident slab {model}/{index} has page owners {owners}")
+            if not slab.resident and want in owners:
+                raise IntegrityError(f"reclaimed slab {model}/{index} still owns pages")
+            if any(not self._pool.is_homed(p) for p in slab.pages):
+                raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
+
+
+def _fill_host(slab: Slab, tensors: Mapping[str, torch.Tensor]) -> None:
+    slab.host.zero_()
+    for spec, t in zip(slab.specs, tensors.values()):
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        slab.host[spec.offset_bytes : spec.offset_bytes + spec.num_bytes].copy_(flat)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

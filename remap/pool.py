@@ -1,0 +1,153 @@
+"""PagePool: who owns each physical page of one device.
+
+The pool deals only in integer page ids and `Owner` values, never in bytes (the backend holds the
+bytes). Invariant, checked by `check_integrity()`: every page has exactly one owner, and a page is in
+exactly one free list iff its owner is FREE.
+
+Free pages sit in two tiers so that KV allocation disturbs parameters as little as possible:
+
+    plain  pages that are no layer's home: taken first (LIFO, cache-warm)
+    homed  pages of reclaimed layer slabs (the arena backend restores a layer into its home run):
+           taken only when plain is empty, oldest reclaim first, so the best victims' pages are
+           lent out before those of layers reclaimed later.
+
+Capacity misses return None; bad ids and double frees raise.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from remap.types import FREE, IntegrityError, Owner, OwnerKind, PageId, RemapError
+
+
+class PagePool:
+    def __init__(self, num_pages: int, page_size_bytes: int) -> None:
+        if num_pages <= 0:
+            raise RemapError(f"a pool needs at least one page, got num_pages={num_pages}")
+        self.num_pages = num_pages
+        self.page_size_bytes = page_size_bytes
+        self._owner: list[Owner] = [FREE] * num_pages
+        self._homed = bytearray(num_pages)  # 1 where the page is some layer slab's home
+        self._free_plain: dict[PageId, None] = dict.fromkeys(PageId(p) for p in reversed(range(num_pages)))
+        self._free_homed: OrderedDict[PageId, None] = OrderedDict()
+        self._num_by_kind = [0] * len(OwnerKind)
+        self._num_by_kind[OwnerKind.FREE] = num_pages
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return self._num_by_kind[OwnerKind.FREE]
+
+    def num_owned_by(self, kind: OwnerKind) -> int:
+        return self._num_by_kind[kind]
+
+    def owner(self, page: PageId) -> Owner:
+        return self._owner[page]
+
+    def is_homed(self, page: PageId) -> bool:
+        return bool(self._homed[page])
+
+    def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
+        """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""
+        run = 0
+        for p, owner in enumerate(self._owner):
+            usable = owner.kind is OwnerKind.FREE and (homed_ok or not self._homed[p])
+            run = run + 1 if usable else 0
+            if run == num_pages:
+                return PageId(p - num_pages + 1)
+        return None
+
+    # ---- alloc / free --------------------------------------------------------------------
+    def alloc(self, num_pages: int, owner: Owner) -> list[PageId] | None:
+        """`num_pages` free pages now owned by `owner`, or None (nothing changes) if too few."""
+        if num_pages > self._num_by_kind[OwnerKind.FREE]:
+            return None
+        plain, homed, owners = self._free_plain, self._free_homed, self._owner
+        pages = []
+        for _ in range(num_pages):
+            page = plain.popitem()[0] if plain else homed.popitem(last=False)[0]
+            owners[page] = owner
+            pages.append(page)
+        self._num_by_kind[OwnerKind.FREE] -= num_pages
+        self._num_by_kind[owner.kind] += num_pages
+        return pages
+
+    def claim(self, pages: Sequence[PageId], owner: Owner) -> bool:
+        """Take these specific pages if all are free; False (nothing changes) otherwise."""
+        self._check_ids(pages)
+        if any(self._owner[p].kind is not OwnerKind.FREE for p in pages) or len(set(pages)) != len(pages):
+            return False
+        for p in pages:
+            if self._homed[p]:
+                del self._free_homed[p]
+            else:
+                del self._free_plain[p]
+            self._owner[p] = owner
+        self._num_by_kind[OwnerKind.FREE] -= len(pages)
+        self._num_by_kind[owner.kind] += len(pages)
+        return True
+
+    def free(self, pages: Iterable[PageId]) -> None:
+        owners, homed = self._owner, self._homed
+        counts = self._num_by_kind
+        for p in pages:
+            kind = owners[p].kind
+            if kind is OwnerKind.FREE:
+                raise IntegrityError(f"double free of page {p}")
+            owners[p] = FREE
+            counts[kind] -= 1
+            counts[OwnerKind.FREE] += 1
+            if homed[p]:
+                self._free_homed[p] = None
+            else:
+                self._free_plain[p] = None
+
+    def reassign(self, pages: Iterable[PageId], owner: Owner) -> None:
+        """Hand owned pages to a new owner of any kind (e.g. a KV block to another sequence)."""
+        for p in pages:
+            old = self._owner[p]
+            if old.kind is OwnerKind.FREE:
+                raise IntegrityError(f"reassign of free page {p} to {owner}")
+            self._num_by_kind[old.kind] -= 1
+            self._num_by_kind[owner.kind] += 1
+            self._owner[p] = owner
+
+    def set_homed(self, pages: Iterable[PageId], homed: bool) -> None:
+        """Mark pages as a layer slab's home run (or not); moves free ones between tiers."""
+        for p in pages:
+            was = bool(self._homed[p])
+            self._homed[p] = homed
+            if was != homed and self._owner[p].kind is OwnerKind.FREE:
+                if homed:
+                    del self._free_plain[p]
+                    self._free_homed[p] = None
+                else:
+                    del self._free_homed[p]
+                    self._free_plain[p] = None
+
+    # ---- checks --------------------------------------------------------------------------
+    def _check_ids(self, pages: Iterable[PageId]) -> None:
+        for p in pages:
+            if not 0 <= p < self.num_pages:
+                raise RemapError(f"page id {p} outside the pool's 0..{self.num_pages - 1}")
+
+    def check_integrity(self) -> None:
+        counts = [0] * len(OwnerKind)
+        for p, owner in enumerate(self._owner):
+            counts[owner.kind] += 1
+            is_free = owner.kind is OwnerKind.FREE
+            in_plain, in_homed = p in self._free_plain, p in self._free_homed
+            if is_free != (in_plain or in_homed) or (in_plain and in_homed):
+                raise IntegrityError(f"page {p} owner={owner} plain={in_plain} homed={in_homed}")
+            if is_free and in_homed != bool(self._homed[p]):
+                raise IntegrityError(f"free page {p} in the wrong tier (homed flag {self._homed[p]})")
+            if is_free != (owner.model is None):
+                raise IntegrityError(f"page {p} owner {owner} names no model")
+        if counts != self._num_by_kind:
+            raise IntegrityError(f"owner counts {counts} != tracked {self._num_by_kind}")
+
+    def summary(self) -> dict[str, int]:
+        """Pages per owner kind, e.g. {'free': 10, 'param': 20, 'kv': 2, 'staging': 0}."""
+        return {k.name.lower(): self._num_by_kind[k] for k in OwnerKind}

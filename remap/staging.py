@@ -1,0 +1,104 @@
+"""StagingRing: the few slots a model's remapped layers stream through during a forward pass.
+
+A model with alpha remapped layers computes them from staging slots instead of their (lent-out)
+home pages. Layers are assigned to slots round-robin in forward order; a slot's next layer is copied
+in as soon as the previous occupant is released, so with remapped layers spread evenly the copy of
+remapped layer i+1 overlaps the compute of the resident layers between i and i+1:
+
+    forward:  L0 L1 [R2] L3 L4 [R5] L6 L7 [R8] ...      R = remapped, computed from a slot
+    slot 0:   copy R2 ... compute R2 | copy R8 ...
+    slot 1:          copy R5 ............ compute R5 | copy R11 ...
+
+Slots are contiguous page runs owned by STAGING(model, slot), each as large as the model's largest
+layer slab. A slot that still holds the right layer from the previous pass is not copied again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from remap.backend import Backend
+from remap.params import ParamStore, slab_views
+from remap.transfer import Ticket, TransferEngine
+from remap.types import IntegrityError, ModelId, PageId
+
+
+class StagingRing:
+    def __init__(
+        self,
+        model: ModelId,
+        slot_runs: Sequence[PageId],
+        slot_pages: int,
+        params: ParamStore,
+        backend: Backend,
+        transfer: TransferEngine,
+    ) -> None:
+        self.model = model
+        self.slot_runs = list(slot_runs)  # first page of each slot's run
+        self.slot_pages = slot_pages  # pages per slot
+        self._params, self._transfer = params, transfer
+        self._slot_bytes = [backend.run_bytes(first, slot_pages) for first in self.slot_runs]
+        self._holds: list[int | None] = [None] * len(self.slot_runs)  # layer whose bytes a slot holds
+        self._tickets: list[Ticket | None] = [None] * len(self.slot_runs)
+        self._order: list[int] = []  # remapped layers of this pass, forward order
+        self._next = 0  # index in _order of the next layer to copy
+        self.num_copies = 0  # layer copies issued (reuse of a still-valid slot is not a copy)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_runs)
+
+    @property
+    def pages(self) -> list[PageId]:
+        return [PageId(f + i) for f in self.slot_runs for i in range(self.slot_pages)]
+
+    def begin_pass(self, layers: Sequence[int]) -> None:
+        """Start a forward pass over these remapped layers (ascending); prefetch the first slots."""
+        self._order = sorted(layers)
+        self._next = 0
+        for _ in range(min(self.num_slots, len(self._order))):
+            self._load_next()
+
+    def acquire(self, layer: int) -> dict[str, torch.Tensor]:
+        """Views of `layer`'s tensors in its slot, once its copy has landed."""
+        slot = self._slot_of(layer)
+        ticket = self._tickets[slot]
+        if ticket is not None:
+            self._transfer.wait(ticket)
+            self._tickets[slot] = None
+        return slab_views(self._params.slab(self.model, layer).specs, self._slot_bytes[slot])
+
+    def release(self, layer: int) -> None:
+        """The pass is done with `layer`; its slot takes the next pending layer."""
+        self._slot_of(layer)
+        if self._next < len(self._order):
+            self._load_next()
+
+    def finish(self) -> None:
+        """Wait for every copy of this pass (before the slots are reassigned or freed)."""
+        for slot, ticket in enumerate(self._tickets):
+            if ticket is not None:
+                self._transfer.wait(ticket)
+                self._tickets[slot] = None
+
+    def _slot_of(self, layer: int) -> int:
+        try:
+            slot = self._order.index(layer) % self.num_slots
+        except ValueError:
+            raise IntegrityError(f"layer {layer} of {self.model!r} is not streamed in this pass {self._order}")
+        if self._holds[slot] != layer:
+            raise IntegrityError(f"slot {slot} holds layer {self._holds[slot]}, not {layer}: release out of order")
+        return slot
+
+    def _load_next(self) -> None:
+        layer = self._order[self._next]
+        slot = self._next % self.num_slots
+        self._next += 1
+        if self._holds[slot] == layer:
+            return
+        slab = self._params.slab(self.model, layer)
+        self._holds[slot] = layer
+        self._tickets[slot] = self._transfer.submit(self._slot_bytes[slot][: slab.num_bytes], slab.host)
+        self.num_copies += 1

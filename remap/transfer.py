@@ -1,0 +1,109 @@
+"""Host-to-device copies behind one interface: submit a copy, get a ticket, wait on it later.
+
+Parameters only ever move host -> device (the host master copy is the truth), so there is no
+write-back path. On CPU the copy runs inline (`SyncTransferEngine`) or on a worker thread
+(`ThreadTransferEngine`, which overlaps with compute because torch's copy releases the GIL); the
+CUDA engine (copy stream + events) implements the same interface in the GPU issue.
+
+Every engine keeps byte and time totals so the remap controller can use the measured link
+bandwidth instead of a datasheet number.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Ticket:
+    """A submitted copy. `done` is set when the bytes have landed."""
+
+    __slots__ = ("done", "error", "num_bytes")
+
+    def __init__(self, num_bytes: int) -> None:
+        self.num_bytes = num_bytes
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class TransferEngine(ABC):
+    WAIT_TIMEOUT_S = 60.0  # a copy that has not landed by then is a hung device, not a slow one
+
+    def __init__(self) -> None:
+        self.total_bytes = 0
+        self.total_copy_s = 0.0
+
+    @abstractmethod
+    def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+        """Start copying `src` (host) into `dst` (device view of the same shape and dtype)."""
+
+    def wait(self, ticket: Ticket) -> None:
+        if not ticket.done.wait(self.WAIT_TIMEOUT_S):
+            raise TimeoutError(f"host-to-device copy of {ticket.num_bytes} B not done after {self.WAIT_TIMEOUT_S} s")
+        if ticket.error is not None:
+            raise RuntimeError("host-to-device copy failed") from ticket.error
+
+    def close(self) -> None:
+        """Release worker resources; the engine accepts no copies afterwards."""
+
+    @property
+    def measured_bytes_per_s(self) -> float | None:
+        """Observed bandwidth over all copies so far, or None before enough bytes have moved."""
+        if self.total_bytes < (1 << 20) or self.total_copy_s <= 0:
+            return None
+        return self.total_bytes / self.total_copy_s
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, ticket: Ticket) -> None:
+        start = time.perf_counter()
+        try:
+            dst.copy_(src, non_blocking=False)
+        except BaseException as exc:  # surfaced to the waiter, never lost on a worker thread
+            ticket.error = exc
+        self.total_copy_s += time.perf_counter() - start
+        self.total_bytes += ticket.num_bytes
+        ticket.done.set()
+
+
+class SyncTransferEngine(TransferEngine):
+    """Copies inline in submit(); wait() returns at once."""
+
+    def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+        ticket = Ticket(src.numel() * src.element_size())
+        self._copy(dst, src, ticket)
+        return ticket
+
+
+class ThreadTransferEngine(TransferEngine):
+    """One worker thread copies in submission order, like a single copy stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: queue.SimpleQueue[tuple[torch.Tensor, torch.Tensor, Ticket] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._run, name="remap-transfer", daemon=True)
+        self._worker.start()
+
+    def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+        if not self._worker.is_alive():
+            raise RuntimeError("transfer engine is closed")
+        ticket = Ticket(src.numel() * src.element_size())
+        self._queue.put((dst, src, ticket))
+        return ticket
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._copy(*item)
+
+    def close(self) -> None:
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout=self.WAIT_TIMEOUT_S)
+
+
+def make_transfer_engine(threaded: bool = False) -> TransferEngine:
+    # On CUDA both work (a blocking copy from pinned memory); the overlapped copy-stream engine
+    # comes with the GPU path.
+    return ThreadTransferEngine() if threaded else SyncTransferEngine()

@@ -1,0 +1,222 @@
+"""DeviceMemory: reclaim / reuse as KV / restore, migration, swap, staging, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remap import BASE_SLAB, DeviceMemory, KVGeometry, ModelId, OwnerKind, RemapError, SeqId, ThreadTransferEngine
+from tests.unit.factories import PAGE, add_model, make_layers, make_memory
+
+
+def assert_params_equal(mem: DeviceMemory, model: str, layers, base) -> None:
+    for i, want in enumerate(layers):
+        if mem.params.is_resident(ModelId(model), i):
+            got = mem.params.tensors(ModelId(model), i)
+            for name, t in want.items():
+                assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), (model, i, name)
+    got = mem.params.tensors(ModelId(model), BASE_SLAB)
+    for name, t in base.items():
+        assert torch.equal(got[name], t)
+
+
+def fill_blocks(kv, pages, value: float) -> None:
+    for p in pages:
+        kv.view[p].fill_(value)
+
+
+def test_registered_parameters_are_bit_identical_views():
+    mem = make_memory()
+    kv, layers, base = add_model(mem)
+    assert_params_equal(mem, "m0", layers, base)
+    assert kv.block_size == PAGE // (4 * 2 * 2 * 16 * 4)
+    mem.check_integrity()
+
+
+def test_reclaim_reuse_as_kv_then_restore_is_bit_identical():
+    mem = make_memory(num_pages=16)  # 15 pages of parameters, 1 free
+    kv, layers, base = add_model(mem)
+    assert mem.pool.num_free == 1
+    freed = mem.reclaim(ModelId("m0"), 2)
+    assert freed == 3 and mem.pool.num_free == 4
+    pages = kv.alloc(SeqId(7), 4)  # the KV cache now lives in layer 2's pages
+    assert pages is not None
+    fill_blocks(kv, pages, 123.0)  # overwrite every lent byte
+    mem.check_integrity()
+    kv.free(SeqId(7))
+    outcome = mem.restore(ModelId("m0"), 2)
+    assert outcome.restored and outcome.num_blocks_migrated == 0
+    assert_params_equal(mem, "m0", layers, base)
+    mem.check_integrity()
+
+
+def test_restore_migrates_kv_blocks_out_of_the_home_run_keeping_contents():
+    mem = make_memory(num_pages=24)  # 15 pages of parameters, 9 free
+    kv, layers, base = add_model(mem)
+    mem.reclaim(ModelId("m0"), 1)  # 3 more free pages, homed
+    kv.alloc(SeqId(1), 2)
+    table = kv.alloc(SeqId(2), 9)  # 7 plain pages, then 2 of layer 1's home run
+    assert sum(mem.pool.is_homed(p) for p in table) == 2
+    for i, p in enumerate(table):
+        kv.view[p].fill_(float(100 + i))
+    before = [kv.view[p].clone() for p in table]
+
+    outcome = mem.restore(ModelId("m0"), 1)  # 1 free page, inside the run: nowhere to move to
+    assert not outcome.restored and "only 0 pages are free" in outcome.reason
+    assert not mem.params.is_resident(ModelId("m0"), 1)
+    mem.check_integrity()
+
+    kv.free(SeqId(1))
+    outcome = mem.restore(ModelId("m0"), 1)
+    assert outcome.restored and outcome.num_blocks_migrated == 2
+    after = kv.table(SeqId(2))
+    assert not any(mem.pool.is_homed(p) for p in after)
+    assert all(torch.equal(kv.view[p], b) for p, b in zip(after, before))
+    assert_params_equal(mem, "m0", layers, base)
+    mem.check_integrity()
+
+
+def test_swap_out_and_in_preserves_blocks_and_frees_pages():
+    mem = make_memory()
+    kv, _, _ = add_model(mem)
+    pages = kv.alloc(SeqId(5), 3)
+    for i, p in enumerate(pages):
+        kv.view[p].normal_(generator=torch.Generator().manual_seed(i))
+    before = [kv.view[p].clone() for p in pages]
+    free_before = mem.pool.num_free
+    assert kv.swap_out(SeqId(5)) == 3
+    assert mem.pool.num_free == free_before + 3 and kv.is_swapped(SeqId(5))
+    mem.check_integrity()
+    kv.alloc(SeqId(6), 3)  # someone else takes the pages meanwhile
+    new = kv.swap_in(SeqId(5))
+    assert new is not None
+    assert all(torch.equal(kv.view[p], b) for p, b in zip(new, before))
+    mem.check_integrity()
+
+
+def test_alloc_returns_none_and_changes_nothing_when_full():
+    mem = make_memory(num_pages=20)
+    kv, _, _ = add_model(mem)
+    assert kv.alloc(SeqId(1), 6) is None
+    assert kv.table(SeqId(1)) == [] and mem.pool.num_free == 5
+    assert kv.alloc(SeqId(1), 5) is not None and kv.alloc(SeqId(1), 1) is None
+    assert len(kv.table(SeqId(1))) == 5
+    mem.check_integrity()
+
+
+def test_two_models_share_one_pool_and_kv_lands_in_the_other_models_pages():
+    mem = make_memory(num_pages=32)
+    kv_a, layers_a, base_a = add_model(mem, "a", seed=1)
+    kv_b, layers_b, base_b = add_model(mem, "b", seed=2)
+    assert mem.pool.num_free == 2
+    for layer in (0, 2):
+        mem.reclaim(ModelId("b"), layer)
+    pages = kv_a.alloc(SeqId(1), 8)
+    assert pages is not None and sum(mem.pool.is_homed(p) for p in pages) == 6
+    fill_blocks(kv_a, pages, -1.0)
+    assert_params_equal(mem, "a", layers_a, base_a)
+    mem.check_integrity()
+    kv_a.free(SeqId(1))
+    for layer in (0, 2):
+        assert mem.restore(ModelId("b"), layer).restored
+    assert_params_equal(mem, "b", layers_b, base_b)
+    mem.check_integrity()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded):
+    transfer = ThreadTransferEngine() if threaded else None
+    mem = make_memory(num_pages=40, transfer=transfer)
+    kv, layers, _ = add_model(mem, num_layers=6)
+    for layer in (1, 3, 5):
+        mem.reclaim(ModelId("m0"), layer)
+    for seq in range(mem.pool.num_free):  # one block each, then every 4th freed: no free run of 3
+        kv.alloc(SeqId(seq), 1)
+    for seq in range(0, len(kv.sequences), 4):
+        kv.free(SeqId(seq))
+    assert mem.pool.find_free_run(3, homed_ok=True) is None and mem.pool.num_free == 7
+    ring = mem.open_stream(ModelId("m0"), num_slots=2)
+    assert ring is not None  # carved by migrating KV blocks out of two runs
+    assert mem.num_blocks_migrated > 0
+    mem.check_integrity()
+    for _ in range(2):  # two forward passes
+        ring.begin_pass([1, 3, 5])
+        for layer in (1, 3, 5):
+            got = ring.acquire(layer)
+            for name, t in layers[layer].items():
+                assert torch.equal(got[name], t)
+            ring.release(layer)
+        ring.finish()
+    assert ring.num_copies == 5  # pass 2 finds layer 3 still in slot 1 from pass 1
+    with pytest.raises(RemapError, match="staging ring"):
+        mem.reclaim(ModelId("m0"), 0)
+    mem.close_stream(ModelId("m0"))
+    assert mem.pool.num_owned_by(OwnerKind.STAGING) == 0
+    mem.check_integrity()
+    mem.close()
+
+
+def test_streaming_with_enough_slots_copies_each_layer_once():
+    mem = make_memory(num_pages=40)
+    add_model(mem, num_layers=6)
+    for layer in (1, 4):
+        mem.reclaim(ModelId("m0"), layer)
+    ring = mem.open_stream(ModelId("m0"), num_slots=2)
+    for _ in range(3):
+        ring.begin_pass([1, 4])
+        for layer in (1, 4):
+            ring.acquire(layer)
+            ring.release(layer)
+    assert ring.num_copies == 2
+
+
+# ---- bad input: clear errors naming the numbers, state unchanged -------------------------
+def test_model_larger_than_pool_is_refused_with_the_numbers():
+    mem = make_memory(num_pages=10)
+    with pytest.raises(RemapError, match=r"needs 15 pages of 4096 B but the pool has only 10"):
+        add_model(mem)
+    assert mem.pool.num_free == 10 and mem.params.models == []
+    mem.check_integrity()
+
+
+def test_model_that_does_not_fit_the_free_pages_rolls_back():
+    mem = make_memory(num_pages=20)
+    add_model(mem, "a")
+    with pytest.raises(RemapError, match="only 5 pages are free"):
+        add_model(mem, "b")
+    assert mem.pool.num_free == 5 and mem.params.models == ["a"]
+    mem.check_integrity()
+
+
+@pytest.mark.parametrize("page_size", [1000, 4096 + 128, 0])
+def test_page_size_not_a_multiple_of_tensor_alignment_is_refused(page_size):
+    with pytest.raises(RemapError, match=f"page size {page_size} B is not a positive multiple"):
+        DeviceMemory(8, page_size)
+
+
+def test_unknown_layer_and_model_ids_are_refused_and_change_nothing():
+    mem = make_memory()
+    add_model(mem)
+    with pytest.raises(RemapError, match=r"has layers 0..3, not 4"):
+        mem.reclaim(ModelId("m0"), 4)
+    with pytest.raises(RemapError, match=r"has layers 0..3, not -1"):
+        mem.restore(ModelId("m0"), -1)
+    with pytest.raises(RemapError, match="unknown model 'nope'"):
+        mem.reclaim(ModelId("nope"), 0)
+    with pytest.raises(RemapError, match="never reclaimed"):
+        mem.reclaim(ModelId("m0"), BASE_SLAB)
+    mem.reclaim(ModelId("m0"), 0)
+    with pytest.raises(RemapError, match="already reclaimed"):
+        mem.reclaim(ModelId("m0"), 0)
+    with pytest.raises(RemapError, match="already resident"):
+        mem.restore(ModelId("m0"), 1)
+    assert mem.params.resident_layers(ModelId("m0")) == [1, 2, 3]
+    mem.check_integrity()
+
+
+def test_kv_geometry_too_big_for_a_page_is_refused():
+    mem = make_memory()
+    layers, base = make_layers()
+    with pytest.raises(RemapError, match=r"needs 16384 B of KV, more than a page of 4096 B"):
+        mem.register_model(ModelId("big"), layers, base, KVGeometry(32, 8, 8, torch.float32))
+    assert mem.params.models == []
