@@ -220,12 +220,13 @@ class RemapController:
                    for t in sorted(snapshot.tenants, key=lambda t: t.model)]
         spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
                  - sum(self._staging_pages(t, t.count) for t in tenants))
-        spare = self._restore_over_budget(tenants, spare)
+        restored: list[_Tenant] = []  # in decision order, like reclaimed
+        spare = self._restore_over_budget(tenants, spare, restored)
         spare, reclaimed = self._reclaim(tenants, spare)
-        spare = self._restore_over_budget(tenants, spare)
+        spare = self._restore_over_budget(tenants, spare, restored)
         if not reclaimed:
-            spare = self._revert(tenants, spare)
-        return self._build(snapshot, tenants, reclaimed, spare)
+            spare = self._revert(tenants, spare, restored)
+        return self._build(snapshot, tenants, reclaimed, restored, spare)
 
     # -- the ledger ----------------------------------------------------------------------------
 
@@ -252,12 +253,13 @@ class RemapController:
                         key=lambda t: (t.count - t.budget, t.snap.model))  # most unused budget first
         reclaimed = []
         for rank, t in enumerate(self._victims(tenants) + active, start=1):
+            if spare >= 0:
+                break
             deficit, start = -spare, t.count
-            limit = t.budget  # == cap for an inactive tenant
-            while spare < 0 and t.count < limit and (gain := self._gain(t, t.count + 1)) > 0:
-                spare, t.count = spare + gain, t.count + 1
-            if t.count == start:
+            k, gain = self._layers_to_cover(t, deficit)
+            if k == 0:
                 continue
+            spare, t.count = spare + gain, t.count + k
             reclaimed.append(t)
             who = (f"{order} victim #{rank} (inactive, last_active_s={t.snap.last_active_s:g}, cap {t.cap})"
                    if not t.snap.is_active else f"active, unused alpha budget {t.budget - start} of {t.budget}")
@@ -265,18 +267,33 @@ class RemapController:
                          f"pages, remapped {start}->{t.count} of {t.snap.num_layers}")
         return spare, reclaimed
 
-    def _restore_over_budget(self, tenants: list[_Tenant], spare: int) -> int:
+    def _layers_to_cover(self, t: _Tenant, deficit: int) -> tuple[int, int]:
+        """(k, pages gained): the fewest layers (up to t's budget) covering deficit, else the best gain.
+
+        Looks ahead rather than stepping one layer at a time: an active model's first remapped layer
+        costs a whole ring of staging slots, which only later layers pay back.
+        """
+        best = (0, 0)
+        for k in range(1, t.budget - t.count + 1):  # t.budget == t.cap for an inactive tenant
+            gain = self._gain(t, t.count + k)
+            if gain >= deficit:
+                return k, gain
+            best = max(best, (gain, -k))  # most pages, then fewest layers
+        return (-best[1], best[0]) if best[0] > 0 else (0, 0)
+
+    def _restore_over_budget(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
         """Bring models above their budget back down, using no page another tenant's KV needs."""
         for t in sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model)):
             start = t.count
             while t.count > t.budget and spare + (gain := self._gain(t, t.count - 1)) + t.snap.kv_pages_needed >= 0:
                 spare, t.count = spare + gain, t.count - 1
             if t.count < start:
+                _note(restored, t)
                 t.why.append(f"over budget: {start} remapped > alpha_budget {t.budget}, "
                              f"restored {start - t.count} x {t.snap.layer_pages} pages (spare {spare} after)")
         return spare
 
-    def _revert(self, tenants: list[_Tenant], spare: int) -> int:
+    def _revert(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
         """Give spare pages back to parameters: active models first, then inactive, reverse victim order."""
         headroom = self.config.revert_headroom_pages
         active = sorted((t for t in tenants if t.snap.is_active and t.count > 0),
@@ -286,6 +303,7 @@ class RemapController:
             while t.count > 0 and spare - headroom >= lp and spare + (gain := self._gain(t, t.count - 1)) >= headroom:
                 spare, t.count = spare + gain, t.count - 1
             if t.count < start:
+                _note(restored, t)
                 t.why.append(f"reversion: spare {spare0} pages >= {lp} layer pages + {headroom} headroom, "
                              f"remapped {start}->{t.count} (spare {spare} after)")
         return spare
@@ -293,13 +311,13 @@ class RemapController:
     # -- the plan ------------------------------------------------------------------------------
 
     def _build(self, snapshot: MemorySnapshot, tenants: list[_Tenant], reclaimed: list[_Tenant],
-               spare: int) -> RemapPlan:
+               restored: list[_Tenant], spare: int) -> RemapPlan:
         n = {t.snap.model: t.snap.num_layers for t in tenants}
         reclaim = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in reclaimed
                         for i in layers_to_add(n[t.snap.model], t.snap.remapped_layers, t.count - t.count0))
         restore = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
-                        for t in tenants if t.count < t.count0
+                        for t in restored
                         for i in layers_to_restore(n[t.snap.model], t.snap.remapped_layers, t.count0 - t.count))
         after = {t.snap.model: set(t.snap.remapped_layers) for t in tenants}
         for a in reclaim:
@@ -332,6 +350,11 @@ class RemapController:
 def _check_int(name: str, value: object, minimum: int = 0) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+
+def _note(restored: list[_Tenant], t: _Tenant) -> None:
+    if all(r is not t for r in restored):
+        restored.append(t)
 
 
 def _pages(actions: tuple[LayerAction, ...], tenants: list[_Tenant]) -> int:
