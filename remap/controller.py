@@ -221,9 +221,11 @@ class RemapController:
         spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
                  - sum(self._staging_pages(t, t.count) for t in tenants))
         restored: list[_Tenant] = []  # in decision order, like reclaimed
-        spare = self._restore_over_budget(tenants, spare, restored)
+        # Restoring before reclaiming may take the model's own KV pages (its running sequences need the
+        # weights first; reclaims then cover the KV). After reclaiming, only spare pages are used.
+        spare = self._restore_over_budget(tenants, spare, restored, may_use_own_kv=True)
         spare, reclaimed = self._reclaim(tenants, spare)
-        spare = self._restore_over_budget(tenants, spare, restored)
+        spare = self._restore_over_budget(tenants, spare, restored, may_use_own_kv=False)
         if not reclaimed:
             spare = self._revert(tenants, spare, restored)
         return self._build(snapshot, tenants, reclaimed, restored, spare)
@@ -281,11 +283,12 @@ class RemapController:
             best = max(best, (gain, -k))  # most pages, then fewest layers
         return (-best[1], best[0]) if best[0] > 0 else (0, 0)
 
-    def _restore_over_budget(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
+    def _restore_over_budget(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant],
+                             may_use_own_kv: bool) -> int:
         """Bring models above their budget back down, using no page another tenant's KV needs."""
         for t in sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model)):
-            start = t.count
-            while t.count > t.budget and spare + (gain := self._gain(t, t.count - 1)) + t.snap.kv_pages_needed >= 0:
+            start, own_kv = t.count, t.snap.kv_pages_needed if may_use_own_kv else 0
+            while t.count > t.budget and spare + (gain := self._gain(t, t.count - 1)) + own_kv >= 0:
                 spare, t.count = spare + gain, t.count - 1
             if t.count < start:
                 _note(restored, t)
