@@ -4,7 +4,18 @@ back from their host master copy. Pure Python + torch: nothing here imports Ray 
 
 from remap.backend import TENSOR_ALIGN_BYTES, ArenaBackend, Backend
 from remap.kv import KVBlocks, KVGeometry
-from remap.memory import DEFAULT_PAGE_SIZE_BYTES, DeviceMemory, RestoreOutcome
+from remap.controller import (
+    LayerAction,
+    MemorySnapshot,
+    RemapConfig,
+    RemapController,
+    RemapPlan,
+    StreamPlan,
+    TenantSnapshot,
+    VictimOrder,
+    uniform_layers,
+)
+from remap.memory import DEFAULT_PAGE_SIZE_BYTES, AppliedPlan, DeviceMemory, RestoreOutcome
 from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_views
 from remap.pool import PagePool
 from remap.staging import StagingRing
@@ -22,6 +33,8 @@ from remap.types import (
 )
 
 __all__ = [
+    "AppliedPlan", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
+    "TenantSnapshot", "VictimOrder", "uniform_layers",
     "BASE_SLAB", "DEFAULT_PAGE_SIZE_BYTES", "FREE", "TENSOR_ALIGN_BYTES", "ArenaBackend", "Backend",
     "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",
     "PagePool", "ParamStore", "RemapError", "RestoreOutcome", "SeqId", "Slab", "StagingRing",

@@ -16,6 +16,10 @@ Staging is charged in full for the post-plan state, so `num_free_pages` must cou
 staging rings hold now as free: rings are re-sized to each plan's StreamPlans (execute: reclaim,
 re-size rings, restore). A woken model whose layers were reclaimed while it slept is thereby charged
 for the ring it is about to need.
+
+Decisions, in order: put over-budget models at their budget; cover the deficit by reclaiming
+inactive tenants (victim order, up to the cap), then active ones (most unused alpha budget first);
+back off the restores that reclaims could not fund; if nothing was reclaimed, revert spare pages.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ class StreamPlan:
 @dataclass(frozen=True)
 class RemapPlan:
     reclaim: tuple[LayerAction, ...]  # execute first: each frees layer_pages pages
-    restore: tuple[LayerAction, ...]  # then: each consumes layer_pages free pages
+    restore: tuple[LayerAction, ...]  # then (rings re-sized to `stream`): each consumes layer_pages pages
     stream: tuple[StreamPlan, ...]  # per active model with remapped layers after the plan, by name
     num_pages_short: int  # KV/staging pages still missing after the plan (0 when demand is covered)
     reason: str = ""  # the page ledger after the plan; says "short" when num_pages_short > 0
@@ -220,12 +224,16 @@ class RemapController:
                    for t in sorted(snapshot.tenants, key=lambda t: t.model)]
         spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
                  - sum(self._staging_pages(t, t.count) for t in tenants))
-        restored: list[_Tenant] = []  # in decision order, like reclaimed
-        # Restoring before reclaiming may take the model's own KV pages (its running sequences need the
-        # weights first; reclaims then cover the KV). After reclaiming, only spare pages are used.
-        spare = self._restore_over_budget(tenants, spare, restored, may_use_own_kv=True)
+        # Over-budget models are first put at their budget, so reclaims also fund their restores; if
+        # reclaims fall short, restores are backed off until no other tenant's pages are taken.
+        over = sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model))
+        for t in over:
+            spare, t.count = spare + self._gain(t, t.budget), t.budget
         spare, reclaimed = self._reclaim(tenants, spare)
-        spare = self._restore_over_budget(tenants, spare, restored, may_use_own_kv=False)
+        spare = self._back_off(over, spare)
+        restored = [t for t in over if t.count < t.count0]  # in decision order, like reclaimed
+        for t in restored:
+            t.why.append(_over_budget_reason(t, spare))
         if not reclaimed:
             spare = self._revert(tenants, spare, restored)
         return self._build(snapshot, tenants, reclaimed, restored, spare)
@@ -235,10 +243,13 @@ class RemapController:
     def _staging_pages(self, t: _Tenant, count: int) -> int:
         return num_staging_slots(count, self.config) * t.snap.layer_pages if t.snap.is_active else 0
 
+    def _delta(self, t: _Tenant, from_count: int, to_count: int) -> int:
+        """Change in spare pages when t's remapped count moves between these (reclaims add pages)."""
+        return ((to_count - from_count) * t.snap.layer_pages
+                - self._staging_pages(t, to_count) + self._staging_pages(t, from_count))
+
     def _gain(self, t: _Tenant, new_count: int) -> int:
-        """Change in spare pages if t's remapped count became new_count (reclaim > 0 > restore)."""
-        return ((new_count - t.count) * t.snap.layer_pages
-                - self._staging_pages(t, new_count) + self._staging_pages(t, t.count))
+        return self._delta(t, t.count, new_count)
 
     # -- the phases ----------------------------------------------------------------------------
 
@@ -283,17 +294,16 @@ class RemapController:
             best = max(best, (gain, -k))  # most pages, then fewest layers
         return (-best[1], best[0]) if best[0] > 0 else (0, 0)
 
-    def _restore_over_budget(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant],
-                             may_use_own_kv: bool) -> int:
-        """Bring models above their budget back down, using no page another tenant's KV needs."""
-        for t in sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model)):
-            start, own_kv = t.count, t.snap.kv_pages_needed if may_use_own_kv else 0
-            while t.count > t.budget and spare + (gain := self._gain(t, t.count - 1)) + own_kv >= 0:
-                spare, t.count = spare + gain, t.count - 1
-            if t.count < start:
-                _note(restored, t)
-                t.why.append(f"over budget: {start} remapped > alpha_budget {t.budget}, "
-                             f"restored {start - t.count} x {t.snap.layer_pages} pages (spare {spare} after)")
+    def _back_off(self, over: list[_Tenant], spare: int) -> int:
+        """Undo target restores, inactive models first, until no other tenant's page is taken."""
+        for t in sorted(over, key=lambda t: (t.snap.is_active, t.snap.model)):
+            if spare >= 0:
+                break
+            base = spare - self._delta(t, t.count0, t.count)  # spare without any of t's restores
+            counts = range(t.count, t.count0 + 1)
+            fits = [c for c in counts if base + self._delta(t, t.count0, c) >= 0]
+            t.count = min(fits) if fits else max(counts, key=lambda c: (self._delta(t, t.count0, c), -c))
+            spare = base + self._delta(t, t.count0, t.count)
         return spare
 
     def _revert(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
@@ -353,6 +363,15 @@ class RemapController:
 def _check_int(name: str, value: object, minimum: int = 0) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+
+def _over_budget_reason(t: _Tenant, spare: int) -> str:
+    limit = "alpha_budget" if t.snap.is_active else "cap"
+    why = (f"over budget: {t.count0} remapped > {limit} {t.budget}, restoring {t.count0 - t.count} "
+           f"x {t.snap.layer_pages} pages")
+    if t.count > t.budget:
+        why += f", still {t.count} remapped: more would take other tenants' pages (spare {spare})"
+    return why
 
 
 def _note(restored: list[_Tenant], t: _Tenant) -> None:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from remap.backend import ArenaBackend, Backend
+from remap.controller import RemapPlan, TenantSnapshot
 from remap.kv import KVBlocks, KVGeometry
 from remap.params import ParamStore
 from remap.pool import PagePool
@@ -38,6 +39,13 @@ class RestoreOutcome(NamedTuple):
     restored: bool
     num_blocks_migrated: int  # KV blocks moved out of the layer's home run
     reason: str  # why not, when restored is False
+
+
+class AppliedPlan(NamedTuple):
+    num_reclaimed: int  # layers reclaimed
+    num_restored: int  # layers restored
+    failed_restores: tuple[tuple[ModelId, int, str], ...]  # (model, layer, why) left reclaimed
+    num_blocks_migrated: int  # KV blocks moved out of restored layers' home runs
 
 
 class DeviceMemory:
@@ -138,6 +146,51 @@ class DeviceMemory:
             self.pool.free(fence)
         self.num_blocks_migrated += len(pages)
         return len(pages)
+
+    # ---- controller plans -----------------------------------------------------------------
+    def tenant_snapshot(
+        self,
+        model: ModelId,
+        *,
+        num_running: int,
+        num_waiting: int,
+        kv_pages_needed: int,
+        last_active_s: float,
+        predicted_compute_s: float,
+    ) -> TenantSnapshot:
+        """The controller's view of one model: memory facts from here, load facts from the engine."""
+        n = self.params.num_layers(model)
+        slab = self.params.slab(model, 0)
+        return TenantSnapshot(
+            model=model,
+            num_layers=n,
+            remapped_layers=frozenset(i for i in range(n) if not self.params.is_resident(model, i)),
+            layer_pages=max(self.params.slab(model, i).num_pages for i in range(n)),
+            layer_bytes=slab.num_bytes,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            kv_pages_needed=kv_pages_needed,
+            last_active_s=last_active_s,
+            predicted_compute_s=predicted_compute_s,
+        )
+
+    def apply(self, plan: RemapPlan) -> AppliedPlan:
+        """Execute a plan's reclaims, then its restores (a restore that cannot happen is reported).
+
+        Staging rings are the engine's to open per forward pass from `plan.stream`.
+        """
+        for line in plan.describe():
+            logger.info("remap: %s", line)
+        for a in plan.reclaim:
+            self.reclaim(ModelId(a.model), a.layer)
+        failed, migrated = [], 0
+        for a in plan.restore:
+            outcome = self.restore(ModelId(a.model), a.layer)
+            migrated += outcome.num_blocks_migrated
+            if not outcome.restored:
+                failed.append((ModelId(a.model), a.layer, outcome.reason))
+                logger.info("remap: restore of %s layer %d deferred: %s", a.model, a.layer, outcome.reason)
+        return AppliedPlan(len(plan.reclaim), len(plan.restore) - len(failed), tuple(failed), migrated)
 
     # ---- staging -------------------------------------------------------------------------
     def open_stream(self, model: ModelId, num_slots: int) -> StagingRing | None:
