@@ -42,7 +42,11 @@ class RemapConfig:
     max_remapped_fraction: float = 0.75  # cap = floor(f * num_layers) remapped layers, never all
     double_buffer_min_alpha: int = 9  # alpha >= this streams through alpha+2 slots, else alpha+1
     revert_headroom_pages: int = 0  # spare pages kept above demand before giving pages back to params
-    max_staging_slots: int | None = None  # ring size limit in slots; None = the paper's alpha+1/+2
+    # Ring size limit in slots (+1 when double buffering); None = the paper's alpha+1 / alpha+2.
+    # A ring of alpha+1 slots, each a whole layer, costs more pages than the alpha layers free, so
+    # an active model's layers could never pay for themselves. Slots are reused round-robin within a
+    # pass (remap/staging.py), so 2 suffice: one layer computing while the next one loads.
+    max_staging_slots: int | None = 2
 
     def __post_init__(self) -> None:
         try:
@@ -160,11 +164,13 @@ def uniform_layers(num_layers: int, k: int) -> tuple[int, ...]:
 
 
 def num_staging_slots(alpha: int, config: RemapConfig) -> int:
-    """Slots a model streaming alpha layers needs: alpha+1, alpha+2 once double buffering pays."""
+    """Slots a model streaming alpha layers gets: alpha+1, alpha+2 once double buffering pays,
+    capped by config.max_staging_slots (+1 when double buffering)."""
     if alpha == 0:
         return 0
-    slots = alpha + 2 if alpha >= config.double_buffer_min_alpha else alpha + 1
-    return slots if config.max_staging_slots is None else min(slots, config.max_staging_slots)
+    double = alpha >= config.double_buffer_min_alpha
+    slots = alpha + 2 if double else alpha + 1
+    return slots if config.max_staging_slots is None else min(slots, config.max_staging_slots + double)
 
 
 def layers_to_add(num_layers: int, remapped: frozenset[int], k: int) -> tuple[int, ...]:

@@ -52,7 +52,7 @@ def run(out=print) -> int:
     for m, (layers, base) in originals.items():
         mem.register_model(ModelId(m), layers, base, KVGeometry(NUM_LAYERS, 4, 64, torch.float32))
     link = _measure_link(mem)
-    controller = RemapController(RemapConfig(max_remapped_fraction=0.75, max_staging_slots=2))
+    controller = RemapController(RemapConfig(max_remapped_fraction=0.75))
     out(f"== 1. three tenants in one pool of {mem.pool.num_pages} pages x {PAGE >> 10} KiB "
         f"(host->device copy measured at {link / 1e9:.1f} GB/s)")
     out(mem.describe())

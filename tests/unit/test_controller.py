@@ -130,14 +130,19 @@ def test_alpha_budget_of_an_inactive_tenant_is_the_cap():
 
 
 def test_staging_slots_are_alpha_plus_one_then_plus_two_from_the_double_buffer_threshold():
-    config = RemapConfig(double_buffer_min_alpha=9)
+    config = RemapConfig(double_buffer_min_alpha=9, max_staging_slots=None)  # the paper's ring
     assert [num_staging_slots(a, config) for a in (0, 1, 8, 9, 12)] == [0, 2, 9, 11, 14]
-    assert num_staging_slots(12, RemapConfig(max_staging_slots=3)) == 3
+
+
+def test_by_default_the_ring_is_two_slots_or_three_when_double_buffering():
+    config = RemapConfig(double_buffer_min_alpha=9)
+    assert [num_staging_slots(a, config) for a in (0, 1, 2, 8, 9, 12)] == [0, 2, 2, 2, 3, 3]
+    assert num_staging_slots(12, RemapConfig(max_staging_slots=3)) == 4
 
 
 def test_active_layers_are_not_reclaimed_when_their_staging_costs_what_they_free():
     snap = make_snapshot(make_active(model="a", predicted_compute_s=1.0), make_active(model="b", kv_pages_needed=12))
-    plan = make_controller().plan(snap)
+    plan = make_controller(max_staging_slots=None).plan(snap)  # the paper's alpha+1 ring
     assert plan.reclaim == () and plan.num_pages_short == 12
     assert "SHORT by 12 pages" in plan.reason
 
@@ -197,7 +202,7 @@ def test_restoring_keeps_the_remaining_layers_closest_to_uniform():
 
 def test_an_over_budget_active_model_is_restored_down_to_its_budget():
     tenant = make_active(remapped_layers=uniform_layers(8, 6))  # budget 2
-    plan = make_controller().plan(make_snapshot(tenant, num_free_pages=28))  # its 7-slot ring is 28 pages
+    plan = make_controller(max_staging_slots=None).plan(make_snapshot(tenant, num_free_pages=28))  # 7-slot ring
     assert layers_of(plan.restore, "a") == (0, 3, 4, 7)
     (stream,) = plan.stream
     assert (stream.layers, stream.alpha, stream.alpha_budget, stream.num_staging_slots) == ((2, 6), 2, 2, 3)
@@ -225,7 +230,8 @@ def test_an_over_budget_model_still_streams_when_no_pages_allow_a_restore():
 
 
 def test_over_budget_restores_that_shrink_the_ring_as_much_as_they_cost_happen_even_when_short():
-    plan = make_controller().plan(make_snapshot(make_active(remapped_layers=uniform_layers(8, 6))))
+    controller = make_controller(max_staging_slots=None)  # the paper's alpha+1 ring
+    plan = controller.plan(make_snapshot(make_active(remapped_layers=uniform_layers(8, 6))))
     assert layers_of(plan.restore, "a") == (0, 3, 4, 7)  # 4 layers back, 4 slots fewer: 0 pages net
     assert plan.num_pages_short == 28
 
