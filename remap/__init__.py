@@ -19,7 +19,13 @@ from remap.memory import DEFAULT_PAGE_SIZE_BYTES, AppliedPlan, DeviceMemory, Res
 from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_views
 from remap.pool import PagePool
 from remap.staging import StagingRing
-from remap.transfer import SyncTransferEngine, ThreadTransferEngine, TransferEngine, make_transfer_engine
+from remap.transfer import (
+    SyncTransferEngine,
+    ThreadTransferEngine,
+    TransferEngine,
+    make_transfer_engine,
+    measure_link_bytes_per_s,
+)
 from remap.types import (
     BASE_SLAB,
     FREE,
@@ -39,5 +45,5 @@ __all__ = [
     "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",
     "PagePool", "ParamStore", "RemapError", "RestoreOutcome", "SeqId", "Slab", "StagingRing",
     "SyncTransferEngine", "TensorSpec", "ThreadTransferEngine", "TransferEngine", "make_transfer_engine",
-    "pack_layout", "slab_views",
+    "measure_link_bytes_per_s", "pack_layout", "slab_views",
 ]

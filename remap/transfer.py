@@ -107,3 +107,17 @@ def make_transfer_engine(threaded: bool = False) -> TransferEngine:
     # On CUDA both work (a blocking copy from pinned memory); the overlapped copy-stream engine
     # comes with the GPU path.
     return ThreadTransferEngine() if threaded else SyncTransferEngine()
+
+
+def measure_link_bytes_per_s(device: torch.device, num_bytes: int = 16 << 20, repeats: int = 3) -> float:
+    """Host-to-device bandwidth of a plain copy (pinned source on CUDA), best of `repeats`."""
+    src = torch.ones(num_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best

@@ -1,0 +1,106 @@
+"""Executors: run one SchedulerOutput and return the sampled token of every sequence that samples.
+
+`TorchExecutor` runs real tensors (CPU or CUDA). Weights always come from the memory engine:
+resident layers from their pages, remapped layers from the model's staging ring, fetched layer by
+layer as the forward pass reaches them (`LayerSource`). A cost-model executor for the simulator
+implements the same `Executor` interface without tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from remap import BASE_SLAB, DeviceMemory, ModelId, SeqId, StagingRing
+from replicas.engine.models import AttentionBatch, CausalLM
+from replicas.engine.sampling import sample
+from replicas.engine.scheduler import SchedulerOutput
+from replicas.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ExecutorResult:
+    sampled: dict[SeqId, int]  # next token of each sequence whose `samples` flag was set
+    logprobs: dict[SeqId, dict[int, float]]  # chosen token (and top-N) logprobs, where requested
+    num_streamed_layers: int  # remapped layers computed from staging slots in this step
+
+
+class Executor(Protocol):
+    def add_model(self, model: ModelId, lm: CausalLM) -> None:
+        ...
+
+    def execute(self, output: SchedulerOutput, seqs: Mapping[SeqId, Sequence], ring: StagingRing | None) -> ExecutorResult:
+        ...
+
+
+class LayerSource:
+    """Hands a forward pass each layer's weights: resident pages, or the staging ring."""
+
+    def __init__(self, memory: DeviceMemory, model: ModelId, ring: StagingRing | None) -> None:
+        self._params, self._model, self._ring = memory.params, model, ring
+        self.num_streamed = 0
+
+    def get(self, layer: int) -> Mapping[str, torch.Tensor]:
+        if self._params.is_resident(self._model, layer):
+            return self._params.tensors(self._model, layer)
+        if self._ring is None:
+            raise RuntimeError(f"layer {layer} of {self._model!r} is remapped and no staging ring is open")
+        self.num_streamed += 1
+        return self._ring.acquire(layer)
+
+    def release(self, layer: int) -> None:
+        if self._ring is not None and not self._params.is_resident(self._model, layer):
+            self._ring.release(layer)
+
+
+class TorchExecutor:
+    def __init__(self, memory: DeviceMemory) -> None:
+        self._memory = memory
+        self._models: dict[ModelId, CausalLM] = {}
+
+    def add_model(self, model: ModelId, lm: CausalLM) -> None:
+        self._models[model] = lm
+
+    def execute(self, output: SchedulerOutput, seqs: Mapping[SeqId, Sequence], ring: StagingRing | None) -> ExecutorResult:
+        model, device = output.model, self._memory.device
+        batch = AttentionBatch(
+            num_new_tokens=[len(s.token_ids) for s in output.seqs],
+            num_cached_tokens=[s.num_cached_tokens for s in output.seqs],
+            block_tables=[s.block_table for s in output.seqs],
+        )
+        input_ids = torch.tensor([t for s in output.seqs for t in s.token_ids], dtype=torch.long, device=device)
+        sampling = [i for i, s in enumerate(output.seqs) if s.samples]
+        if not sampling:
+            rows = None
+        else:
+            last = batch.last_rows()
+            rows = torch.tensor([last[i] for i in sampling], dtype=torch.long, device=device)
+        source = LayerSource(self._memory, model, ring)
+        if ring is not None:
+            ring.begin_pass(sorted(set(range(self._memory.params.num_layers(model)))
+                                   - set(self._memory.params.resident_layers(model))))
+        with torch.inference_mode():
+            logits = self._models[model].forward(
+                input_ids, batch, self._memory.kv[model].view, source,
+                self._memory.params.tensors(model, BASE_SLAB), rows,
+            )
+        if ring is not None:
+            ring.finish()
+        if not sampling:
+            return ExecutorResult({}, {}, source.num_streamed)
+        chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
+        tokens, logprobs = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
+        sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist())}
+        lp = {}
+        if logprobs is not None:
+            for row, s in enumerate(chosen):
+                if s.params.logprobs is not None:
+                    top = torch.topk(logprobs[row], s.params.logprobs) if s.params.logprobs else None
+                    entry = {sampled[s.seq_id]: float(logprobs[row, sampled[s.seq_id]])}
+                    if top is not None:
+                        entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
+                    lp[s.seq_id] = entry
+        return ExecutorResult(sampled, lp, source.num_streamed)

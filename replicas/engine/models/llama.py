@@ -1,0 +1,76 @@
+"""The Llama block (also Mistral and Qwen2): pre-RMSNorm, rotary attention with grouped KV heads, SwiGLU.
+
+    h = h + o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x)))   x = input_layernorm(h)
+    h = h + down_proj(silu(gate_proj(x)) * up_proj(x))                        x = post_attention_layernorm(h)
+
+Mistral differs only by its sliding window and Qwen2 by its q/k/v biases; both are config flags
+(see ModelConfig.layer_windows, qkv_bias), so one block serves all three.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from replicas.engine.models.attention import PagedAttention
+from replicas.engine.models.config import ModelConfig
+from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, linear, proj_shapes, rms_norm
+from replicas.engine.models.rope import apply_rotary, cos_sin, inv_frequencies
+
+Tensor = torch.Tensor
+
+
+class Llama:
+    layer_prefix = "model.layers."
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self._inv_freq = inv_frequencies(config)
+        self._act = ACTIVATIONS[config.hidden_act]
+
+    # ---- parameter names and shapes ------------------------------------------------------
+    def layer_shapes(self) -> Shapes:
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        shapes: Shapes = {"input_layernorm.weight": (c.hidden_size,)}
+        shapes |= proj_shapes("self_attn.q_proj", q, c.hidden_size, c.qkv_bias)
+        shapes |= proj_shapes("self_attn.k_proj", kv, c.hidden_size, c.qkv_bias)
+        shapes |= proj_shapes("self_attn.v_proj", kv, c.hidden_size, c.qkv_bias)
+        shapes |= proj_shapes("self_attn.o_proj", c.hidden_size, q, c.o_bias)
+        shapes["post_attention_layernorm.weight"] = (c.hidden_size,)
+        shapes |= proj_shapes("mlp.gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        shapes |= proj_shapes("mlp.up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        shapes |= proj_shapes("mlp.down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
+        return shapes
+
+    def base_shapes(self) -> Shapes:
+        c = self.config
+        shapes: Shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        return shapes
+
+    # ---- forward -------------------------------------------------------------------------
+    def embed(self, base: Weights, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return base["model.embed_tokens.weight"][input_ids]
+
+    def prepare(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE cos/sin for this step's rows, shared by every layer."""
+        return cos_sin(self._inv_freq, positions, dtype)
+
+    def layer(self, index: int, w: Weights, h: Tensor, attend: PagedAttention, rope: tuple[Tensor, Tensor]) -> Tensor:
+        c, rows = self.config, h.shape[0]
+        x = rms_norm(h, w["input_layernorm.weight"], c.norm_eps)
+        q = linear(x, w, "self_attn.q_proj").view(rows, c.num_heads, c.head_dim)
+        k = linear(x, w, "self_attn.k_proj").view(rows, c.num_kv_heads, c.head_dim)
+        v = linear(x, w, "self_attn.v_proj").view(rows, c.num_kv_heads, c.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        h = h + linear(attend(index, q, k, v).reshape(rows, -1), w, "self_attn.o_proj")
+        x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
+        gated = self._act(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj")
+        return h + linear(gated, w, "mlp.down_proj")
+
+    def head(self, base: Weights, h: Tensor) -> Tensor:
+        """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
+        x = rms_norm(h, base["model.norm.weight"], self.config.norm_eps)
+        return x @ base.get("lm_head.weight", base["model.embed_tokens.weight"]).T
+

@@ -1,0 +1,235 @@
+"""Scheduler: continuous batching for several tenants that share one device's page pool.
+
+Each step runs one tenant's batch (temporal sharing): the tenant served longest ago that has work,
+so no tenant starves. Within the step, in order: swapped sequences come back if they fit, running
+sequences get their next tokens (a decode, or the next chunk of a chunked prefill), then waiting
+sequences are admitted FIFO while the token budget, the running-sequence limit and free pages allow.
+
+When a running sequence needs a block and the pool is empty, `make_room` (the engine's remap hook,
+mode `remap`) may lend parameter pages; otherwise, or if that fails, the most recently arrived
+running sequence is preempted: its KV goes to host (`swap`) or is dropped and recomputed later
+(`recompute`). Admission never preempts. The scheduler handles integer ids only; tensors live in
+the executor.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from remap import KVBlocks, ModelId, SeqId
+from replicas.engine.sequence import FinishReason, Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
+
+
+class PreemptionMode(str, enum.Enum):
+    REMAP = "remap"  # Oneiros: lend parameter pages first, then recompute as the last resort
+    SWAP = "swap"  # KV blocks to host and back (vLLM swap, Pie)
+    RECOMPUTE = "recompute"  # drop KV, recompute prompt + output later (vLLM's default)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # tokens computed per step: prefill chunks plus decodes
+    max_num_seqs: int = 64  # running sequences per tenant
+    preemption_mode: PreemptionMode = PreemptionMode.REMAP
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preemption_mode", PreemptionMode(self.preemption_mode))
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError(f"limits must be >= 1: {self.max_num_batched_tokens=}, {self.max_num_seqs=}")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq_id: SeqId
+    token_ids: tuple[int, ...]  # the new tokens computed this step (positions num_cached_tokens..)
+    num_cached_tokens: int  # tokens already in the KV cache before this step
+    block_table: tuple[int, ...]  # page ids covering num_cached_tokens + len(token_ids) tokens
+    samples: bool  # this step reaches the sequence's last token: sample its next one
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    model: ModelId  # the one tenant this step runs
+    seqs: tuple[ScheduledSeq, ...]  # in batch order
+    num_preempted: int  # sequences preempted while building this step
+    num_swapped_in: int  # sequences whose KV came back from host
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: dict[ModelId, KVBlocks],
+        make_room: Callable[[ModelId, int], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self._kv = kv  # live: tenants added later appear here too
+        self._make_room = make_room  # (model, pages wanted) -> whether pages were freed
+        self.waiting: dict[ModelId, deque[Sequence]] = {}
+        self.running: dict[ModelId, list[Sequence]] = {}
+        self.swapped: dict[ModelId, deque[Sequence]] = {}
+        self._last_served: dict[ModelId, int] = {}
+        self._step = 0
+        self.num_preemptions = 0
+        for model in kv:
+            self.add_tenant(model)
+
+    def add_tenant(self, model: ModelId) -> None:
+        self.waiting.setdefault(model, deque())
+        self.running.setdefault(model, [])
+        self.swapped.setdefault(model, deque())
+        self._last_served.setdefault(model, -1)
+
+    # ---- queue ---------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting[seq.model].append(seq)
+
+    def has_work(self, model: ModelId | None = None) -> bool:
+        models = [model] if model else list(self._kv)
+        return any(self.waiting[m] or self.running[m] or self.swapped[m] for m in models)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is and free its pages at once."""
+        for queue in (self.waiting[seq.model], self.running[seq.model], self.swapped[seq.model]):
+            if seq in queue:
+                queue.remove(seq)
+        self._finish(seq, FinishReason.ABORT)
+
+    def next_tenant(self) -> ModelId | None:
+        """The tenant served longest ago that has work (ties by name)."""
+        busy = [m for m in self._kv if self.has_work(m)]
+        return min(busy, key=lambda m: (self._last_served[m], m)) if busy else None
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self, model: ModelId) -> SchedulerOutput:
+        kv, budget = self._kv[model], self.config.max_num_batched_tokens
+        self._step += 1
+        self._last_served[model] = self._step
+        preempted_before = self.num_preemptions
+        swapped_in = self._swap_in(model)
+        scheduled: list[ScheduledSeq] = []
+        taken: set[SeqId] = set()
+        for seq in list(self.running[model]):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted to make room for an earlier one
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._grow(seq, n, taken):
+                continue
+            scheduled.append(self._scheduled(seq, n, kv))
+            taken.add(seq.seq_id)
+            budget -= n
+        waiting = self.waiting[model]
+        while waiting and budget > 0 and len(self.running[model]) < self.config.max_num_seqs:
+            seq = waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            need = kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id))
+            if kv.alloc(seq.seq_id, need) is None:
+                break
+            waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running[model].append(seq)
+            scheduled.append(self._scheduled(seq, n, kv))
+            budget -= n
+        return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
+
+    def _grow(self, seq: Sequence, n: int, taken: set[SeqId]) -> bool:
+        """Blocks for n more tokens of a running sequence, preempting later arrivals if needed."""
+        kv = self._kv[seq.model]
+        need = kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id))
+        while kv.alloc(seq.seq_id, need) is None:
+            if self._make_room is not None and self._make_room(seq.model, need):
+                continue
+            victim = self._victim(seq.model, taken)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _victim(self, model: ModelId, taken: set[SeqId]) -> Sequence:
+        """Latest arrival among this tenant's running sequences not yet in this step's batch."""
+        candidates = [s for s in self.running[model] if s.seq_id not in taken]
+        return max(candidates, key=lambda s: (s.arrival_s, s.seq_id))
+
+    def _preempt(self, seq: Sequence) -> None:
+        kv = self._kv[seq.model]
+        self.running[seq.model].remove(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        if self.config.preemption_mode is PreemptionMode.SWAP:
+            kv.swap_out(seq.seq_id)
+            seq.status = SeqStatus.SWAPPED
+            self.swapped[seq.model].append(seq)
+        else:
+            kv.free(seq.seq_id)
+            seq.num_computed_tokens = 0
+            seq.status = SeqStatus.WAITING
+            self.waiting[seq.model].appendleft(seq)
+        logger.debug("preempted seq %d of %s (%s)", seq.seq_id, seq.model, seq.status.value)
+
+    def _swap_in(self, model: ModelId) -> int:
+        n, swapped = 0, self.swapped[model]
+        while swapped and len(self.running[model]) < self.config.max_num_seqs:
+            seq = swapped[0]
+            if self._kv[model].swap_in(seq.seq_id) is None:
+                break
+            swapped.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running[model].append(seq)
+            n += 1
+        return n
+
+    @staticmethod
+    def _scheduled(seq: Sequence, n: int, kv: KVBlocks) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(
+            seq.seq_id, tuple(seq.token_ids(start, start + n)), start, tuple(kv.table(seq.seq_id)),
+            samples=start + n == seq.num_tokens,
+        )
+
+    # ---- after the step ------------------------------------------------------------------
+    def postprocess(self, output: SchedulerOutput, seqs: dict[SeqId, Sequence], sampled: dict[SeqId, int],
+                    now_s: float) -> list[Sequence]:
+        """Advance computed tokens, append sampled ones, finish what stops. Returns finished sequences."""
+        finished = []
+        for s in output.seqs:
+            seq = seqs[s.seq_id]
+            seq.num_computed_tokens += len(s.token_ids)
+            if not s.samples:
+                continue
+            seq.append_token(sampled[s.seq_id], now_s)
+            reason = seq.check_stop()
+            if reason is not None:
+                self.running[seq.model].remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self._kv[seq.model].free(seq.seq_id)
+
+    # ---- demand, for the remap controller ------------------------------------------------
+    def kv_pages_needed(self, model: ModelId) -> int:
+        """Extra pages the tenant needs for its next step: growth of running sequences, swapped ones
+        coming back, and first chunks of waiting ones (up to the token budget)."""
+        kv, budget = self._kv[model], self.config.max_num_batched_tokens
+        need = sum(kv.num_swapped_blocks(s.seq_id) for s in self.swapped[model])
+        for seq in self.running[model]:
+            n = min(seq.num_uncomputed_tokens, budget)
+            need += max(0, kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id)))
+            budget -= n
+        for seq in list(self.waiting[model])[: max(0, self.config.max_num_seqs - len(self.running[model]))]:
+            if budget <= 0:
+                break
+            n = min(seq.num_uncomputed_tokens, budget)
+            need += kv.num_blocks_for(seq.num_computed_tokens + n)
+            budget -= n
+        return need

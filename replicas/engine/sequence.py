@@ -1,0 +1,85 @@
+"""Sequence: one request's tokens, state and timing as the scheduler sees it.
+
+A sequence's KV cache covers its first `num_computed_tokens` tokens. The scheduler gives it
+`num_tokens - num_computed_tokens` new tokens to compute (a prefill chunk, or 1 when decoding);
+recompute preemption sets num_computed_tokens back to 0 and keeps the output generated so far.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from remap import ModelId, SeqId
+from replicas.engine.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks (new, or preempted by recompute)
+    RUNNING = "running"  # holds KV blocks on device
+    SWAPPED = "swapped"  # its KV blocks sit in host memory
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # eos, a stop token id or a stop string
+    ABORT = "abort"  # cancelled by the client
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: SeqId
+    model: ModelId
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float  # engine clock when the request arrived
+    eos_token_ids: tuple[int, ...] = ()  # the model's eos ids (ignored with params.ignore_eos)
+    generator: torch.Generator | None = None  # per-request sampling state (None for greedy)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    finish_reason: FinishReason | None = None
+    first_token_s: float | None = None  # engine clock of the first output token
+    token_times_s: list[float] = field(default_factory=list)  # engine clock of every output token
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions [start, stop) of prompt + output."""
+        n = len(self.prompt_token_ids)
+        ids = self.prompt_token_ids[start:stop] if start < n else []
+        if stop > n:
+            ids = ids + self.output_token_ids[max(start - n, 0) : stop - n]
+        return ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append_token(self, token_id: int, now_s: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_times_s.append(now_s)
+        if self.first_token_s is None:
+            self.first_token_s = now_s
+
+    def check_stop(self) -> FinishReason | None:
+        """Whether the last appended token ends the sequence (stop strings are the detokenizer's)."""
+        last = self.output_token_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            return FinishReason.STOP
+        if last in self.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= self.params.max_tokens:
+            return FinishReason.LENGTH
+        return None
