@@ -215,3 +215,30 @@ def test_abort_frees_pages_at_once():
     assert engine.abort(seq)
     assert engine.memory.pool.num_free == free and not engine.has_unfinished()
     engine.memory.check_integrity()
+
+
+def test_under_kv_exhaustion_remap_admits_more_sequences_than_swap_and_recompute():
+    """Three tenants fill most of the pool with parameters; one of them gets a burst."""
+    results = {}
+    prompts = [[(7 * i + j) % 120 + 3 for j in range(40)] for i in range(8)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    for mode in ("remap", "swap", "recompute"):
+        engine = make_engine(num_pages=150, mode=mode)
+        for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5)):
+            add_tenant(engine, name, LLAMA, seed)
+        assert engine.memory.pool.num_free == 15
+        engine.generate("idle1", [PROMPTS[0]], SamplingParams(max_tokens=2))  # tenants with a past
+        engine.generate("idle2", [PROMPTS[0]], SamplingParams(max_tokens=2))
+        ids = [engine.add_request("hot", p, params) for p in prompts]
+        peak = 0
+        for _ in range(10_000):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+            peak = max(peak, len(engine.scheduler.running[ModelId("hot")]))
+            engine.memory.check_integrity()
+        assert not engine.has_unfinished(), f"{mode}: stuck"
+        results[mode] = (peak, [engine.sequence(i).output_token_ids for i in ids])
+    assert results["remap"][0] > results["swap"][0] and results["remap"][0] > results["recompute"][0], results
+    assert results["remap"][1] == results["swap"][1] == results["recompute"][1]  # nothing lost, all exact
+    assert all(len(out) == 24 for out in results["remap"][1])
