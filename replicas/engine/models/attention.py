@@ -80,7 +80,9 @@ class AttentionBatch:
                 raise ValueError(f"sequence {i}: {n} new tokens and {c} cached tokens")
             need = -(-(c + n) // block_size)
             if len(table) < need:
-                raise ValueError(f"sequence {i}: {c + n} tokens need {need} blocks of {block_size}, table has {len(table)}")
+                raise ValueError(
+                    f"sequence {i}: {c + n} tokens need {need} blocks of {block_size}, table has {len(table)}"
+                )
             bad = [p for p in table[:need] if not 0 <= p < num_pages]
             if bad:
                 raise ValueError(f"sequence {i}: page ids {bad} outside the cache's {num_pages} pages")
@@ -92,7 +94,7 @@ class PagedAttention:
     def __init__(
         self, batch: AttentionBatch, kv: Tensor, layer_windows: Sequence[int | None], scale: float
     ) -> None:
-        num_pages, self.num_layers, _, block_size = kv.shape[:4]
+        num_pages, _, _, block_size = kv.shape[:4]
         batch.check(block_size, num_pages)
         self.kv, self.scale, self.layer_windows = kv, scale, tuple(layer_windows)
         dev = kv.device

@@ -82,8 +82,6 @@ class CausalLM:
             logits_for = torch.tensor(batch.last_rows(), device=h.device)
         return self.arch.head(base, h[logits_for]).float()
 
-    __call__ = forward
-
     def _check(self, input_ids: Tensor, batch: AttentionBatch, kv: Tensor, base: Mapping[str, Tensor]) -> None:
         c = self.config
         if input_ids.shape != (batch.num_tokens,):

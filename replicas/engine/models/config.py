@@ -100,7 +100,9 @@ class ModelConfig:
 
     def _validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         if len(self.layer_windows) != self.num_layers:
