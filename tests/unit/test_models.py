@@ -9,7 +9,6 @@ nobody wrote shows up, and block tables are random, non-contiguous pages.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 
 import pytest
