@@ -4,6 +4,8 @@ migration / swap / recompute in the middle of generation."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,37 +16,17 @@ from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
 transformers = pytest.importorskip("transformers")
+from tests.unit.hf_reference import KINDS, hf_greedy, make_config, make_hf_model  # noqa: E402
 
 PAGE = 16 << 10
-LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
-}
-OPT = {
-    "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 128, "hidden_size": 64,
-    "ffn_dim": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 256,
-    "do_layer_norm_before": True, "word_embed_proj_dim": 64, "activation_function": "relu",
-    "enable_bias": True, "layer_norm_elementwise_affine": True, "bos_token_id": 1, "eos_token_id": 2,
-    "pad_token_id": 0, "torch_dtype": "float32", "tie_word_embeddings": True,
-}
+LLAMA = make_config("llama_gqa", num_hidden_layers=4)
+OPT = make_config("opt")
 PROMPTS = [[5, 17, 33, 9, 70, 11, 4], [8, 99, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]]
 MAX_TOKENS = 12
 
 
 def hf_generate(hf_config: dict, state: dict, prompt: list[int], n: int = MAX_TOKENS) -> list[int]:
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
-    cfg.architectures = hf_config["architectures"]
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return hf_greedy(make_hf_model(hf_config, state), prompt, n)
 
 
 def make_engine(num_pages: int = 256, mode: str = "remap", **sched) -> LLMEngine:
@@ -69,8 +51,8 @@ def reference():
     """HF greedy outputs for each (family, seed, prompt), computed once."""
     cache = {}
 
-    def get(hf_config, state, key, prompt):
-        k = (key, tuple(prompt))
+    def get(hf_config, state, seed, prompt):
+        k = (json.dumps(hf_config, sort_keys=True), seed, tuple(prompt))
         if k not in cache:
             cache[k] = hf_generate(hf_config, state, prompt)
         return cache[k]
@@ -78,15 +60,14 @@ def reference():
     return get
 
 
-# Seeds whose greedy output is varied (tiny OPT repeats one token for some seeds).
-@pytest.mark.parametrize("hf_config, seed", [(LLAMA, 3), (OPT, 1)], ids=["llama", "opt"])
-def test_batched_greedy_output_equals_hugging_face(hf_config, seed, reference):
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "opt_post_ln"])  # post-LN OPT repeats one token
+def test_batched_greedy_output_equals_hugging_face(kind, reference):
+    hf_config = make_config(kind)
     engine = make_engine()
-    state = add_tenant(engine, "m", hf_config, seed=seed)
+    state = add_tenant(engine, "m", hf_config, seed=3)
     got = engine.generate("m", PROMPTS, PARAMS)
     for prompt, out in zip(PROMPTS, got):
-        want = reference(hf_config, state, (hf_config["model_type"], seed), prompt)
-        assert out == want
+        assert out == reference(hf_config, state, 3, prompt)
         assert len(set(out)) > 2  # wide weights: the output is not one repeated token
     engine.memory.check_integrity()
 
@@ -94,15 +75,15 @@ def test_batched_greedy_output_equals_hugging_face(hf_config, seed, reference):
 def test_interleaved_tenants_with_chunked_prefill_equal_hugging_face(reference):
     engine = make_engine(max_num_batched_tokens=8)  # the 13-token prompt is prefilled in 2 chunks
     states = {name: add_tenant(engine, name, cfg, seed) for name, cfg, seed in
-              (("a", LLAMA, 3), ("b", OPT, 1), ("c", LLAMA, 4))}
+              (("a", LLAMA, 3), ("b", OPT, 3), ("c", LLAMA, 4))}
     ids = {name: [engine.add_request(name, p, PARAMS) for p in PROMPTS] for name in states}
     served = []
     while engine.has_unfinished():
         served += {o.model for o in engine.step()}
     assert set(served[:3]) == {"a", "b", "c"}  # round robin across tenants
-    for name, cfg, seed in (("a", LLAMA, 3), ("b", OPT, 1), ("c", LLAMA, 4)):
+    for name, cfg, seed in (("a", LLAMA, 3), ("b", OPT, 3), ("c", LLAMA, 4)):
         for prompt, i in zip(PROMPTS, ids[name]):
-            want = reference(cfg, states[name], (cfg["model_type"], seed), prompt)
+            want = reference(cfg, states[name], seed, prompt)
             assert engine.sequence(i).output_token_ids == want, name
     engine.memory.check_integrity()
 
@@ -161,7 +142,7 @@ def test_greedy_output_is_exact_across_memory_events_mid_generation(event, refer
     state = add_tenant(engine, "m", LLAMA, seed=3)
     got = run_with(engine, event)
     for prompt, out in zip(PROMPTS, got):
-        assert out == reference(LLAMA, state, ("llama", 3), prompt)
+        assert out == reference(LLAMA, state, 3, prompt)
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
@@ -178,8 +159,8 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
 
 
 @pytest.mark.parametrize("kwargs, prompt, match", [
-    (dict(), [1] * 250, "exceeds the context length 256"),
-    (dict(), [1, 500], r"token ids \[500\] are outside the vocabulary \[0, 128\)"),
+    (dict(), [1] * 120, "exceeds the context length 128"),
+    (dict(), [1, 500], r"token ids \[500\] are outside the vocabulary \[0, 112\)"),
     (dict(), [], "prompt is empty"),
 ])
 def test_bad_requests_get_a_clear_error_and_others_are_unaffected(kwargs, prompt, match, reference):
@@ -192,7 +173,7 @@ def test_bad_requests_get_a_clear_error_and_others_are_unaffected(kwargs, prompt
         engine.add_request("nope", PROMPTS[0], PARAMS)
     while engine.has_unfinished():
         engine.step()
-    assert engine.sequence(good).output_token_ids == reference(LLAMA, state, ("llama", 3), PROMPTS[1])
+    assert engine.sequence(good).output_token_ids == reference(LLAMA, state, 3, PROMPTS[1])
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -217,13 +198,20 @@ def test_abort_frees_pages_at_once():
     engine.memory.check_integrity()
 
 
+def param_pages(hf_config: dict) -> int:
+    """Pages one tenant's parameters take (measured by registering it in a roomy pool)."""
+    engine = make_engine(num_pages=1000)
+    add_tenant(engine, "probe", hf_config, seed=0)
+    return 1000 - engine.memory.pool.num_free
+
+
 def test_under_kv_exhaustion_remap_admits_more_sequences_than_swap_and_recompute():
     """Three tenants fill most of the pool with parameters; one of them gets a burst."""
     results = {}
     prompts = [[(7 * i + j) % 120 + 3 for j in range(40)] for i in range(8)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     for mode in ("remap", "swap", "recompute"):
-        engine = make_engine(num_pages=150, mode=mode)
+        engine = make_engine(num_pages=3 * param_pages(LLAMA) + 15, mode=mode)
         for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5)):
             add_tenant(engine, name, LLAMA, seed)
         assert engine.memory.pool.num_free == 15
