@@ -36,6 +36,7 @@ from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
 from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig
 from replicas.engine.sequence import Sequence
+from replicas.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class _Tenant:
     lm: CausalLM
     config: ModelConfig
     eos_token_ids: tuple[int, ...]
+    tokenizer: Tokenizer | None
     last_active_s: float = 0.0
     step_s: float = 0.0  # moving average of this model's step compute time
     arrivals: deque = field(default_factory=deque)
@@ -104,18 +106,19 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
         self.executor = executor or TorchExecutor(memory)
         self._ring_model: ModelId | None = None
+        self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
         logger.info("engine: %s, link %.1f GB/s", self.config, self.link_bytes_per_s / 1e9)
 
     # ---- models and requests -------------------------------------------------------------
     def add_model(self, name: str, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
-                  eos_token_ids: Seq[int] | None = None) -> None:
+                  eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
         geometry = KVGeometry(config.num_layers, config.num_kv_heads, config.head_dim, config.dtype)
         self.memory.register_model(model, layers, base, geometry)
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        self._tenants[model] = _Tenant(lm, config, eos)
+        self._tenants[model] = _Tenant(lm, config, eos, tokenizer)
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
 
@@ -133,7 +136,8 @@ class LLMEngine:
         now = self._clock()
         seq_id = SeqId(next(self._ids))
         seq = Sequence(seq_id, ModelId(model), ids, params, now, tenant.eos_token_ids,
-                       None if params.greedy else make_generator(params.seed, torch.device("cpu")))
+                       None if params.greedy else make_generator(params.seed, torch.device("cpu")),
+                       tenant.tokenizer.decode if params.stop and tenant.tokenizer else None)
         self._seqs[seq_id] = seq
         self.scheduler.add(seq)
         tenant.last_active_s = now
@@ -144,6 +148,8 @@ class LLMEngine:
         cfg = tenant.config
         if not ids:
             raise InvalidRequest("the prompt is empty")
+        if params.stop and tenant.tokenizer is None:
+            raise InvalidRequest(f"stop strings need a tokenizer and {model!r} was loaded without one")
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
@@ -203,6 +209,7 @@ class LLMEngine:
             if ring is not None:
                 self.memory.close_stream(model)
                 self._ring_model = None
+        self.num_layers_streamed += result.num_streamed_layers
         tenant = self._tenants[model]
         tenant.step_s = elapsed if tenant.step_s == 0 else 0.8 * tenant.step_s + 0.2 * elapsed
         now = self._clock()

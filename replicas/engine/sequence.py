@@ -8,6 +8,7 @@ recompute preemption sets num_computed_tokens back to 0 and keeps the output gen
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ class Sequence:
     arrival_s: float  # engine clock when the request arrived
     eos_token_ids: tuple[int, ...] = ()  # the model's eos ids (ignored with params.ignore_eos)
     generator: torch.Generator | None = None  # per-request sampling state (None for greedy)
+    detokenize: Callable[[list[int]], str] | None = None  # for stop strings; None when there are none
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
@@ -74,12 +76,18 @@ class Sequence:
             self.first_token_s = now_s
 
     def check_stop(self) -> FinishReason | None:
-        """Whether the last appended token ends the sequence (stop strings are the detokenizer's)."""
+        """Whether the last appended token ends the sequence."""
         last = self.output_token_ids[-1]
         if not self.params.ignore_eos and last in self.eos_token_ids:
             return FinishReason.STOP
         if last in self.params.stop_token_ids:
             return FinishReason.STOP
+        if self.params.stop and self.detokenize is not None:
+            # Decodes the whole output each token: O(n^2) chars, but microseconds for the
+            # lengths served here, and exact where a tail window could split a multi-byte char.
+            text = self.detokenize(self.output_token_ids)
+            if any(stop in text for stop in self.params.stop):
+                return FinishReason.STOP
         if len(self.output_token_ids) >= self.params.max_tokens:
             return FinishReason.LENGTH
         return None

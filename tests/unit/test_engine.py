@@ -36,10 +36,11 @@ def make_engine(num_pages: int = 256, mode: str = "remap", **sched) -> LLMEngine
     return LLMEngine(memory, config)
 
 
-def add_tenant(engine: LLMEngine, name: str, hf_config: dict, seed: int):
+def add_tenant(engine: LLMEngine, name: str, hf_config: dict, seed: int, tokenizer=None):
     config = ModelConfig.from_hf(hf_config)
     state = dummy_weights(config, seed)
-    engine.add_model(name, config, state, eos_token_ids=())  # run to max_tokens: longer exactness check
+    # no eos: every request runs to max_tokens, a longer exactness check
+    engine.add_model(name, config, state, eos_token_ids=(), tokenizer=tokenizer)
     return state
 
 
@@ -230,3 +231,27 @@ def test_under_kv_exhaustion_remap_admits_more_sequences_than_swap_and_recompute
     assert results["remap"][0] > results["swap"][0] and results["remap"][0] > results["recompute"][0], results
     assert results["remap"][1] == results["swap"][1] == results["recompute"][1]  # nothing lost, all exact
     assert all(len(out) == 24 for out in results["remap"][1])
+
+
+def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_them(reference):
+    engine = make_engine(num_pages=3 * param_pages(LLAMA) + 15, mode="remap")
+    states = {name: add_tenant(engine, name, LLAMA, seed) for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5))}
+    engine.generate("idle1", [PROMPTS[0]], SamplingParams(max_tokens=2))
+    prompts = [[(7 * i + j) % 100 + 3 for j in range(40)] for i in range(8)]
+    for p in prompts:
+        engine.add_request("hot", p, SamplingParams(max_tokens=24, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    lent = engine.memory.params.num_layers(ModelId("idle1")) - engine.tenant_stats("idle1").resident_layers
+    assert lent > 0  # the burst borrowed idle1's layers
+    woken = engine.add_request("idle1", PROMPTS[2], PARAMS)  # idle1 wakes up with layers lent out
+    while engine.has_unfinished():
+        engine.step()
+        engine.memory.check_integrity()
+    assert engine.num_layers_streamed > 0
+    assert engine.sequence(woken).output_token_ids == reference(LLAMA, states["idle1"], 4, PROMPTS[2])
+    engine.step()  # idle: demand has fallen, the controller gives every page back to parameters
+    for name in states:
+        stats = engine.tenant_stats(name)
+        assert stats.resident_layers == stats.num_layers, name
+    engine.memory.check_integrity()

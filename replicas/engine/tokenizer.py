@@ -1,0 +1,51 @@
+"""Tokenizer: a Hugging Face `tokenizer.json` (the `tokenizers` library) plus tokenizer_config.json.
+
+The engine works on token ids; a tokenizer is needed only for stop strings and by the API edge
+(text prompts, chat templates, detokenized output). Files come from a local model folder, never
+from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+
+
+class Tokenizer:
+    def __init__(self, backend, eos_token_id: int | None = None, bos_token_id: int | None = None,
+                 chat_template: str | None = None) -> None:
+        self._backend = backend  # a tokenizers.Tokenizer
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+        self.chat_template = chat_template  # Jinja source from tokenizer_config.json, if any
+
+    @classmethod
+    def from_folder(cls, path: str | pathlib.Path) -> Tokenizer:
+        from tokenizers import Tokenizer as Backend  # lazy: only folders with a tokenizer need it
+
+        folder = pathlib.Path(path)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer.json (only the fast-tokenizer format is supported)")
+        backend = Backend.from_file(str(file))
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            if isinstance(token, dict):  # {"content": "</s>", ...}
+                token = token.get("content")
+            return backend.token_to_id(token) if isinstance(token, str) else None
+
+        return cls(backend, token_id("eos_token"), token_id("bos_token"), config.get("chat_template"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

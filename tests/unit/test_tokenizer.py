@@ -1,0 +1,64 @@
+"""Tokenizer from a model folder, and stop strings in the engine (with a tokenizer the test builds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from replicas.engine.sampling import InvalidRequest, SamplingParams
+from replicas.engine.tokenizer import Tokenizer
+from tests.unit.test_engine import LLAMA, PROMPTS, add_tenant, make_engine
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def write_word_tokenizer(folder, vocab_size: int = 112) -> None:
+    """A word-level tokenizer: token i <-> word 'wi', words separated by spaces; '</s>' is eos."""
+    vocab = {f"w{i}": i for i in range(vocab_size)} | {"</s>": 2}
+    del vocab["w2"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "{{ x }}"}))
+
+
+def test_tokenizer_round_trips_and_reads_special_ids(tmp_path):
+    write_word_tokenizer(tmp_path)
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.encode("w5 w17 w33") == [5, 17, 33]
+    assert tok.decode([5, 17, 33]) == "w5 w17 w33"
+    assert tok.eos_token_id == 2 and tok.chat_template == "{{ x }}"
+
+
+def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
+
+
+def test_generation_stops_at_the_token_that_completes_a_stop_string(tmp_path):
+    write_word_tokenizer(tmp_path)
+    tok = Tokenizer.from_folder(tmp_path)
+    engine = make_engine()
+    add_tenant(engine, "m", LLAMA, seed=3)
+    engine_tok = make_engine()
+    add_tenant(engine_tok, "m", LLAMA, seed=3, tokenizer=tok)  # same weights, now with a tokenizer
+    free_run = engine.generate("m", [PROMPTS[0]], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    # stop on the text of output tokens 4..5: generation must end right after token 5
+    stop = tok.decode(free_run[4:6])
+    seq = engine_tok.add_request("m", PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))
+    while engine_tok.has_unfinished():
+        engine_tok.step()
+    out = engine_tok.sequence(seq)
+    first = next(i for i in range(len(free_run)) if stop in tok.decode(free_run[: i + 1]))
+    assert out.output_token_ids == free_run[: first + 1]
+    assert out.finish_reason.value == "stop"
+
+
+def test_stop_strings_without_a_tokenizer_are_refused():
+    engine = make_engine()
+    add_tenant(engine, "m", LLAMA, seed=3)
+    with pytest.raises(InvalidRequest, match="stop strings need a tokenizer"):
+        engine.add_request("m", PROMPTS[0], SamplingParams(stop=["w5"]))
