@@ -1,11 +1,11 @@
 """Engine throughput and latency on this machine, against Hugging Face `generate` in the same run.
 
-    python scripts/bench_engine.py --json out/bench_engine.json [--quick]
+    python scripts/bench_engine.py --json out/bench_engine.json [--quick] [--vllm-python /path/to/vllm-venv/bin/python]
 
 Prints a table and writes JSON with:
   decode_tok_s_b{1,16,64}, prefill_tok_s_b{1,16,64}   tiny Llama (hidden 256, 4 layers, head_dim 32)
   speedup_vs_hf_b16     our tokens/s over HF generate's, 16 prompts x 32 tokens -> 64 new tokens each
-  speedup_vs_vllm_b16   same against vLLM when the `vllm` extra is installed, else null (not measured yet)
+  speedup_vs_vllm_b16   same against vLLM (scripts/vllm_baseline.py) with --vllm-python, else null
   p99_tbt_s             per preemption mode on a short three-tenant replay in a pool tight enough to remap
 No assertion on any number: compare ratios from one run only (this machine is noisy).
 """
@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -100,6 +103,25 @@ def bench_vs_hf(batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> 
     return {"ours_tok_s_b16": ours, "hf_tok_s_b16": theirs, "speedup_vs_hf_b16": ours / theirs}
 
 
+def bench_vs_vllm(python: str, ours: float, batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+    """vLLM on the same config and prompts, in its own interpreter; {} (and a printed reason) if that fails."""
+    script = pathlib.Path(__file__).with_name("vllm_baseline.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "vllm.json"
+        cmd = [python, str(script), "--config", json.dumps(TINY_LLAMA), "--batch", str(batch),
+               "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--json", str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            theirs = json.loads(out.read_text())
+        except Exception as e:  # noqa: BLE001 - the baseline is optional
+            print(f"vLLM baseline failed ({python}): {e}", file=sys.stderr)
+            return {}
+    return {"vllm_tok_s_b16": theirs["tok_s"], "speedup_vs_vllm_b16": ours / theirs["tok_s"],
+            "vllm_dtype": theirs["dtype"], "vllm_version": theirs["vllm_version"]}
+
+
 def bench_modes(num_requests: int) -> dict:
     """Three tenants, skewed load (70 / 20 / 10 %), a pool where KV runs out without remapping."""
     out = {}
@@ -124,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path)
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the script)")
+    ap.add_argument("--vllm-python", default=os.environ.get("ONEIROS_VLLM_PYTHON"),
+                    help="interpreter with vLLM installed, for speedup_vs_vllm_b16 (default: $ONEIROS_VLLM_PYTHON)")
     args = ap.parse_args(argv)
     batches = [1, 16] if args.quick else [1, 16, 64]
     results = bench_throughput(batches, decode_tokens=8 if args.quick else 32)
     results.update(bench_vs_hf(new_tokens=8 if args.quick else 64))
-    results["speedup_vs_vllm_b16"] = None  # vLLM comparison: not built yet (needs the `vllm` extra)
+    results["speedup_vs_vllm_b16"] = None  # measured only with --vllm-python (vLLM lives in its own venv)
+    if args.vllm_python:
+        results.update(bench_vs_vllm(args.vllm_python, results["ours_tok_s_b16"], new_tokens=8 if args.quick else 64))
     results["vllm_installed"] = importlib.util.find_spec("vllm") is not None
     modes = bench_modes(num_requests=6 if args.quick else 24)
     results["p99_tbt_s"] = {m: v["p99_tbt_s"] for m, v in modes.items()}

@@ -255,3 +255,21 @@ def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_the
         stats = engine.tenant_stats(name)
         assert stats.resident_layers == stats.num_layers, name
     engine.memory.check_integrity()
+
+
+def test_logprobs_of_greedy_tokens_match_the_reference_distribution():
+    engine = make_engine()
+    state = add_tenant(engine, "m", LLAMA, seed=3)
+    seq = engine.add_request("m", PROMPTS[0], SamplingParams(max_tokens=5, logprobs=3, ignore_eos=True))
+    streamed = []
+    while engine.has_unfinished():
+        streamed += [lp for o in engine.step() for lp in o.logprobs]
+    out = engine.sequence(seq)
+    assert streamed == out.output_logprobs and len(streamed) == 5
+    hf = make_hf_model(LLAMA, state)
+    for i, (token, entry) in enumerate(zip(out.output_token_ids, out.output_logprobs)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([PROMPTS[0] + out.output_token_ids[:i]])).logits[0, -1].log_softmax(-1)
+        assert len(entry) == 3 and entry[token] == max(entry.values())  # greedy: the chosen is the top one
+        for t, lp in entry.items():
+            assert abs(lp - float(ref[t])) < 1e-4
