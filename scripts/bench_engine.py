@@ -111,7 +111,7 @@ def bench_vs_vllm(python: str, ours: float, batch: int = 16, prompt_len: int = 3
         cmd = [python, str(script), "--config", json.dumps(TINY_LLAMA), "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--json", str(out)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
             theirs = json.loads(out.read_text())

@@ -296,14 +296,17 @@ class LLMEngine:
         if num_remapped == 0:
             return None
         want = min(num_remapped, self.config.remap.max_staging_slots or num_remapped + 1)
-        for slots in dict.fromkeys((want, 1)):
-            ring = self.memory.open_stream(model, slots)
-            if ring is not None:
-                self._ring_model = model
-                return ring
-        raise RuntimeError(
-            f"no room for even one staging slot of {model!r}: {self.memory.pool.num_free} pages free"
-        )
+        while True:
+            for slots in dict.fromkeys((want, 1)):
+                ring = self.memory.open_stream(model, slots)
+                if ring is not None:
+                    self._ring_model = model
+                    return ring
+            # KV fills every page: free some by recompute, the way the pool's last resort always is
+            if not self.scheduler.preempt_latest():
+                raise RuntimeError(f"no room for one staging slot of {model!r} with no KV left to free "
+                                   f"({self.memory.pool.num_free} pages free): the pool is too small")
+            logger.info("preempted a sequence to make room for %s's staging slot", model)
 
     # ---- stats ---------------------------------------------------------------------------
     def tenant_stats(self, model: str) -> TenantStats:

@@ -158,6 +158,14 @@ class Scheduler:
         candidates = [s for s in self.running[model] if s.seq_id not in taken]
         return max(candidates, key=lambda s: (s.arrival_s, s.seq_id))
 
+    def preempt_latest(self) -> bool:
+        """Preempt the latest-arriving running sequence of any tenant; False if none runs."""
+        running = [s for seqs in self.running.values() for s in seqs]
+        if not running:
+            return False
+        self._preempt(max(running, key=lambda s: (s.arrival_s, s.seq_id)))
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         kv = self._kv[seq.model]
         self.running[seq.model].remove(seq)

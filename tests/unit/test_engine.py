@@ -273,3 +273,20 @@ def test_logprobs_of_greedy_tokens_match_the_reference_distribution():
         assert len(entry) == 3 and entry[token] == max(entry.values())  # greedy: the chosen is the top one
         for t, lp in entry.items():
             assert abs(lp - float(ref[t])) < 1e-4
+
+
+def test_no_room_for_a_staging_slot_preempts_instead_of_failing(reference):
+    engine = make_engine(mode="recompute")
+    state = add_tenant(engine, "m", LLAMA, seed=3)
+    ids = [engine.add_request("m", p, PARAMS) for p in PROMPTS]
+    engine.step()
+    engine.memory.reclaim(ModelId("m"), 2)
+    first = engine.scheduler.running[ModelId("m")][0]
+    engine.memory.kv[ModelId("m")].alloc(first.seq_id, engine.memory.pool.num_free)  # KV takes every page
+    assert engine.memory.pool.num_free == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.num_preemptions >= 1 and engine.num_layers_streamed > 0
+    for prompt, i in zip(PROMPTS, ids):
+        assert engine.sequence(i).output_token_ids == reference(LLAMA, state, 3, prompt)
+    engine.memory.check_integrity()
