@@ -124,11 +124,16 @@ class PagedAttention:
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    """All one-token sequences of the step, padded to the longest block table."""
+    """All one-token sequences of the step, gathered token by token and padded to the longest context.
+
+    Padding keys repeat the sequence's own token 0 (always written, so finite) and are masked out.
+    Gathering whole blocks instead would read slots nobody wrote for this sequence: whatever a
+    page's earlier owner left there, NaN included, which a score mask cannot neutralise (0 * NaN).
+    """
 
     rows: Tensor  # [num_decodes] row of each decode sequence in the flat batch
-    tables: Tensor  # [num_decodes, max_blocks] page ids, padded with the sequence's first page
-    valid: Tensor  # [num_decodes, max_blocks * block_size] key slot holds a token of the sequence
+    pages: Tensor  # [num_decodes, max_context] page of every key token (padding: the first page)
+    slots: Tensor  # [num_decodes, max_context] slot of every key token in its page (padding: 0)
     masks: dict[int | None, Tensor]  # window -> [num_decodes, 1, 1, keys] key visible to the query
 
     @staticmethod
@@ -137,25 +142,28 @@ class _DecodePlan:
         if not seqs:
             return None
         context_lens = [batch.num_cached_tokens[i] + 1 for i in seqs]
-        num_blocks = [-(-n // block_size) for n in context_lens]
+        width = max(context_lens)
         lens = torch.tensor(context_lens, device=dev)
-        width = max(num_blocks)
-        tables = [list(batch.block_tables[i][:nb]) for i, nb in zip(seqs, num_blocks)]
-        padded = [t + [t[0]] * (width - len(t)) for t in tables]
-        last = batch.last_rows()
-        key_pos = torch.arange(width * block_size, device=dev)[None, :]  # [1, keys]
+        key_pos = torch.arange(width, device=dev)[None, :]  # [1, keys]
         valid = key_pos < lens[:, None]
+        width_blocks = -(-width // block_size)
+        tables = []
+        for i, n in zip(seqs, context_lens):
+            table = list(batch.block_tables[i][: -(-n // block_size)])
+            tables.append(table + [table[0]] * (width_blocks - len(table)))
+        tables = torch.tensor(tables, device=dev)  # [num_decodes, width_blocks]
+        token = torch.where(valid, key_pos, 0)  # padding -> token 0
+        pages = torch.gather(tables, 1, token // block_size)
         query_pos = (lens - 1)[:, None]
         masks = {w: _window(valid, key_pos, query_pos, w)[:, None, None, :] for w in windows}
+        last = batch.last_rows()
         rows = torch.tensor([last[i] for i in seqs], device=dev)
-        return _DecodePlan(rows, torch.tensor(padded, device=dev), valid, masks)
+        return _DecodePlan(rows, pages, token % block_size, masks)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None, scale: float) -> Tensor:
         n = len(self.rows)
-        keep = self.valid[:, :, None, None]
-        # [n, blocks, slot, kv_heads, dim] -> [n, kv_heads, keys, dim]; zero the padding (may hold NaN)
-        k = torch.where(keep, k_cache[self.tables].flatten(1, 2), 0).transpose(1, 2)
-        v = torch.where(keep, v_cache[self.tables].flatten(1, 2), 0).transpose(1, 2)
+        k = k_cache[self.pages, self.slots].transpose(1, 2)  # [n, keys, kv_heads, dim] -> [n, kv_heads, keys, dim]
+        v = v_cache[self.pages, self.slots].transpose(1, 2)
         query = q[self.rows].view(n, q.shape[1], 1, q.shape[2])  # [n, heads, 1, dim]
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.masks[window], scale=scale, enable_gqa=True)
         return out.view(n, q.shape[1], q.shape[2])
