@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -22,7 +22,6 @@ import torch
 from remap import (
     BASE_SLAB,
     DeviceMemory,
-    KVGeometry,
     MemorySnapshot,
     ModelId,
     RemapConfig,
@@ -42,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 STATS_WINDOW_S = 60.0  # arrival rate is measured over this window
 MAX_SAMPLES = 4096  # TTFT / TBT samples kept per tenant
+MAX_FINISHED = 1024  # finished sequences kept for lookups; older ones are forgotten
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ class LLMEngine:
         self.controller = RemapController(self.config.remap)
         self.link_bytes_per_s = self.config.link_bytes_per_s or measure_link_bytes_per_s(memory.device)
         self._tenants: dict[ModelId, _Tenant] = {}
-        self._seqs: dict[SeqId, Sequence] = {}
+        self._seqs: dict[SeqId, Sequence] = {}  # unfinished
+        self._finished: OrderedDict[SeqId, Sequence] = OrderedDict()  # the last MAX_FINISHED, for lookups
         self._ids = itertools.count()
         make_room = self._make_room if self.mode is PreemptionMode.REMAP else None
         self.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
@@ -115,8 +116,7 @@ class LLMEngine:
                   eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
-        geometry = KVGeometry(config.num_layers, config.num_kv_heads, config.head_dim, config.dtype)
-        self.memory.register_model(model, layers, base, geometry)
+        self.memory.register_model(model, layers, base, config.kv_geometry())
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer)
@@ -178,17 +178,23 @@ class LLMEngine:
         return self.memory.pool.num_pages - fixed
 
     def abort(self, seq_id: SeqId) -> bool:
-        seq = self._seqs.pop(seq_id, None)
-        if seq is None or seq.is_finished:
+        """Cancel an unfinished request and free its pages now; False if it is not running."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
             return False
         self.scheduler.abort(seq)
+        self._retire(seq_id)
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def sequence(self, seq_id: SeqId) -> Sequence:
-        return self._seqs[seq_id]
+        """A request's state: unfinished, or among the last MAX_FINISHED finished ones."""
+        seq = self._seqs.get(seq_id) or self._finished.get(seq_id)
+        if seq is None:
+            raise KeyError(f"no sequence {seq_id} (unknown, or finished long ago)")
+        return seq
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -221,7 +227,7 @@ class LLMEngine:
         finished = {s.seq_id for s in self.scheduler.postprocess(output, self._seqs, result.sampled, now)}
         outputs = []
         for s in output.seqs:
-            seq = self._seqs[s.seq_id]
+            seq = self._seqs[s.seq_id] if s.seq_id not in finished else self._retire(s.seq_id)
             new = tuple(seq.output_token_ids[before[s.seq_id]:])
             self._record_latency(tenant, seq, len(new))
             if new or s.seq_id in finished:
@@ -249,7 +255,13 @@ class LLMEngine:
             self.step()
         else:
             raise RuntimeError(f"not finished after {max_steps} steps")
-        return [self._seqs[i].output_token_ids for i in ids]
+        return [self.sequence(i).output_token_ids for i in ids]
+
+    def _retire(self, seq_id: SeqId) -> Sequence:
+        seq = self._finished[seq_id] = self._seqs.pop(seq_id)
+        while len(self._finished) > MAX_FINISHED:
+            self._finished.popitem(last=False)
+        return seq
 
     # ---- memory plans --------------------------------------------------------------------
     def _snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None) -> MemorySnapshot:

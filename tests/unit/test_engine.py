@@ -194,8 +194,9 @@ def test_abort_frees_pages_at_once():
     seq = engine.add_request("m", PROMPTS[2], PARAMS)
     engine.step()
     assert engine.memory.pool.num_free < free
-    assert engine.abort(seq)
+    assert engine.abort(seq) and not engine.abort(seq)
     assert engine.memory.pool.num_free == free and not engine.has_unfinished()
+    assert engine.sequence(seq).finish_reason.value == "abort"
     engine.memory.check_integrity()
 
 
