@@ -74,6 +74,8 @@ class TenantSnapshot:
     kv_pages_needed: int  # extra KV pages this tenant needs now, beyond the pages it holds
     last_active_s: float  # time of its last request or step, seconds on the snapshot's clock
     predicted_compute_s: float  # predicted compute time of its next step, seconds; 0 when inactive
+    cold: bool = False  # idle cluster-wide (a cluster order): an idle tenant that lends before any other
+    warming: bool = False  # traffic expected soon (a cluster order): lends last, gets its layers back first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remapped_layers", frozenset(self.remapped_layers))
@@ -260,10 +262,11 @@ class RemapController:
     # -- the phases ----------------------------------------------------------------------------
 
     def _victims(self, tenants: list[_Tenant]) -> list[_Tenant]:
-        """Inactive tenants in victim order; ties broken by model name."""
+        """Inactive tenants in victim order: cluster-cold ones first, warming ones last, MRU/LRU in
+        between; ties broken by model name."""
         sign = -1 if self.config.victim_order is VictimOrder.MRU else 1
         idle = [t for t in tenants if not t.snap.is_active]
-        return sorted(idle, key=lambda t: (sign * t.snap.last_active_s, t.snap.model))
+        return sorted(idle, key=lambda t: (not t.snap.cold, t.snap.warming, sign * t.snap.last_active_s, t.snap.model))
 
     def _reclaim(self, tenants: list[_Tenant], spare: int) -> tuple[int, list[_Tenant]]:
         """Cover a deficit: inactive tenants up to the cap, then active ones up to their alpha budget."""

@@ -157,6 +157,8 @@ class DeviceMemory:
         kv_pages_needed: int,
         last_active_s: float,
         predicted_compute_s: float,
+        cold: bool = False,
+        warming: bool = False,
     ) -> TenantSnapshot:
         """The controller's view of one model: memory facts from here, load facts from the engine."""
         n = self.params.num_layers(model)
@@ -172,6 +174,8 @@ class DeviceMemory:
             kv_pages_needed=kv_pages_needed,
             last_active_s=last_active_s,
             predicted_compute_s=predicted_compute_s,
+            cold=cold,
+            warming=warming,
         )
 
     def apply(self, plan: RemapPlan) -> AppliedPlan:

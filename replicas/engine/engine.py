@@ -109,6 +109,8 @@ class LLMEngine:
         self.executor = executor or TorchExecutor(memory)
         self._ring_model: ModelId | None = None
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
+        self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
+        self._warming: frozenset[ModelId] = frozenset()
         logger.info("engine: %s, link %.1f GB/s", self.config, self.link_bytes_per_s / 1e9)
 
     # ---- models and requests -------------------------------------------------------------
@@ -122,6 +124,23 @@ class LLMEngine:
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer)
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
+
+    def set_cluster_hints(self, cold: frozenset[str], warming: frozenset[str]) -> None:
+        """The cluster controller's view: tenants idle everywhere lend first; warming ones lend last
+        and get their layers back first. Takes effect at the next step's plan."""
+        self._cold = frozenset(ModelId(m) for m in cold if m in self._tenants)
+        self._warming = frozenset(ModelId(m) for m in warming if m in self._tenants)
+
+    def reclaimable_pages(self) -> int:
+        """Parameter pages that idle tenants could lend now, within the cap (for cluster reports)."""
+        pages = 0
+        for model in self._tenants:
+            if self.scheduler.has_work(model):
+                continue
+            snap = self.memory.tenant_snapshot(model, num_running=0, num_waiting=0, kv_pages_needed=0,
+                                               last_active_s=0.0, predicted_compute_s=0.0)
+            pages += max(0, self.controller.cap(snap) - len(snap.remapped_layers)) * snap.layer_pages
+        return pages
 
     @property
     def models(self) -> list[ModelId]:
@@ -276,6 +295,8 @@ class LLMEngine:
                 kv_pages_needed=sched.kv_pages_needed(model) + (extra or {}).get(model, 0),
                 last_active_s=t.last_active_s,
                 predicted_compute_s=t.step_s if sched.has_work(model) else 0.0,
+                cold=model in self._cold,
+                warming=model in self._warming,
             ))
         if self._ring_model is not None:
             ring = self.memory.ring(self._ring_model)

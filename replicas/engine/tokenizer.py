@@ -40,6 +40,23 @@ class Tokenizer:
 
         return cls(backend, token_id("eos_token"), token_id("bos_token"), config.get("chat_template"))
 
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A tokenizer that needs no files: ids 0-2 are <pad>, <s>, </s>, then one id per byte.
+
+        For random-weight models (tests, the demo), so text in and text out work end to end.
+        """
+        from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+        specials = ["<pad>", "<s>", "</s>"]
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+        backend = Backend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(specials)
+        return cls(backend, eos_token_id=2, bos_token_id=1)
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size()

@@ -378,3 +378,13 @@ def test_every_plan_keeps_cap_residency_and_page_accounting(snap, config):
     check_plan(controller, snap, plan)
     assert plan == controller.plan(make_snapshot(*reversed(snap.tenants), num_free_pages=snap.num_free_pages,
                                                  link_bytes_per_s=snap.link_bytes_per_s))
+
+
+def test_cluster_cold_tenants_lend_first_and_warming_ones_last():
+    idle = (make_tenant(model="recent", last_active_s=90.0), make_tenant(model="cold", last_active_s=10.0, cold=True),
+            make_tenant(model="warm", last_active_s=95.0, warming=True))
+    # MRU alone would take "warm" (95) first, then "recent" (90), then "cold" (10)
+    plan = make_controller().plan(make_snapshot(*idle, make_active(model="busy", kv_pages_needed=30,
+                                                                     predicted_compute_s=0.0)))
+    assert list(dict.fromkeys(a.model for a in plan.reclaim)) == ["cold", "recent"]  # 24 + 6 pages
+    assert "warm" not in {a.model for a in plan.reclaim}

@@ -1,0 +1,168 @@
+"""The one configuration file of a deployment: models, replicas, memory, scheduling, remap policy, keys.
+
+`OneirosConfig.load(path)` reads YAML and validates it with pydantic, so a bad file fails at start
+with the field named, never inside a replica. `default_config()` is the built-in demo: three tiny
+random-weight tenants (a Llama, a Qwen2 and an OPT) on CPU in a pool small enough that remapping
+happens under load.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from remap import RemapConfig, VictimOrder
+from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+# Tiny architectures for the built-in default and tests (head_dim >= 32, as vLLM's CPU backend needs;
+# vocab 259 = the byte-level tokenizer of random-weight models, so every generated id decodes).
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-llama": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": 128,
+        "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    },
+    "tiny-qwen2": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259, "hidden_size": 128,
+        "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    },
+    "tiny-opt": {
+        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 259, "hidden_size": 128,
+        "ffn_dim": 344, "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 1024,
+        "do_layer_norm_before": True, "word_embed_proj_dim": 128, "activation_function": "relu",
+        "enable_bias": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+    },
+}
+
+
+class ModelSpec(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(description="Tenant name clients send as `model`.")
+    path: str | None = Field(None, description="Local Hugging Face folder (config.json, *.safetensors, tokenizer).")
+    architecture: str | None = Field(None, description=f"Random weights of a built-in config: {sorted(TINY_MODELS)}.")
+    hf_config: dict[str, Any] | None = Field(None, description="Random weights of this config.json dict.")
+    seed: int = Field(0, description="Seed of the random weights (dummy load).")
+    weight_std: float = Field(0.2, gt=0, description="Spread of the random weights.")
+    min_replicas: int = Field(1, ge=0, description="Replicas that host the model at least.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("path", "architecture", "hf_config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"model {self.name!r}: give exactly one of path, architecture, hf_config (got {given})")
+        if self.architecture is not None and self.architecture not in TINY_MODELS:
+            raise ValueError(f"model {self.name!r}: unknown architecture {self.architecture!r}; "
+                             f"built-in: {sorted(TINY_MODELS)}")
+        return self
+
+
+class MemorySettings(BaseModel):
+    model_config = _STRICT
+
+    num_pages: int = Field(96, ge=1, description="Pages in each replica's device pool.")
+    page_size_bytes: int = Field(256 << 10, ge=256, description="Bytes per page (multiple of 256; 2 MiB on GPU).")
+    device: str = Field("cpu", description="torch device of each replica: 'cpu' or 'cuda'.")
+
+
+class ReplicaSettings(BaseModel):
+    model_config = _STRICT
+
+    num_replicas: int = Field(1, ge=1, description="Engine replicas (one per GPU on a GPU cluster).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on GPU clusters, 0 on CPU).")
+    num_cpus: float = Field(1, gt=0, description="CPUs per replica.")
+    max_pending_requests: int = Field(256, ge=1, description="Unfinished requests per replica before 429.")
+    report_period_s: float = Field(0.5, gt=0, description="How often a replica reports to the controller.")
+
+
+class SchedulerSettings(BaseModel):
+    model_config = _STRICT
+
+    max_num_batched_tokens: int = Field(512, ge=1, description="Tokens computed per engine step.")
+    max_num_seqs: int = Field(64, ge=1, description="Running sequences per tenant.")
+    preemption_mode: PreemptionMode = Field(PreemptionMode.REMAP, description="remap, swap or recompute.")
+
+    def to_engine(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode)
+
+
+class RemapSettings(BaseModel):
+    model_config = _STRICT
+
+    victim_order: VictimOrder = Field(VictimOrder.MRU, description="Which idle tenant lends first: mru or lru.")
+    max_remapped_fraction: float = Field(0.75, ge=0, lt=1, description="Cap on lent layers per model.")
+    max_staging_slots: int | None = Field(2, ge=1, description="Staging ring size; null = the paper's alpha+1.")
+    revert_headroom_pages: int = Field(0, ge=0, description="Spare pages kept before giving pages back.")
+
+    def to_engine(self) -> RemapConfig:
+        return RemapConfig(victim_order=self.victim_order, max_remapped_fraction=self.max_remapped_fraction,
+                           max_staging_slots=self.max_staging_slots, revert_headroom_pages=self.revert_headroom_pages)
+
+
+class ApiKey(BaseModel):
+    model_config = _STRICT
+
+    key: str = Field(min_length=8, description="Bearer token clients send in the Authorization header.")
+    models: list[str] | None = Field(None, description="Models this key may use; null = all.")
+
+
+class HttpSettings(BaseModel):
+    model_config = _STRICT
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port; the API is under /v1.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy.")
+
+
+class OneirosConfig(BaseModel):
+    model_config = _STRICT
+
+    app_name: str = Field("oneiros", description="Ray Serve application name (and controller actor prefix).")
+    models: list[ModelSpec] = Field(description="The tenants: every model the cluster can serve.")
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    remap: RemapSettings = Field(default_factory=RemapSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    api_keys: list[ApiKey] = Field(default_factory=list, description="Empty = no authentication.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if not models or dups:
+            raise ValueError(f"models must be non-empty with unique names; duplicates: {dups}")
+        return models
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> OneirosConfig:
+        data = yaml.safe_load(pathlib.Path(path).read_text())
+        return cls.model_validate(data or {})
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def default_config(**overrides: Any) -> OneirosConfig:
+    """The built-in demo: three tiny tenants, two CPU replicas, a pool where remapping happens."""
+    data: dict[str, Any] = {
+        "models": [
+            {"name": "llama", "architecture": "tiny-llama", "seed": 1},
+            {"name": "qwen", "architecture": "tiny-qwen2", "seed": 2},
+            {"name": "opt", "architecture": "tiny-opt", "seed": 3},
+        ],
+        "replicas": {"num_replicas": 2},
+        "memory": {"num_pages": 64},  # 3 x ~15 pages of parameters: KV runs out at ~2.4k tokens per replica
+    }
+    data.update(overrides)
+    return OneirosConfig.model_validate(data)
+
