@@ -1,0 +1,205 @@
+"""EngineServer: one replica's engine behind an async interface. Plain Python, no Ray.
+
+The synchronous `LLMEngine` is touched by exactly one worker thread, so request submission, aborts
+and steps never race; the asyncio side only queues work and awaits results. A step loop runs while
+there is work, and ticks slowly when idle so the remap controller can revert lent pages.
+
+    generate(model, prompt_ids, params) -> async iterator of StreamItem dicts:
+        {"token_ids": [...], "logprobs": [...], "finished": bool, "finish_reason": str | None}
+    or a single {"error": {"status": 4xx, "message": ..., "retry_after_s": ...}} for a bad or
+    refused request. Cancelling the iterator (client gone) aborts the request and frees its pages.
+
+The Ray Serve deployment (replicas/deployments.py) subclasses this and adds reporting to the
+cluster controller; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
+from remap import DeviceMemory, SeqId
+from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
+from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
+from replicas.engine.sampling import InvalidRequest, SamplingParams
+from replicas.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+IDLE_TICK_S = 0.25  # step period while idle: lets the controller give lent pages back
+QUEUE_WAIT_TIMEOUT_S = 600.0  # a request that sees no token for this long is a hung engine
+
+
+def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, weights and tokenizer of one catalog entry (a local folder, or random weights)."""
+    if spec.path is not None:
+        config, state = load_hf_folder(spec.path)
+        try:
+            tokenizer = Tokenizer.from_folder(spec.path)
+        except FileNotFoundError:
+            tokenizer = Tokenizer.byte_level()
+        return config, state, tokenizer
+    hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
+    config = ModelConfig.from_hf(hf)
+    return config, dummy_weights(config, spec.seed, std=spec.weight_std), Tokenizer.byte_level()
+
+
+def error_item(status: int, message: str, retry_after_s: float | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "retry_after_s": retry_after_s}}
+
+
+class EngineServer:
+    def __init__(self, config: OneirosConfig, replica_id: str = "local", node_id: str = "local",
+                 models: list[str] | None = None) -> None:
+        self.config, self.replica_id, self.node_id = config, replica_id, node_id
+        mem = config.memory
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{replica_id}")
+        self.engine: LLMEngine = self._worker.submit(self._make_engine).result()
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self._queues: dict[SeqId, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._orders_version = -1
+        self.last_orders: ReplicaOrders | None = None
+        for name in models if models is not None else [m.name for m in config.models]:
+            self._worker.submit(self._load, name).result()
+        logger.info("replica %s: %d pages x %d B on %s, models %s", replica_id, mem.num_pages,
+                    mem.page_size_bytes, mem.device, sorted(self.tokenizers))
+
+    def _make_engine(self) -> LLMEngine:
+        mem = self.config.memory
+        memory = DeviceMemory(mem.num_pages, mem.page_size_bytes, device=mem.device)
+        return LLMEngine(memory, EngineConfig(self.config.scheduler.to_engine(), self.config.remap.to_engine()))
+
+    def _load(self, name: str) -> None:
+        """Host one more model (runs on the engine thread)."""
+        if name in self.tokenizers:
+            return
+        spec = self.config.model(name)
+        if spec is None:
+            raise InvalidRequest(f"unknown model {name!r}")
+        model_config, state, tokenizer = load_model(spec)
+        self.engine.add_model(name, model_config, state, tokenizer=tokenizer)
+        self.tokenizers[name] = tokenizer
+        logger.info("replica %s now hosts %s", self.replica_id, name)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self.tokenizers)
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+        if len(self._queues) >= self.config.replicas.max_pending_requests:
+            yield error_item(429, f"replica {self.replica_id} has {len(self._queues)} unfinished requests", 1.0)
+            return
+        if model not in self.tokenizers:
+            if self.config.model(model) is None:
+                yield error_item(404, f"The model '{model}' does not exist")
+                return
+            await self._run(self._load, model)  # load on demand: the router found no host
+        try:
+            seq_id = await self._run(self.engine.add_request, model, prompt_ids, params)
+        except InvalidRequest as exc:
+            yield error_item(400, str(exc))
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[seq_id] = queue
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await asyncio.wait_for(queue.get(), QUEUE_WAIT_TIMEOUT_S)
+                finished = out.finished
+                yield {"token_ids": list(out.new_token_ids), "logprobs": [dict(lp) for lp in out.logprobs],
+                       "finished": out.finished, "finish_reason": out.finish_reason}
+        finally:
+            self._queues.pop(seq_id, None)
+            if not finished:  # cancelled (client gone) or failed: free its pages now
+                await self._run(self.engine.abort, seq_id)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # ---- the step loop -------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        while True:
+            busy = await self._run(self.engine.has_unfinished)
+            if not busy:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_TICK_S)
+                    continue
+                except asyncio.TimeoutError:
+                    pass  # an idle step: the controller may revert lent pages
+            try:
+                outputs = await self._run(self.engine.step)
+            except Exception:  # a bug, not bad input: fail the requests in flight, keep the replica
+                logger.exception("engine step failed on replica %s", self.replica_id)
+                await self._fail_all("internal error in the engine step")
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.seq_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if not outputs:
+                await asyncio.sleep(0.001)  # nothing could run this step (e.g. all waiting on memory)
+
+    async def _fail_all(self, message: str) -> None:
+        for seq_id, queue in list(self._queues.items()):
+            await self._run(self.engine.abort, seq_id)
+            queue.put_nowait(RequestOutput(seq_id, "", (), True, "error"))
+        logger.error("replica %s failed %d requests: %s", self.replica_id, len(self._queues), message)
+
+    # ---- the cluster ---------------------------------------------------------------------
+    def report(self) -> ReplicaReport:
+        return self._worker.submit(self._report).result()
+
+    def _report(self) -> ReplicaReport:
+        engine, pool = self.engine, self.engine.memory.pool
+        wall_offset = time.time() - time.monotonic()  # engine clocks are monotonic; reports are wall clock
+        tenants = []
+        for model in engine.models:
+            s = engine.tenant_stats(model)
+            tenants.append(TenantReport(model, s.num_layers, s.resident_layers, s.num_waiting + s.num_swapped,
+                                        s.num_running, s.kv_pages_used, s.last_active_s + wall_offset,
+                                        s.arrival_rate_per_s))
+        return ReplicaReport(self.replica_id, self.node_id, time.time(), pool.num_pages, pool.page_size_bytes,
+                             pool.num_free, engine.reclaimable_pages(), engine.link_bytes_per_s, tuple(tenants))
+
+    async def apply_orders(self, orders: ReplicaOrders) -> None:
+        """Between engine steps (on the engine thread): hints for the remap controller, new models."""
+        if orders.version <= self._orders_version or orders.replica_id != self.replica_id:
+            return
+        self._orders_version, self.last_orders = orders.version, orders
+        await self._run(self.engine.set_cluster_hints, orders.cold, orders.warming)
+        for model in sorted(orders.load - set(self.tokenizers)):
+            await self._run(self._load, model)
+        for reason in orders.reasons:
+            logger.info("replica %s order: %s", self.replica_id, reason)
+
+    def status(self) -> dict[str, Any]:
+        report = self.report()
+        summary = self._worker.submit(self.engine.memory.summary).result()
+        return {"replica_id": self.replica_id, "node_id": self.node_id, "pages": summary,
+                "tenants": [t.__dict__ for t in report.tenants], "pending": len(self._queues)}
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._worker.submit(self.engine.close).result()
+        self._worker.shutdown()

@@ -1,0 +1,97 @@
+"""EngineServer without Ray: concurrent streams, cancellation, overload, orders, reports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.messages import ReplicaOrders
+from replicas.config import default_config
+from replicas.engine.sampling import SamplingParams
+from replicas.server import EngineServer
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = EngineServer(default_config(), replica_id="r0", models=["llama", "qwen"])
+    yield srv
+    srv.close()
+
+
+async def collect(server, model, prompt, params=GREEDY):
+    items = [item async for item in server.generate(model, prompt, params)]
+    return items
+
+
+def test_concurrent_streams_match_the_engine_run_alone(server):
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+
+    async def main():
+        return await asyncio.gather(*(collect(server, m, p) for m in ("llama", "qwen") for p in prompts))
+
+    results = asyncio.run(main())
+    alone = EngineServer(default_config(), replica_id="alone", models=["llama", "qwen"])
+    for (model, prompt), items in zip([(m, p) for m in ("llama", "qwen") for p in prompts], results):
+        tokens = [t for item in items for t in item["token_ids"]]
+        assert tokens == alone.engine.generate(model, [prompt], GREEDY)[0]
+        assert items[-1]["finished"] and items[-1]["finish_reason"] == "length"
+    alone.close()
+
+
+def test_a_cancelled_stream_frees_its_pages(server):
+    async def main():
+        free = server.engine.memory.pool.num_free
+        stream = server.generate("llama", [5] * 300, SamplingParams(max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        assert server.engine.memory.pool.num_free < free
+        await stream.aclose()  # what Serve does when the client disconnects
+        await asyncio.sleep(0.05)
+        return free
+
+    free = asyncio.run(main())
+    assert not server.engine.has_unfinished()
+    assert server.engine.memory.pool.num_free == free  # every page back
+    server.engine.memory.check_integrity()
+
+
+def test_bad_and_unknown_requests_get_error_items(server):
+    async def main():
+        bad = await collect(server, "llama", [10_000])
+        unknown = await collect(server, "nope", [1, 2])
+        return bad, unknown
+
+    bad, unknown = asyncio.run(main())
+    assert bad == [{"error": {"status": 400, "message": bad[0]["error"]["message"], "retry_after_s": None}}]
+    assert "outside the vocabulary" in bad[0]["error"]["message"]
+    assert unknown[0]["error"]["status"] == 404
+
+
+def test_over_capacity_gets_429_with_retry_after():
+    config = default_config(replicas={"num_replicas": 1, "max_pending_requests": 1})
+    srv = EngineServer(config, replica_id="small", models=["llama"])
+
+    async def main():
+        first = srv.generate("llama", [5, 6], SamplingParams(max_tokens=50, ignore_eos=True))
+        await first.__anext__()
+        second = await collect(srv, "llama", [5, 6])
+        await first.aclose()
+        return second
+
+    second = asyncio.run(main())
+    assert second[0]["error"]["status"] == 429 and second[0]["error"]["retry_after_s"] > 0
+    srv.close()
+
+
+def test_orders_load_models_and_set_hints_and_old_versions_are_ignored(server):
+    async def main():
+        await server.apply_orders(ReplicaOrders("r0", version=5, cold=frozenset({"llama"}), load=frozenset({"opt"})))
+        await server.apply_orders(ReplicaOrders("r0", version=4, load=frozenset({"nope"})))  # stale: ignored
+
+    asyncio.run(main())
+    assert server.models == ["llama", "opt", "qwen"]
+    report = server.report()
+    assert report.replica_id == "r0" and {t.model for t in report.tenants} == {"llama", "opt", "qwen"}
+    assert report.free_pages + report.reclaimable_pages > 0
