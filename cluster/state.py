@@ -191,8 +191,9 @@ class ClusterState:
             report = live[rid].report
             self._loading[(rid, model)] = now_s
             lines.append(_Line("load", rid, model, (
-                f"load: {model} onto {rid}: {why}; {rid} has the most spare pages of the replicas without it "
-                f"({spare_pages(report)} = {report.free_pages} free + {report.reclaimable_pages} reclaimable)")))
+                f"load: {model} onto {rid}: {why}; {rid} has {spare_pages(report)} spare pages "
+                f"({report.free_pages} free + {report.reclaimable_pages} reclaimable), the most of the replicas "
+                f"without it")))
         return lines
 
     def _needs(self, live: dict[str, _Received]) -> list[tuple[str, str]]:
@@ -245,7 +246,8 @@ class ClusterState:
             "version": self._version,
             "replicas": replicas,
             "tenants": tenants,
-            "loading": [{"replica_id": rid, "model": m, "ordered_at_s": t} for (rid, m), t in sorted(self._loading.items())],
+            "loading": [{"replica_id": rid, "model": m, "ordered_at_s": t}
+                        for (rid, m), t in sorted(self._loading.items())],
             "orders": {} if last is None else {
                 rid: {"cold": sorted(o.cold), "warming": sorted(o.warming), "load": sorted(o.load)}
                 for rid, o in last.orders.items()},

@@ -119,7 +119,7 @@ class EngineServer:
                 out: RequestOutput = await asyncio.wait_for(queue.get(), QUEUE_WAIT_TIMEOUT_S)
                 finished = out.finished
                 yield {"token_ids": list(out.new_token_ids), "logprobs": [dict(lp) for lp in out.logprobs],
-                       "finished": out.finished, "finish_reason": out.finish_reason}
+                       "finished": out.finished, "finish_reason": out.finish_reason, "replica_id": self.replica_id}
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now

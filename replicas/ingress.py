@@ -1,0 +1,242 @@
+"""The OpenAI HTTP API: `make_app(api)` builds the FastAPI app; `OpenAIFrontend` does the work.
+
+The frontend knows the model catalog (names, context lengths, tokenizers) but runs no model: it
+turns a request into prompt ids and SamplingParams, calls `generate(model, prompt_ids, params)`
+(an EngineServer directly in tests, a Ray Serve handle to the engine replicas in the cluster) and
+shapes the token stream into OpenAI responses. Errors before the first token are HTTP 4xx/5xx with
+an OpenAI error body; errors after it end the event stream with an error event and [DONE].
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from replicas import openai_api as api
+from replicas.config import OneirosConfig, TINY_MODELS
+from replicas.engine.models import ModelConfig
+from replicas.engine.sampling import SamplingParams
+from replicas.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Generate = Callable[[str, list[int], SamplingParams], AsyncIterator[dict]]
+
+
+class _Catalog:
+    """What the frontend knows of each model: context length and tokenizer (no weights)."""
+
+    def __init__(self, config: OneirosConfig) -> None:
+        self.context_len: dict[str, int] = {}
+        self.tokenizers: dict[str, Tokenizer] = {}
+        for spec in config.models:
+            if spec.path is not None:
+                import json
+                import pathlib
+
+                hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
+                try:
+                    self.tokenizers[spec.name] = Tokenizer.from_folder(spec.path)
+                except FileNotFoundError:
+                    self.tokenizers[spec.name] = Tokenizer.byte_level()
+            else:
+                hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
+                self.tokenizers[spec.name] = Tokenizer.byte_level()
+            self.context_len[spec.name] = ModelConfig.from_hf(hf).max_position_embeddings
+
+
+class OpenAIFrontend:
+    def __init__(self, config: OneirosConfig, generate: Generate) -> None:
+        self.config, self._generate = config, generate
+        self.catalog = _Catalog(config)
+        self._keys = {k.key: (None if k.models is None else set(k.models)) for k in config.api_keys}
+        self.created = int(time.time())
+
+    # ---- checks --------------------------------------------------------------------------
+    def authorize(self, request: Request) -> set[str] | None:
+        """Models the caller may use (None = all); ApiError 401 for a missing or wrong key."""
+        if not self._keys:
+            return None
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if key not in self._keys:
+            raise api.unauthorized()
+        return self._keys[key]
+
+    def check_model(self, model: str, allowed: set[str] | None) -> None:
+        visible = self.visible_models(allowed)
+        if model not in visible:
+            raise api.not_found_model(model, visible)
+
+    def visible_models(self, allowed: set[str] | None) -> list[str]:
+        return [m.name for m in self.config.models if allowed is None or m.name in allowed]
+
+    # ---- endpoints -----------------------------------------------------------------------
+    def list_models(self, allowed: set[str] | None) -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "oneiros"}
+            for name in self.visible_models(allowed)
+        ]}
+
+    async def completions(self, body: bytes, allowed: set[str] | None) -> Response:
+        req = api.parse_completion(body)
+        self.check_model(req.model, allowed)
+        tokenizer = self.catalog.tokenizers[req.model]
+        prompt = api.completion_prompt_ids(req, tokenizer)
+        params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
+        return await self._respond("completion", req, prompt, params, tokenizer)
+
+    async def chat(self, body: bytes, allowed: set[str] | None) -> Response:
+        req = api.parse_chat(body)
+        self.check_model(req.model, allowed)
+        tokenizer = self.catalog.tokenizers[req.model]
+        prompt = api.chat_prompt_ids(req, tokenizer)
+        params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
+        return await self._respond("chat", req, prompt, params, tokenizer)
+
+    # ---- the token stream ----------------------------------------------------------------
+    async def _respond(self, kind: str, req, prompt: list[int], params: SamplingParams,
+                       tokenizer: Tokenizer) -> Response:
+        stream = self._generate(req.model, prompt, params)
+        first = await _first_item(stream)
+        if req.stream:
+            return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, first, stream),
+                                     media_type="text/event-stream")
+        items = [first] + [item async for item in stream]
+        return JSONResponse(self._whole(kind, req, prompt, params, tokenizer, items))
+
+    def _whole(self, kind, req, prompt, params, tokenizer, items: list[dict]) -> dict:
+        ids = [t for item in items for t in item["token_ids"]]
+        lps = [lp for item in items for lp in item["logprobs"]]
+        reason = items[-1]["finish_reason"]
+        _raise_if_failed(reason)
+        text = api.trim_stop(tokenizer.decode(ids), params.stop)
+        logprobs = self._logprobs(kind, ids, lps, params, tokenizer) if params.logprobs is not None else None
+        build = api.chat_response if kind == "chat" else api.completion_response
+        body = build(req.model, text, reason, len(prompt), len(ids), logprobs)
+        return body | {"system_fingerprint": _fingerprint(items[0])}
+
+    async def _events(self, kind, req, prompt, params, tokenizer, first, stream) -> AsyncIterator[bytes]:
+        rid = api.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
+        created, ids, sent = int(time.time()), [], ""
+        trimmer = api.StopTrimmer(params.stop)
+        chunk = api.chat_chunk if kind == "chat" else api.completion_chunk
+        extra = {"first": True} if kind == "chat" else {}
+        try:
+            item = first
+            while True:
+                new = item["token_ids"]
+                ids += new
+                text = tokenizer.decode(ids)
+                if text.endswith("\ufffd") and not item["finished"]:
+                    delta = ""  # a multi-byte character is incomplete: wait for its next byte
+                else:
+                    delta, sent = text[len(sent):], text
+                piece = trimmer.push(delta)
+                if item["finished"]:
+                    piece += trimmer.flush()
+                    _raise_if_failed(item["finish_reason"])
+                logprobs = (self._logprobs(kind, new, item["logprobs"], params, tokenizer)
+                            if params.logprobs is not None and new else None)
+                reason = item["finish_reason"] if item["finished"] else None
+                if piece or reason or logprobs or extra:
+                    out = chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
+                    yield api.sse(out | {"system_fingerprint": _fingerprint(first)})
+                    extra = {}
+                if item["finished"]:
+                    break
+                item = await stream.__anext__()
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield api.sse(api.usage_chunk(kind, req.model, len(prompt), len(ids), request_id=rid, created=created))
+        except api.ApiError as exc:
+            yield api.sse(exc.body())
+        except Exception as exc:  # the replica died mid-stream: say so, do not hang
+            logger.warning("stream %s failed: %r", rid, exc)
+            yield api.sse(api.server_error(f"the engine replica failed mid-stream: {type(exc).__name__}").body())
+        finally:
+            await _close(stream)
+        yield api.SSE_DONE
+
+    @staticmethod
+    def _logprobs(kind, ids, lps, params, tokenizer):
+        build = api.chat_logprobs if kind == "chat" else api.completion_logprobs
+        return build(ids, lps, params.logprobs, tokenizer.decode)
+
+
+async def _first_item(stream: AsyncIterator[dict]) -> dict:
+    """The stream's first item; an error item becomes an ApiError (so the HTTP status is right)."""
+    try:
+        item = await stream.__anext__()
+    except StopAsyncIteration:
+        raise api.server_error("the engine returned nothing") from None
+    except api.ApiError:
+        raise
+    except Exception as exc:
+        if _is_backpressure(exc):
+            raise api.too_many_requests(1.0) from None
+        logger.warning("engine call failed: %r", exc)
+        raise api.ApiError(503, "server_error", f"no engine replica could take the request: {type(exc).__name__}") \
+            from None
+    if "error" in item:
+        await _close(stream)
+        err = item["error"]
+        if err["status"] == 429:
+            raise api.too_many_requests(err.get("retry_after_s") or 1.0)
+        if err["status"] == 404:
+            raise api.ApiError(404, "not_found_error", err["message"], "model", "model_not_found")
+        raise api.ApiError(err["status"], "invalid_request_error", err["message"])
+    return item
+
+
+def _raise_if_failed(finish_reason: str | None) -> None:
+    if finish_reason == "error":
+        raise api.server_error("the engine failed this request")
+
+
+def _fingerprint(item: dict) -> str:
+    return f"oneiros-{item.get('replica_id', 'local')}"
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    return type(exc).__name__ == "BackPressureError"  # Serve's queue is full (max_queued_requests)
+
+
+async def _close(stream: Any) -> None:
+    close = getattr(stream, "aclose", None) or getattr(stream, "cancel", None)
+    if close is not None:
+        result = close()
+        if hasattr(result, "__await__"):
+            await result
+
+
+def make_app(frontend: OpenAIFrontend) -> FastAPI:
+    app = FastAPI(title="Oneiros cluster", version="0.1.0")
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(request: Request, exc: api.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        return frontend.list_models(frontend.authorize(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        allowed = frontend.authorize(request)
+        return await frontend.completions(await request.body(), allowed)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        allowed = frontend.authorize(request)
+        return await frontend.chat(await request.body(), allowed)
+
+    return app

@@ -1,0 +1,87 @@
+"""MemoryAwareRouter: a Ray Serve request router that sends a request where its model lives best.
+
+Ranks, from the cluster controller's published RoutingView: the replicas hosting the request's
+model, most resident layers first, then most free-plus-reclaimable pages, then shortest queue;
+replicas that do not host it come last (they load it on demand). Serve then probes queue lengths
+rank by rank, so a full best replica spills to the next one.
+
+No actor call per request: the view is refreshed in the background at most every `refresh_s`. When
+it is older than `stale_after_s` (controller down or restarting), or it does not know the model,
+routing falls back to Serve's power of two choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, RunningReplica
+
+from cluster.actor import NAMESPACE, controller_name
+from cluster.messages import RoutingView
+
+logger = logging.getLogger(__name__)
+
+VIEW_CALL_TIMEOUT_S = 2.0
+
+
+def model_of(pending_request: PendingRequest | None) -> str | None:
+    """The model a request is for: the first argument of `EngineReplica.generate`."""
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    return first if isinstance(first, str) else None
+
+
+def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
+    by_id = {r.replica_id.unique_id: r for r in candidates}
+    hosts = [by_id[e.replica_id] for e in view.hosts(model) if e.replica_id in by_id]
+    if not hosts:
+        return []
+    chosen = {r.replica_id.unique_id for r in hosts}
+    rest = [r for r in candidates if r.replica_id.unique_id not in chosen]
+    return [[r] for r in hosts] + ([rest] if rest else [])
+
+
+class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
+    def initialize_state(self, app_name: str = "oneiros", refresh_s: float = 0.5, stale_after_s: float = 5.0,
+                         **kwargs: Any) -> None:
+        self._controller_name = controller_name(app_name)
+        self._refresh_s, self._stale_after_s = refresh_s, stale_after_s
+        self._view: RoutingView | None = None
+        self._view_at = 0.0  # monotonic time the view was received
+        self._refreshing: asyncio.Task | None = None
+        self._last_try = 0.0
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        self._maybe_refresh()
+        model = model_of(pending_request)
+        view = self._view if time.monotonic() - self._view_at <= self._stale_after_s else None
+        if view is not None and model is not None:
+            ranks = rank_replicas(view, model, candidate_replicas)
+            if ranks:
+                return ranks
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last_try < self._refresh_s or (self._refreshing and not self._refreshing.done()):
+            return
+        self._last_try = now
+        self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            actor = ray.get_actor(self._controller_name, namespace=NAMESPACE)
+            view = await asyncio.wait_for(actor.routing_view.remote(), VIEW_CALL_TIMEOUT_S)
+        except Exception as exc:  # controller down or restarting: keep the last view until it is stale
+            logger.debug("routing view refresh failed: %s", exc)
+            return
+        if view is not None:
+            self._view, self._view_at = view, time.monotonic()

@@ -1,0 +1,121 @@
+"""The OpenAI HTTP API without Ray: the official client against the FastAPI app over ASGI, with a
+real EngineServer behind it; greedy output equals the engine's own, errors are OpenAI-shaped 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from replicas.config import default_config
+from replicas.engine.sampling import SamplingParams
+from replicas.ingress import OpenAIFrontend, make_app
+from replicas.server import EngineServer
+
+openai = pytest.importorskip("openai")
+httpx2 = pytest.importorskip("httpx2")
+
+KEY = "sk-test-key-1"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    config = default_config(api_keys=[{"key": KEY}, {"key": "sk-only-qwen", "models": ["qwen"]}])
+    server = EngineServer(config, replica_id="r0")
+    app = make_app(OpenAIFrontend(config, server.generate))
+    yield server, app
+    server.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def client(app, key=KEY):
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key=key, http_client=http, max_retries=0)
+
+
+async def raw(app, method, path, body=None, key=KEY):
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as http:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return await http.request(method, path, content=body, headers=headers)
+
+
+def test_completion_through_http_equals_the_engine_token_for_token(stack):
+    server, app = stack
+    prompt = [10, 20, 30, 40]
+
+    async def main():
+        c = client(app)
+        whole = await c.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        pieces = [ch.choices[0].text async for ch in await c.completions.create(
+            model="llama", prompt=prompt, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})]
+        return whole, pieces
+
+    whole, pieces = run(main())
+    direct = server.engine.generate("llama", [prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    text = server.tokenizers["llama"].decode(direct)
+    assert whole.choices[0].text == text == "".join(pieces)
+    assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 12
+    assert whole.choices[0].finish_reason == "length" and whole.system_fingerprint == "oneiros-r0"
+
+
+def test_chat_streaming_and_not_agree_and_report_usage(stack):
+    _, app = stack
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+    async def main():
+        c = client(app)
+        whole = await c.chat.completions.create(model="qwen", messages=messages, max_tokens=10, temperature=0)
+        chunks = [ch async for ch in await c.chat.completions.create(
+            model="qwen", messages=messages, max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True})]
+        return whole, chunks
+
+    whole, chunks = run(main())
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert whole.choices[0].message.content == streamed and whole.choices[0].message.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("length", "stop")
+
+
+def test_models_are_listed_per_key(stack):
+    _, app = stack
+
+    async def main():
+        return ([m.id async for m in client(app).models.list()],
+                [m.id async for m in client(app, "sk-only-qwen").models.list()])
+
+    everything, only = run(main())
+    assert everything == ["llama", "qwen", "opt"] and only == ["qwen"]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", json.dumps({"prompt": [1, 2]}).encode(), 400, "model"),
+    ("/v1/completions", json.dumps({"model": "nope", "prompt": [1]}).encode(), 404, "model"),
+    ("/v1/completions", json.dumps({"model": "llama", "prompt": [1] * 1020, "max_tokens": 10}).encode(), 400,
+     "max_tokens"),
+    ("/v1/completions", json.dumps({"model": "llama", "prompt": [1], "temperature": -1}).encode(), 400,
+     "temperature"),
+    ("/v1/completions", json.dumps({"model": "llama", "prompt": [999]}).encode(), 400, None),
+    ("/v1/chat/completions", json.dumps({"model": "llama", "messages": "hi"}).encode(), 400, "messages"),
+])
+def test_bad_requests_get_openai_error_bodies(stack, path, body, status, param):
+    _, app = stack
+    response = run(raw(app, "POST", path, body))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+
+
+def test_wrong_or_missing_key_is_401_and_a_key_sees_only_its_models(stack):
+    _, app = stack
+    body = json.dumps({"model": "llama", "prompt": [1, 2], "max_tokens": 2}).encode()
+    assert run(raw(app, "POST", "/v1/completions", body, key="sk-wrong-key")).status_code == 401
+    assert run(raw(app, "POST", "/v1/completions", body, key=None)).status_code == 401
+    assert run(raw(app, "POST", "/v1/completions", body, key="sk-only-qwen")).status_code == 404
+    assert run(raw(app, "GET", "/health", key=None)).status_code == 200
