@@ -64,7 +64,9 @@ class DeviceMemory:
         self.params = ParamStore(self.pool, self.backend, self.transfer)
         self.kv: dict[ModelId, KVBlocks] = {}
         self._rings: dict[ModelId, StagingRing] = {}
-        self.num_blocks_migrated = 0  # total since start, for stats
+        self.num_blocks_migrated = 0  # totals since start, for stats and metrics
+        self.num_reclaims = 0
+        self.num_restores = 0
         logger.info(
             "device memory: %d pages x %d B = %.1f MiB on %s", num_pages, page_size_bytes,
             num_pages * page_size_bytes / 2**20, self.device,
@@ -98,7 +100,9 @@ class DeviceMemory:
         """Lend a layer's pages to the pool (no copy). Returns pages freed."""
         if model in self._rings:
             raise RemapError(f"close {model!r}'s staging ring before changing its resident layers")
-        return self.params.reclaim(model, layer)
+        freed = self.params.reclaim(model, layer)
+        self.num_reclaims += 1
+        return freed
 
     def restore(self, model: ModelId, layer: int) -> RestoreOutcome:
         """Bring a layer back from the host copy, migrating KV out of its home run if needed."""
@@ -112,6 +116,7 @@ class DeviceMemory:
             return n >= 0
 
         if self.params.restore(model, layer, evict):
+            self.num_restores += 1
             return RestoreOutcome(True, sum(moved), "")
         slab = self.params.slab(model, layer)
         busy = [p for p in slab.pages if self.pool.owner(p).kind is not OwnerKind.FREE]
@@ -254,6 +259,11 @@ class DeviceMemory:
         if best is None or self.pool.num_free - (num_pages - best_cost) < best_cost:
             return None
         return best
+
+    def num_lent_pages(self) -> int:
+        """Parameter pages currently lent out (reclaimed layers' home runs)."""
+        return sum(self.params.slab(m, i).num_pages for m in self.params.models
+                   for i in range(self.params.num_layers(m)) if not self.params.is_resident(m, i))
 
     # ---- views ---------------------------------------------------------------------------
     def summary(self) -> dict[str, int]:

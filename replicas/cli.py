@@ -1,16 +1,35 @@
-"""The `oneiros` command line. Subcommands import their dependencies lazily, so `--help` is instant."""
+"""The `oneiros` command line. Subcommands import their dependencies lazily, so `--help` is instant.
+
+    oneiros serve [--config FILE]   start a local Ray cluster and serve the OpenAI API (default: 3 tiny tenants)
+    oneiros status                  print the running cluster: replicas, tenants, pages, resident layers
+    oneiros demo                    walk through parameter remapping on real memory (no Ray)
+
+Ray auth: `oneiros serve` keeps Ray 2.60's token authentication on (RAY_AUTH_MODE=token unless you set
+it): the local cluster gets a token that `oneiros status` on the same machine finds by itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oneiros", description="Oneiros cluster: multi-tenant LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="start a local Ray cluster and serve the OpenAI API")
+    serve_p.add_argument("--config", help="YAML config (default: the built-in three tiny tenants)")
+    serve_p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    serve_p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray cluster")
+    status_p = sub.add_parser("status", help="print the running cluster")
+    status_p.add_argument("--address", default="auto")
+    status_p.add_argument("--app", default="oneiros", help="app name (config's app_name)")
+    status_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("demo", help="walk through parameter remapping on real memory (CPU, ~2 s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -19,8 +38,84 @@ def main(argv: list[str] | None = None) -> int:
         from replicas.walkthrough import run
 
         return run()
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    if args.command == "serve":
+        return _serve(args)
+    return _status(args)
+
+
+def _load_config(path: str | None):
+    from pydantic import ValidationError
+
+    from replicas.config import OneirosConfig, default_config
+
+    try:
+        return OneirosConfig.load(path) if path else default_config()
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"oneiros: bad config {path}: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args) -> int:
+    config = _load_config(args.config)
+    if config is None:
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray import serve
+
+    from cluster.actor import NAMESPACE
+    from replicas.deployments import build_app
+
+    ray.init(address=args.address, num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    base = f"http://{config.http.host}:{config.http.port}/v1"
+    print(f"oneiros: serving {[m.name for m in config.models]} at {base} (Ctrl-C stops)", flush=True)
+    print(f'  try: curl {base}/completions -H "Content-Type: application/json" '
+          f"-d '{{\"model\": \"{config.models[0].name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("oneiros: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _status(args) -> int:
+    import ray
+
+    from cluster.actor import NAMESPACE, find_controller
+
+    try:
+        ray.init(address=args.address, namespace=NAMESPACE, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"oneiros: no running cluster at {args.address}: {exc}", file=sys.stderr)
+        return 1
+    controller = find_controller(args.app)
+    if controller is None:
+        print(f"oneiros: no controller for app {args.app!r} (is `oneiros serve` running?)", file=sys.stderr)
+        return 1
+    status = ray.get(controller.status.remote(), timeout=10)
+    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """A table of replicas and tenants from ClusterState.snapshot()."""
+    lines = []
+    for rep in status.get("replicas", []):
+        lines.append(f"replica {rep.get('replica_id')} on node {str(rep.get('node_id'))[:12]}: "
+                     + ", ".join(f"{k} {v}" for k, v in rep.items() if k.endswith("pages")))
+        for t in rep.get("tenants", []):
+            lines.append(f"  {t.get('model', '?'):>12}: {t.get('resident_layers')}/{t.get('num_layers')} layers "
+                         f"resident, {t.get('kv_pages_used')} KV pages, {t.get('num_running')} running, "
+                         f"{t.get('num_waiting')} waiting")
+    for reason in status.get("reasons", []):
+        lines.append(f"decision: {reason}")
+    return "\n".join(lines) or "no replica has reported yet"
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ class _Tenant:
     arrivals: deque = field(default_factory=deque)
     ttft: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     tbt: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    new_ttft: list = field(default_factory=list)  # samples not yet drained (metrics export)
+    new_tbt: list = field(default_factory=list)
 
 
 class LLMEngine:
@@ -261,8 +263,12 @@ class LLMEngine:
         times = seq.token_times_s
         if len(times) == num_new:  # the first token
             tenant.ttft.append(times[0] - seq.arrival_s)
+            tenant.new_ttft.append(tenant.ttft[-1])
         elif len(times) >= 2:
             tenant.tbt.append(times[-1] - times[-2])
+            tenant.new_tbt.append(tenant.tbt[-1])
+        if len(tenant.new_tbt) > MAX_SAMPLES:  # nobody drains: keep memory bounded
+            del tenant.new_ttft[:-MAX_SAMPLES], tenant.new_tbt[:-MAX_SAMPLES]
 
     def generate(self, model: str, prompts: Seq[Seq[int]], params: SamplingParams | None = None,
                  max_steps: int = 100_000) -> list[list[int]]:
@@ -340,6 +346,14 @@ class LLMEngine:
                 raise RuntimeError(f"no room for one staging slot of {model!r} with no KV left to free "
                                    f"({self.memory.pool.num_free} pages free): the pool is too small")
             logger.info("preempted a sequence to make room for %s's staging slot", model)
+
+    def drain_latency_samples(self) -> dict[ModelId, tuple[list[float], list[float]]]:
+        """TTFT and TBT samples recorded since the last drain, per tenant (for metrics)."""
+        out = {}
+        for model, t in self._tenants.items():
+            out[model] = (t.new_ttft, t.new_tbt)
+            t.new_ttft, t.new_tbt = [], []
+        return out
 
     # ---- stats ---------------------------------------------------------------------------
     def tenant_stats(self, model: str) -> TenantStats:

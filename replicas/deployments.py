@@ -1,0 +1,158 @@
+"""Ray Serve wiring: the builder applies `serve.deployment` to plain classes, so those classes stay
+importable and testable without Ray.
+
+    OpenAIIngress (FastAPI, one or more replicas)
+        -> EngineReplica x N (one per GPU; MemoryAwareRouter picks the replica per request)
+    ClusterController (named detached actor) <- reports from every EngineReplica, -> orders
+
+`serve run replicas.deployments:app_builder config=path.yaml` and `serve deploy` use `app_builder`;
+`oneiros serve` calls `build_app` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.util import metrics
+
+from cluster.actor import find_controller, get_or_create_controller
+from cluster.state import ControllerConfig
+from replicas.config import OneirosConfig, default_config
+from replicas.ingress import OpenAIFrontend, make_app
+from replicas.router import MemoryAwareRouter
+from replicas.server import EngineServer
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_CALL_TIMEOUT_S = 5.0
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class _Metrics:
+    """Prometheus metrics of one replica, exported through Ray's metrics endpoint."""
+
+    def __init__(self) -> None:
+        keys = ("replica", "model")
+        self.ttft = metrics.Histogram("oneiros_ttft_seconds", "Time to first token", LATENCY_BUCKETS_S, keys)
+        self.tbt = metrics.Histogram("oneiros_tbt_seconds", "Time between tokens", LATENCY_BUCKETS_S, keys)
+        self.kv_pages = metrics.Gauge("oneiros_kv_pages", "KV pages held by a tenant", keys)
+        self.resident = metrics.Gauge("oneiros_resident_layers", "Layers of a tenant on device", keys)
+        self.free_pages = metrics.Gauge("oneiros_free_pages", "Free pages of the replica's pool", ("replica",))
+        self.lent_pages = metrics.Gauge("oneiros_lent_pages", "Parameter pages lent to the KV cache", ("replica",))
+        self.remaps = metrics.Gauge("oneiros_remap_events", "Layer reclaims and restores since start",
+                                    ("replica", "kind"))
+
+    def record(self, server: EngineServer) -> None:
+        rid, engine = server.replica_id, server.engine
+        for model, (ttft, tbt) in engine.drain_latency_samples().items():
+            tags = {"replica": rid, "model": model}
+            for x in ttft:
+                self.ttft.observe(x, tags)
+            for x in tbt:
+                self.tbt.observe(x, tags)
+            stats = engine.tenant_stats(model)
+            self.kv_pages.set(stats.kv_pages_used, tags)
+            self.resident.set(stats.resident_layers, tags)
+        memory = engine.memory
+        self.free_pages.set(memory.pool.num_free, {"replica": rid})
+        self.lent_pages.set(memory.num_lent_pages(), {"replica": rid})
+        self.remaps.set(memory.num_reclaims, {"replica": rid, "kind": "reclaim"})
+        self.remaps.set(memory.num_restores, {"replica": rid, "kind": "restore"})
+
+
+class EngineReplica(EngineServer):
+    """One engine per replica (per GPU). Starts with no model: the controller places models with
+    `load` orders, and a request for a model it lacks loads it on demand."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = OneirosConfig.model_validate(config)
+        torch.set_num_threads(max(1, int(cfg.replicas.num_cpus)))  # replicas share the host's cores
+        context = serve.get_replica_context()
+        super().__init__(cfg, replica_id=context.replica_id.unique_id,
+                         node_id=ray.get_runtime_context().get_node_id(), models=[])
+        self._metrics = _Metrics()
+        self._controller = None
+        self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        period = self.config.replicas.report_period_s
+        while True:
+            try:
+                await self._report_once()
+            except Exception as exc:  # controller down or restarting: retry next period
+                logger.debug("report to the controller failed: %r", exc)
+                self._controller = None
+            await asyncio.sleep(period)
+
+    async def _report_once(self) -> None:
+        report = await self._run(self._report)
+        await self._run(self._metrics.record, self)
+        if self._controller is None:
+            self._controller = find_controller(self.config.app_name)
+            if self._controller is None:
+                return
+        orders = await asyncio.wait_for(self._controller.report.remote(report), CONTROLLER_CALL_TIMEOUT_S)
+        if orders is not None:
+            await self.apply_orders(orders)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's own periodic stats: the router's view when the controller's is missing."""
+        return {"models": self.models, "pending": len(self._queues)}
+
+    def check_health(self) -> None:
+        if self._report_task.done() and self._report_task.exception() is not None:
+            raise RuntimeError(f"report loop died: {self._report_task.exception()!r}")
+
+
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, engine, config: dict[str, Any]) -> None:
+        self._engine = engine
+        self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate)
+
+    def _generate(self, model, prompt_ids, params):
+        return self._engine.options(stream=True).generate.remote(model, prompt_ids, params)
+
+    def __serve_build_asgi_app__(self):
+        return make_app(self.frontend)
+
+
+def build_app(config: OneirosConfig):
+    """The Serve application for this config; also starts the cluster controller if needed."""
+    get_or_create_controller(config.app_name, ControllerConfig(
+        desired_models={m.name: m.min_replicas for m in config.models},
+        report_timeout_s=max(10.0, 10 * config.replicas.report_period_s),
+    ))
+    r = config.replicas
+    engine = serve.deployment(
+        EngineReplica,
+        name="EngineReplica",
+        num_replicas=r.num_replicas,
+        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        max_ongoing_requests=r.max_pending_requests,
+        max_queued_requests=r.max_pending_requests,
+        request_router_config=RequestRouterConfig(
+            request_router_class=MemoryAwareRouter,
+            request_router_kwargs={"app_name": config.app_name},
+            request_routing_stats_period_s=max(1.0, r.report_period_s),
+        ),
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=5.0,
+    )
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4 * r.max_pending_requests)
+    plain = config.model_dump(mode="json")
+    return ingress.bind(engine.bind(plain), plain)
+
+
+def app_builder(args: dict[str, str]):
+    """For `serve run` / `serve deploy`: `config=path.yaml`, or the built-in default."""
+    config = OneirosConfig.load(args["config"]) if args.get("config") else default_config()
+    return build_app(config)
