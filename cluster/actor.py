@@ -46,9 +46,8 @@ class ClusterController:
         for rid in self._state.forget_stale(now):
             logger.info("replica %s stopped reporting: forgotten", rid)
         decision = self._state.decide(now)
-        previous = set(self._decision.reasons) if self._decision else set()
-        for reason in decision.reasons:
-            if reason not in previous:
+        if self._decision is None or _gist(decision) != _gist(self._decision):  # log changes, not every round
+            for reason in decision.reasons:
                 logger.info("decision: %s", reason)
         self._decision, self._decided_at = decision, now
 
@@ -60,6 +59,11 @@ class ClusterController:
 
     def ping(self) -> bool:
         return True
+
+
+def _gist(decision: Decision) -> dict:
+    """What a decision orders, without versions and wording (which change every round)."""
+    return {rid: (o.cold, o.warming, o.load) for rid, o in decision.orders.items()}
 
 
 def get_or_create_controller(app_name: str, config: ControllerConfig):

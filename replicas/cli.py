@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -66,7 +67,11 @@ def _serve(args) -> int:
     from cluster.actor import NAMESPACE
     from replicas.deployments import build_app
 
-    ray.init(address=args.address, num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False)
+    num_cpus = args.num_cpus
+    if args.address is None and num_cpus is None:  # logical CPUs: room for every replica and the ingress
+        needed = config.replicas.num_replicas * config.replicas.num_cpus + 1
+        num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     base = f"http://{config.http.host}:{config.http.port}/v1"

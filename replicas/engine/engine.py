@@ -123,7 +123,7 @@ class LLMEngine:
         self.memory.register_model(model, layers, base, config.kv_geometry())
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        self._tenants[model] = _Tenant(lm, config, eos, tokenizer)
+        self._tenants[model] = _Tenant(lm, config, eos, tokenizer, last_active_s=self._clock())  # loading counts
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
 
