@@ -35,6 +35,7 @@ class ReplicaReport:
     reclaimable_pages: int  # parameter pages of idle tenants that remapping could lend now (within the cap)
     link_bytes_per_s: float  # measured host->device bandwidth
     tenants: tuple[TenantReport, ...]  # every model hosted by the replica
+    num_aborted: int = 0  # requests aborted since start (clients gone, cancellations)
 
     def tenant(self, model: str) -> TenantReport | None:
         return next((t for t in self.tenants if t.model == model), None)

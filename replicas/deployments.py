@@ -105,9 +105,13 @@ class EngineReplica(EngineServer):
         """Serve's own periodic stats: the router's view when the controller's is missing."""
         return {"models": self.models, "pending": len(self._queues)}
 
-    def check_health(self) -> None:
-        if self._report_task.done() and self._report_task.exception() is not None:
-            raise RuntimeError(f"report loop died: {self._report_task.exception()!r}")
+    async def check_health(self) -> None:
+        """Healthy while the engine thread answers; a dead report loop is restarted, not fatal
+        (the engine still serves, and the controller only loses this replica's reports)."""
+        await asyncio.wait_for(self._run(lambda: None), timeout=20)
+        if self._report_task.done():
+            logger.warning("report loop of %s ended; restarting it", self.replica_id)
+            self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
 
 @serve.ingress()

@@ -107,7 +107,12 @@ class OpenAIFrontend:
         if req.stream:
             return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, first, stream),
                                      media_type="text/event-stream")
-        items = [first] + [item async for item in stream]
+        try:
+            items = [first] + [item async for item in stream]
+        except Exception as exc:  # the replica died before finishing: a clean error, not a bare 500
+            logger.warning("request to %s failed: %r", req.model, exc)
+            raise api.ApiError(503, "server_error", f"the engine replica failed: {type(exc).__name__}; "
+                               "retry the request") from None
         return JSONResponse(self._whole(kind, req, prompt, params, tokenizer, items))
 
     def _whole(self, kind, req, prompt, params, tokenizer, items: list[dict]) -> dict:
@@ -207,11 +212,16 @@ def _is_backpressure(exc: BaseException) -> bool:
 
 
 async def _close(stream: Any) -> None:
+    """Stop the engine side of a stream (frees its pages); never raises: the replica may be dead."""
     close = getattr(stream, "aclose", None) or getattr(stream, "cancel", None)
-    if close is not None:
+    if close is None:
+        return
+    try:
         result = close()
         if hasattr(result, "__await__"):
             await result
+    except Exception as exc:  # noqa: BLE001 - closing a stream of a dead replica
+        logger.debug("closing a stream failed: %r", exc)
 
 
 def make_app(frontend: OpenAIFrontend) -> FastAPI:

@@ -27,6 +27,7 @@ from cluster.messages import RoutingView
 logger = logging.getLogger(__name__)
 
 VIEW_CALL_TIMEOUT_S = 2.0
+FIRST_VIEW_WAIT_S = 2.0  # a router with no view yet waits this long once, instead of routing blind
 
 
 def model_of(pending_request: PendingRequest | None) -> str | None:
@@ -61,6 +62,8 @@ class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         self._maybe_refresh()
+        if self._view is None and self._refreshing is not None:  # the very first requests: wait for a view
+            await asyncio.wait([self._refreshing], timeout=FIRST_VIEW_WAIT_S)
         model = model_of(pending_request)
         view = self._view if time.monotonic() - self._view_at <= self._stale_after_s else None
         if view is not None and model is not None:

@@ -68,6 +68,7 @@ class EngineServer:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._orders_version = -1
+        self.num_aborted = 0  # requests whose consumer went away before the end
         self.last_orders: ReplicaOrders | None = None
         for name in models if models is not None else [m.name for m in config.models]:
             self._worker.submit(self._load, name).result()
@@ -123,6 +124,7 @@ class EngineServer:
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now
+                self.num_aborted += 1
                 await self._run(self.engine.abort, seq_id)
 
     async def _run(self, fn, *args):
@@ -179,7 +181,8 @@ class EngineServer:
                                         s.num_running, s.kv_pages_used, s.last_active_s + wall_offset,
                                         s.arrival_rate_per_s))
         return ReplicaReport(self.replica_id, self.node_id, time.time(), pool.num_pages, pool.page_size_bytes,
-                             pool.num_free, engine.reclaimable_pages(), engine.link_bytes_per_s, tuple(tenants))
+                             pool.num_free, engine.reclaimable_pages(), engine.link_bytes_per_s, tuple(tenants),
+                             self.num_aborted)
 
     async def apply_orders(self, orders: ReplicaOrders) -> None:
         """Between engine steps (on the engine thread): hints for the remap controller, new models."""

@@ -1,0 +1,506 @@
+"""Load through the full Ray Serve path against the same workload driven into the engines directly.
+
+    python scripts/bench_serve.py --json out/bench_serve.json [--requests 200] [--concurrency 32] [--seed 0]
+                                  [--max-tokens 32] [--base-url http://host:port/v1]
+
+One run, two paths, one seeded workload (`make_workload`): every request picks a tenant among the
+config's models with skewed popularity (60 / 30 / 10 %), sends a token-id prompt of 16..128 ids and
+asks for exactly `max_tokens` tokens (greedy, `ignore_eos`). `concurrency` closed-loop clients each
+take the next request as soon as their last one ends.
+
+  serve   the official `openai.AsyncOpenAI` client streaming /v1/completions through Serve's HTTP proxy,
+          the OpenAIIngress, the memory-aware router and the EngineReplicas. Without --base-url the
+          script starts its own loopback-only local Ray cluster (token auth off) on a free port and
+          shuts it down at the end, also on errors and Ctrl-C.
+  direct  one `EngineServer` per Serve replica, in this process, hosting the models that replica hosted,
+          each request sent to the replica that served it through Serve; the SamplingParams are built
+          from the same request body by the ingress's own code (`replicas.openai_api`).
+
+What is measured, per request, on the client side (time.perf_counter):
+  TTFT  request sent -> first streamed piece that carries >= 1 token.
+  TBT   gaps between successive token-carrying pieces (one piece per engine step, i.e. one token here;
+        a piece with k tokens counts as one gap, as vLLM's inter-token latency does).
+Requests ask for `logprobs=0` on both paths so that every engine step's token becomes its own SSE
+chunk: without it the ingress holds back tokens that decode to "" (special ids, half a UTF-8
+character - common with random weights), which would merge chunks and bias TBT. Tokens are counted
+from the chunks' logprobs and checked against the usage chunk (`stream_options.include_usage`).
+
+"None lost": a request is ok only if it ends with finish_reason "length" and exactly `max_tokens`
+tokens (and, through Serve, a usage chunk saying so); every other outcome is printed and counted.
+
+Both paths share this machine's cores: during `serve` Ray's own processes (GCS, raylet, Serve
+controller, HTTP proxy) and the client run beside the replicas; during `direct` the client and all
+engines run in this one process (one GIL). Prints a table and writes JSON; asserts no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import pathlib
+import random
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+POPULARITY = (0.6, 0.3, 0.1)  # share of requests per tenant, in the config's model order
+PROMPT_LEN_RANGE = (16, 128)  # prompt length in tokens, both ends included
+TOKEN_ID_RANGE = (3, 250)  # prompt token ids, both ends included (0-2 are the byte tokenizer's specials)
+TTFT_TARGET_RATIO = 1.15  # the issue's target: Serve adds <= 15 % to p50 TTFT
+PLACEMENT_TIMEOUT_S = 120.0  # models placed on replicas after the app starts
+SETTLE_TIMEOUT_S = 60.0  # loads ordered during the warm-up land
+REQUEST_TIMEOUT_S = 300.0  # one streamed request, end to end
+
+
+# ---- the workload (pure) -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchRequest:
+    index: int  # position in the workload; the same request on both paths
+    model: str  # tenant name
+    prompt_ids: tuple[int, ...]  # token ids sent as the prompt
+    max_tokens: int  # tokens to generate (exactly: ignore_eos)
+
+
+def make_workload(num_requests: int, models: Sequence[str], seed: int, max_tokens: int,
+                  popularity: Sequence[float] = POPULARITY, prompt_len_range: tuple[int, int] = PROMPT_LEN_RANGE,
+                  token_id_range: tuple[int, int] = TOKEN_ID_RANGE) -> list[BenchRequest]:
+    """The seeded request list; `popularity[i]` weighs `models[i]` (missing weights count as 0)."""
+    if not models or len(popularity) < len(models):
+        raise ValueError(f"need one popularity weight per model: {list(models)} vs {list(popularity)}")
+    rng = random.Random(seed)
+    weights = list(popularity[:len(models)])
+    out = []
+    for i in range(num_requests):
+        model = rng.choices(list(models), weights=weights)[0]
+        length = rng.randint(*prompt_len_range)
+        prompt = tuple(rng.randint(*token_id_range) for _ in range(length))
+        out.append(BenchRequest(i, model, prompt, max_tokens))
+    return out
+
+
+def request_body(req: BenchRequest) -> dict[str, Any]:
+    """The /v1/completions body of `req` (the direct path parses the same body)."""
+    return {"model": req.model, "prompt": list(req.prompt_ids), "max_tokens": req.max_tokens, "temperature": 0,
+            "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+# ---- results and statistics (pure) -------------------------------------------------------------
+
+@dataclass
+class RequestResult:
+    index: int  # BenchRequest.index
+    model: str
+    replica: str | None = None  # replica that served it (Serve's system_fingerprint), if known
+    ttft_s: float | None = None  # sent -> first token-carrying piece
+    tbt_s: list[float] = field(default_factory=list)  # gaps between token-carrying pieces
+    num_tokens: int = 0  # tokens counted from the stream
+    usage_tokens: int | None = None  # completion_tokens of the usage chunk (Serve only)
+    finish_reason: str | None = None
+    error: str | None = None  # exception or protocol problem; None if the stream ended normally
+    start_s: float = 0.0  # perf_counter when sent
+    end_s: float = 0.0  # perf_counter when the stream ended
+
+
+def check_result(result: RequestResult, max_tokens: int, need_usage: bool) -> str | None:
+    """Why `result` counts as failed (lost or wrong), or None if it is complete."""
+    if result.error is not None:
+        return result.error
+    if result.finish_reason != "length":
+        return f"finish_reason {result.finish_reason!r}, expected 'length'"
+    if result.num_tokens != max_tokens:
+        return f"{result.num_tokens} tokens streamed, expected {max_tokens}"
+    if need_usage and result.usage_tokens != max_tokens:
+        return f"usage says {result.usage_tokens} completion tokens, expected {max_tokens}"
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default); None if empty."""
+    if not values:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    xs = sorted(values)
+    rank = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1e3
+
+
+def summarize(results: Sequence[RequestResult], max_tokens: int, need_usage: bool) -> dict[str, Any]:
+    """Latency percentiles (ms), throughput and failures of one path's run."""
+    failures = {r.index: why for r in results if (why := check_result(r, max_tokens, need_usage)) is not None}
+    ok = [r for r in results if r.index not in failures]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tbt = [x for r in ok for x in r.tbt_s]
+    wall_s = (max(r.end_s for r in results) - min(r.start_s for r in results)) if results else 0.0
+    tokens = sum(r.num_tokens for r in ok)
+    by_model = {}
+    for model in sorted({r.model for r in results}):
+        mine = [r.ttft_s for r in ok if r.model == model and r.ttft_s is not None]
+        by_model[model] = {"num_ok": len(mine), "p50_ttft_ms": _ms(percentile(mine, 50))}
+    return {
+        **{f"p{q}_ttft_ms": _ms(percentile(ttft, q)) for q in (50, 90, 99)},
+        **{f"p{q}_tbt_ms": _ms(percentile(tbt, q)) for q in (50, 90, 99)},
+        "tok_s": tokens / wall_s if wall_s > 0 else None,
+        "num_ok": len(ok), "num_failed": len(failures), "wall_s": wall_s, "num_tokens": tokens,
+        "by_model": by_model,
+        "by_replica": dict(sorted(Counter(f"{r.replica}/{r.model}" for r in results).items())),
+        "failures": {str(i): why for i, why in sorted(failures.items())},
+    }
+
+
+def ttft_ratio(serve: dict[str, Any], direct: dict[str, Any]) -> float | None:
+    """serve p50 TTFT / direct p50 TTFT, or None when either is missing."""
+    s, d = serve.get("p50_ttft_ms"), direct.get("p50_ttft_ms")
+    return s / d if s is not None and d else None
+
+
+def format_table(summaries: dict[str, dict[str, Any]]) -> str:
+    cols = [("p50_ttft_ms", "TTFT p50"), ("p90_ttft_ms", "p90"), ("p99_ttft_ms", "p99"),
+            ("p50_tbt_ms", "TBT p50"), ("p90_tbt_ms", "p90"), ("p99_tbt_ms", "p99"), ("tok_s", "tok/s")]
+    head = f"{'path':<8}" + "".join(f"{title:>10}" for _, title in cols) + f"{'ok':>6}{'failed':>8}"
+    lines = [head + "   (latencies in ms)"]
+    for name, s in summaries.items():
+        cells = "".join(f"{'-':>10}" if s[k] is None else f"{s[k]:>10.1f}" for k, _ in cols)
+        lines.append(f"{name:<8}{cells}{s['num_ok']:>6}{s['num_failed']:>8}")
+    return "\n".join(lines)
+
+
+# ---- driving a path ----------------------------------------------------------------------------
+
+async def drive(workload: Sequence[BenchRequest], concurrency: int,
+                one: Callable[[BenchRequest], Awaitable[RequestResult]]) -> list[RequestResult]:
+    """`concurrency` closed-loop clients; each takes the next request when its last one ends."""
+    pending = iter(workload)
+    results: list[RequestResult] = []
+
+    async def client() -> None:
+        for req in pending:  # a shared iterator: no two clients take the same request
+            try:
+                results.append(await asyncio.wait_for(one(req), REQUEST_TIMEOUT_S))
+            except Exception as exc:  # noqa: BLE001 - a failed request is a result, never a crash
+                results.append(RequestResult(req.index, req.model, error=f"{type(exc).__name__}: {exc}"[:500]))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return sorted(results, key=lambda r: r.index)
+
+
+class _Stream:
+    """Timestamps of one request's stream: TTFT on the first token-carrying piece, TBT after."""
+
+    def __init__(self, req: BenchRequest) -> None:
+        self.result = RequestResult(req.index, req.model, start_s=time.perf_counter())
+        self._last_s: float | None = None
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self._last_s is None:
+            self.result.ttft_s = now - self.result.start_s
+        else:
+            self.result.tbt_s.append(now - self._last_s)
+        self._last_s = now
+        self.result.num_tokens += n
+
+    def end(self) -> RequestResult:
+        self.result.end_s = time.perf_counter()
+        return self.result
+
+
+async def serve_one(client, req: BenchRequest) -> RequestResult:
+    """One streamed completion through the OpenAI API."""
+    body = request_body(req)
+    stream = _Stream(req)
+    try:
+        chunks = await client.completions.create(
+            model=body["model"], prompt=body["prompt"], max_tokens=body["max_tokens"],
+            temperature=body["temperature"], logprobs=body["logprobs"], stream=True,
+            stream_options=body["stream_options"], extra_body={"ignore_eos": body["ignore_eos"]})
+        async for chunk in chunks:
+            if chunk.system_fingerprint:
+                stream.result.replica = chunk.system_fingerprint.removeprefix("oneiros-")
+            if chunk.usage is not None:
+                stream.result.usage_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                stream.tokens(len(choice.logprobs.tokens) if choice.logprobs and choice.logprobs.tokens else 0)
+                if choice.finish_reason is not None:
+                    stream.result.finish_reason = choice.finish_reason
+    except Exception as exc:  # noqa: BLE001 - recorded, counted and printed as a failure
+        stream.result.error = f"{type(exc).__name__}: {exc}"[:500]
+    return stream.end()
+
+
+class DirectEngines:
+    """EngineServers in this process, one per Serve replica, each hosting what that replica hosted."""
+
+    def __init__(self, config, placement: dict[str, list[str]]) -> None:
+        import torch
+
+        from replicas.server import EngineServer
+
+        torch.set_num_threads(max(1, int(config.replicas.num_cpus)))  # as EngineReplica does
+        self.config = config
+        self.servers = {rid: EngineServer(config, replica_id=rid, models=models)
+                        for rid, models in sorted(placement.items()) if models}
+        self._in_flight = Counter()
+
+    def pick(self, model: str, replica: str | None) -> str:
+        """The replica Serve used for this request, else the host of `model` with the fewest in flight."""
+        if replica in self.servers and model in self.servers[replica].models:
+            return replica
+        hosts = [rid for rid, s in self.servers.items() if model in s.models]
+        if not hosts:
+            raise RuntimeError(f"no direct engine hosts {model!r}")
+        return min(hosts, key=lambda rid: (self._in_flight[rid], rid))
+
+    async def one(self, req: BenchRequest, replica: str | None = None) -> RequestResult:
+        from replicas import openai_api as api
+
+        parsed = api.parse_completion(request_body(req))
+        params = api.to_sampling_params(parsed, None, len(req.prompt_ids))
+        rid = self.pick(req.model, replica)
+        stream = _Stream(req)
+        stream.result.replica = rid
+        self._in_flight[rid] += 1
+        try:
+            async for item in self.servers[rid].generate(req.model, list(req.prompt_ids), params):
+                if "error" in item:
+                    stream.result.error = f"engine error {item['error']}"
+                    break
+                stream.tokens(len(item["token_ids"]))
+                if item["finished"]:
+                    stream.result.finish_reason = getattr(item["finish_reason"], "value", item["finish_reason"])
+        except Exception as exc:  # noqa: BLE001
+            stream.result.error = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            self._in_flight[rid] -= 1
+        return stream.end()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+
+
+# ---- the local cluster -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A loopback-only local Ray cluster serving `config`, as `oneiros serve` starts it."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.started = False
+
+    def start(self) -> str:
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only, as the Ray tests run it
+        import ray
+        from ray import serve
+
+        from cluster.actor import NAMESPACE
+        from replicas.deployments import build_app
+
+        r, http = self.config.replicas, self.config.http
+        num_cpus = max(os.cpu_count() or 1, math.ceil(r.num_replicas * r.num_cpus + 1))  # as cli._serve
+        ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+                 logging_level="warning", log_to_driver=False)
+        self.started = True
+        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.run(build_app(self.config), name=self.config.app_name, route_prefix="/", blocking=False)
+        self._wait(lambda st: len(st["tenants"]) == len(self.config.models), PLACEMENT_TIMEOUT_S, "models placed")
+        return f"http://{http.host}:{http.port}/v1"
+
+    def status(self) -> dict:
+        import ray
+
+        from cluster.actor import find_controller
+
+        controller = find_controller(self.config.app_name)
+        if controller is None:
+            raise RuntimeError(f"no controller for app {self.config.app_name!r}")
+        return ray.get(controller.status.remote(), timeout=10)
+
+    def settle(self) -> None:
+        """Wait until no model load ordered by the controller is still in flight."""
+        self._wait(lambda st: not st["loading"], SETTLE_TIMEOUT_S, "loads settled")
+        time.sleep(2 * self.config.replicas.report_period_s)  # routers see the new view
+
+    def placement(self) -> dict[str, list[str]]:
+        """replica id -> models it hosts, from the controller's status."""
+        out: dict[str, list[str]] = {}
+        for model, t in self.status()["tenants"].items():
+            for rid in t["resident_layers"]:
+                out.setdefault(rid, []).append(model)
+        return {rid: sorted(models) for rid, models in sorted(out.items())}
+
+    def _wait(self, done: Callable[[dict], bool], timeout_s: float, what: str) -> None:
+        deadline, status = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            status = self.status()
+            if done(status):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{what}: not within {timeout_s:g} s; controller status: {status}")
+
+    def shutdown(self) -> None:
+        if not self.started:
+            return
+        import ray
+        from ray import serve
+
+        from cluster.actor import find_controller
+
+        try:
+            serve.shutdown()
+        finally:
+            controller = find_controller(self.config.app_name)
+            if controller is not None:
+                ray.kill(controller)  # detached: it would outlive ray.shutdown() otherwise
+            ray.shutdown()
+            self.started = False
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def merge_placement(*placements: dict[str, list[str]]) -> dict[str, list[str]]:
+    out: dict[str, set[str]] = {}
+    for p in placements:
+        for rid, models in p.items():
+            out.setdefault(rid, set()).update(models)
+    return {rid: sorted(models) for rid, models in sorted(out.items())}
+
+
+def served_placement(results: Sequence[RequestResult]) -> dict[str, list[str]]:
+    """replica -> models it served, from the fingerprints of the Serve run."""
+    return merge_placement(*({r.replica: [r.model]} for r in results if r.replica))
+
+
+async def run_serve(base_url: str, warmup: list[BenchRequest], workload: list[BenchRequest], concurrency: int,
+                    settle: Callable[[], None] | None) -> tuple[list[RequestResult], list[RequestResult]]:
+    import openai
+
+    # the client's default pool (1000 connections, 100 kept alive) holds every concurrent stream
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    try:
+        warm = await drive(warmup, concurrency, lambda r: serve_one(client, r))
+        if settle is not None:
+            await asyncio.get_running_loop().run_in_executor(None, settle)
+        return warm, await drive(workload, concurrency, lambda r: serve_one(client, r))
+    finally:
+        await client.close()
+
+
+async def run_direct(engines: DirectEngines, warmup: list[BenchRequest], workload: list[BenchRequest],
+                     concurrency: int, served_by: dict[int, str]) -> tuple[list[RequestResult], list[RequestResult]]:
+    warm = await drive(warmup, concurrency, engines.one)
+    return warm, await drive(workload, concurrency, lambda r: engines.one(r, served_by.get(r.index)))
+
+
+def print_failures(name: str, summary: dict[str, Any], limit: int = 20) -> None:
+    for i, (index, why) in enumerate(summary["failures"].items()):
+        if i == limit:
+            print(f"  ... and {len(summary['failures']) - limit} more")
+            break
+        print(f"  {name} request {index} failed: {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (exactly: ignore_eos)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the workload (the warm-up uses seed + 1)")
+    ap.add_argument("--warmup", type=int, help="requests before each measured run (default: --concurrency)")
+    ap.add_argument("--base-url", help="drive this OpenAI endpoint (built-in default config) instead of a local cluster")
+    ap.add_argument("--json", type=pathlib.Path)
+    args = ap.parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
+        ap.error("--requests, --concurrency and --max-tokens must be >= 1")
+    from replicas.config import default_config
+
+    config = default_config(http={"port": free_port()})
+    models = [m.name for m in config.models]
+    workload = make_workload(args.requests, models, args.seed, args.max_tokens)
+    warmup = make_workload(args.concurrency if args.warmup is None else args.warmup, models, args.seed + 1,
+                           args.max_tokens)
+    print(f"workload: {len(workload)} requests ({dict(Counter(r.model for r in workload))}), "
+          f"{args.concurrency} clients, {args.max_tokens} tokens each, prompts {PROMPT_LEN_RANGE} tokens, "
+          f"seed {args.seed}; warm-up {len(warmup)} requests per path", flush=True)
+
+    cluster = None if args.base_url else LocalCluster(config)
+    try:
+        base_url = args.base_url or cluster.start()
+        print(f"serve: {base_url}", flush=True)
+        settle = cluster.settle if cluster is not None else None
+        serve_warm, serve_res = asyncio.run(run_serve(base_url, warmup, workload, args.concurrency, settle))
+        placement = merge_placement(served_placement(serve_warm), served_placement(serve_res),
+                                    cluster.placement() if cluster is not None else {})
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+    if not placement:  # nothing came back through Serve: spread the models round-robin
+        placement = merge_placement(*({f"r{i % config.replicas.num_replicas}": [m]} for i, m in enumerate(models)))
+    short = {rid: f"r{i}" for i, rid in enumerate(placement)}
+    print("placement (direct engines copy it): "
+          + ", ".join(f"{short[rid]}={models}" for rid, models in placement.items()), flush=True)
+
+    engines = DirectEngines(config, placement)
+    try:
+        served_by = {r.index: r.replica for r in serve_res if r.replica}
+        direct_warm, direct_res = asyncio.run(run_direct(engines, warmup, workload, args.concurrency, served_by))
+    finally:
+        engines.close()
+
+    summaries = {"serve": summarize(serve_res, args.max_tokens, need_usage=True),
+                 "direct": summarize(direct_res, args.max_tokens, need_usage=False)}
+    for s in summaries.values():
+        s["by_replica"] = {short.get(k.split("/")[0], k.split("/")[0]) + "/" + k.split("/")[1]: v
+                           for k, v in s["by_replica"].items()}
+    ratio = ttft_ratio(summaries["serve"], summaries["direct"])
+    meets = ratio is not None and ratio <= TTFT_TARGET_RATIO
+    print()
+    print(format_table(summaries))
+    for name, s in summaries.items():
+        print_failures(name, s)
+    warm_failed = sum(check_result(r, args.max_tokens, False) is not None for r in serve_warm + direct_warm)
+    if warm_failed:
+        print(f"warm-up: {warm_failed} requests failed (not counted above)")
+    print(f"serve p50 TTFT / direct p50 TTFT = {'-' if ratio is None else f'{ratio:.3f}'} "
+          f"(target <= {TTFT_TARGET_RATIO}: {'met' if meets else 'NOT met'})")
+    print(f"note: both paths share this machine's {os.cpu_count()} cores; serve also runs Ray's processes and "
+          f"the HTTP client beside its replicas; direct runs after Ray is shut down, with the client and "
+          f"{len(engines.servers)} engines in one process")
+    if args.json:
+        out = {"config": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                          "warmup": len(warmup), "base_url": args.base_url, "models": models,
+                          "popularity": list(POPULARITY[:len(models)]), "prompt_len_range": list(PROMPT_LEN_RANGE),
+                          "token_id_range": list(TOKEN_ID_RANGE), "oneiros": config.model_dump(mode="json")},
+               "seed": args.seed, "cpu_count": os.cpu_count(),
+               "placement": {short[rid]: models for rid, models in placement.items()},
+               **summaries, "serve_over_direct_p50_ttft": ratio, "ttft_target_ratio": TTFT_TARGET_RATIO,
+               "meets_ttft_target": meets}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
