@@ -142,11 +142,12 @@ class DeviceMemory:
             by_model: dict[ModelId, list[PageId]] = {}
             for p, o in zip(pages, owners):
                 by_model.setdefault(o.model, []).append(p)
+            # Every destination first: a source freed by one model's migration must not become the
+            # destination of the next model's (it lies inside the run being cleared).
+            dsts = {m: self.pool.alloc(len(src), Owner(OwnerKind.KV, m, 0)) for m, src in by_model.items()}
+            assert all(d is not None for d in dsts.values())
             for m, src in by_model.items():
-                dst = self.pool.alloc(len(src), Owner(OwnerKind.KV, m, 0))
-                assert dst is not None
-                # Each destination is reassigned to its source's sequence inside migrate().
-                self.kv[m].migrate(src, dst)
+                self.kv[m].migrate(src, dsts[m])  # reassigns each destination to its source's sequence
         finally:
             self.pool.free(fence)
         self.num_blocks_migrated += len(pages)
@@ -240,7 +241,8 @@ class DeviceMemory:
                 return None
         run = [PageId(p) for p in range(first, first + num_pages)]
         if not self.pool.claim(run, owner):
-            raise IntegrityError(f"run {first}+{num_pages} not free after eviction")
+            owners = [str(self.pool.owner(p)) for p in run]
+            raise IntegrityError(f"run {first}+{num_pages} not free after eviction: {owners}")
         return first
 
     def _cheapest_run(self, num_pages: int) -> PageId | None:

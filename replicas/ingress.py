@@ -194,6 +194,8 @@ async def _first_item(stream: AsyncIterator[dict]) -> dict:
             raise api.too_many_requests(err.get("retry_after_s") or 1.0)
         if err["status"] == 404:
             raise api.ApiError(404, "not_found_error", err["message"], "model", "model_not_found")
+        if err["status"] >= 500:
+            raise api.ApiError(err["status"], "server_error", err["message"])
         raise api.ApiError(err["status"], "invalid_request_error", err["message"])
     return item
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
-from remap import DeviceMemory, SeqId
+from remap import DeviceMemory, RemapError, SeqId
 from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
 from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
@@ -105,7 +105,11 @@ class EngineServer:
             if self.config.model(model) is None:
                 yield error_item(404, f"The model '{model}' does not exist")
                 return
-            await self._run(self._load, model)  # load on demand: the router found no host
+            try:
+                await self._run(self._load, model)  # load on demand: the router found no host
+            except RemapError as exc:  # no room for its parameters right now
+                yield error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id} now: {exc}")
+                return
         try:
             seq_id = await self._run(self.engine.add_request, model, prompt_ids, params)
         except InvalidRequest as exc:
@@ -117,10 +121,13 @@ class EngineServer:
         finished = False
         try:
             while not finished:
-                out: RequestOutput = await asyncio.wait_for(queue.get(), QUEUE_WAIT_TIMEOUT_S)
-                finished = out.finished
-                yield {"token_ids": list(out.new_token_ids), "logprobs": [dict(lp) for lp in out.logprobs],
-                       "finished": out.finished, "finish_reason": out.finish_reason, "replica_id": self.replica_id}
+                outs = [await asyncio.wait_for(queue.get(), QUEUE_WAIT_TIMEOUT_S)]
+                while not queue.empty():  # a slow consumer gets several steps in one item: fewer messages
+                    outs.append(queue.get_nowait())
+                finished = outs[-1].finished
+                yield {"token_ids": [t for o in outs for t in o.new_token_ids],
+                       "logprobs": [dict(lp) for o in outs for lp in o.logprobs],
+                       "finished": finished, "finish_reason": outs[-1].finish_reason, "replica_id": self.replica_id}
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now
@@ -191,7 +198,10 @@ class EngineServer:
         self._orders_version, self.last_orders = orders.version, orders
         await self._run(self.engine.set_cluster_hints, orders.cold, orders.warming)
         for model in sorted(orders.load - set(self.tokenizers)):
-            await self._run(self._load, model)
+            try:
+                await self._run(self._load, model)
+            except RemapError as exc:  # the controller re-places it after its load timeout
+                logger.info("replica %s cannot load %s now: %s", self.replica_id, model, exc)
         for reason in orders.reasons:
             logger.info("replica %s order: %s", self.replica_id, reason)
 
