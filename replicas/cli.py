@@ -65,17 +65,19 @@ def _serve(args) -> int:
     from ray import serve
 
     from cluster.actor import NAMESPACE
-    from replicas.deployments import build_app
+    from replicas.deployments import GRPC_SERVICERS, build_app
 
     num_cpus = args.num_cpus
     if args.address is None and num_cpus is None:  # logical CPUs: room for every replica and the ingress
         needed = config.replicas.num_replicas * config.replicas.num_cpus + 1
         num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                grpc_options={"port": config.http.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     base = f"http://{config.http.host}:{config.http.port}/v1"
-    print(f"oneiros: serving {[m.name for m in config.models]} at {base} (Ctrl-C stops)", flush=True)
+    print(f"oneiros: serving {[m.name for m in config.models]} at {base}, gRPC on port {config.http.grpc_port} "
+          "(Ctrl-C stops)", flush=True)
     print(f'  try: curl {base}/completions -H "Content-Type: application/json" '
           f"-d '{{\"model\": \"{config.models[0].name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
     try:

@@ -24,11 +24,14 @@ from ray.util import metrics
 from cluster.actor import find_controller, get_or_create_controller
 from cluster.state import ControllerConfig
 from replicas.config import OneirosConfig, default_config
+from replicas.grpc.service import GrpcService
 from replicas.ingress import OpenAIFrontend, make_app
 from replicas.router import MemoryAwareRouter
 from replicas.server import EngineServer
 
 logger = logging.getLogger(__name__)
+
+GRPC_SERVICERS = ["replicas.grpc.oneiros_pb2_grpc.add_OneirosLLMServicer_to_server"]  # for serve.start
 
 CONTROLLER_CALL_TIMEOUT_S = 5.0
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -116,15 +119,36 @@ class EngineReplica(EngineServer):
 
 @serve.ingress()
 class OpenAIIngress:
+    """HTTP (FastAPI, built at replica start) and gRPC (the RPC methods below) over one frontend."""
+
     def __init__(self, engine, config: dict[str, Any]) -> None:
         self._engine = engine
         self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate)
+        self._grpc = GrpcService(self.frontend)
 
     def _generate(self, model, prompt_ids, params):
         return self._engine.options(stream=True).generate.remote(model, prompt_ids, params)
 
     def __serve_build_asgi_app__(self):
         return make_app(self.frontend)
+
+    # gRPC: Serve's gRPC proxy calls the method named like the RPC (replicas/grpc/oneiros.proto)
+    async def Completions(self, request, grpc_context=None):  # noqa: N802 - RPC names
+        return await self._grpc.complete("completion", request, grpc_context)
+
+    async def CompletionsStream(self, request, grpc_context=None):  # noqa: N802
+        async for chunk in self._grpc.stream("completion", request, grpc_context):
+            yield chunk
+
+    async def ChatCompletions(self, request, grpc_context=None):  # noqa: N802
+        return await self._grpc.complete("chat", request, grpc_context)
+
+    async def ChatCompletionsStream(self, request, grpc_context=None):  # noqa: N802
+        async for chunk in self._grpc.stream("chat", request, grpc_context):
+            yield chunk
+
+    def Models(self, request, grpc_context=None):  # noqa: N802
+        return self._grpc.models(grpc_context)
 
 
 def build_app(config: OneirosConfig):

@@ -58,11 +58,12 @@ class OpenAIFrontend:
         self.created = int(time.time())
 
     # ---- checks --------------------------------------------------------------------------
-    def authorize(self, request: Request) -> set[str] | None:
-        """Models the caller may use (None = all); ApiError 401 for a missing or wrong key."""
+    def authorize(self, authorization: str) -> set[str] | None:
+        """Models the caller of this Authorization header may use (None = all); ApiError 401 for a
+        missing or wrong key."""
         if not self._keys:
             return None
-        header = request.headers.get("authorization", "")
+        header = authorization or ""
         key = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if key not in self._keys:
             raise api.unauthorized()
@@ -83,27 +84,26 @@ class OpenAIFrontend:
             for name in self.visible_models(allowed)
         ]}
 
-    async def completions(self, body: bytes, allowed: set[str] | None) -> Response:
-        req = api.parse_completion(body)
-        self.check_model(req.model, allowed)
-        tokenizer = self.catalog.tokenizers[req.model]
-        prompt = api.completion_prompt_ids(req, tokenizer)
-        params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
-        return await self._respond("completion", req, prompt, params, tokenizer)
+    async def completions(self, body: bytes | dict, allowed: set[str] | None) -> Response:
+        return await self._respond("completion", *(await self.start("completion", body, allowed)))
 
-    async def chat(self, body: bytes, allowed: set[str] | None) -> Response:
-        req = api.parse_chat(body)
+    async def chat(self, body: bytes | dict, allowed: set[str] | None) -> Response:
+        return await self._respond("chat", *(await self.start("chat", body, allowed)))
+
+    async def start(self, kind: str, body: bytes | dict, allowed: set[str] | None):
+        """Validate a request and start it: (request, prompt ids, params, tokenizer, first item, stream).
+        Every refusal before the first token is an ApiError (HTTP and gRPC map it to their codes)."""
+        req = api.parse_chat(body) if kind == "chat" else api.parse_completion(body)
         self.check_model(req.model, allowed)
         tokenizer = self.catalog.tokenizers[req.model]
-        prompt = api.chat_prompt_ids(req, tokenizer)
+        prompt = api.chat_prompt_ids(req, tokenizer) if kind == "chat" else api.completion_prompt_ids(req, tokenizer)
         params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
-        return await self._respond("chat", req, prompt, params, tokenizer)
+        stream = self._generate(req.model, prompt, params)
+        return req, prompt, params, tokenizer, await _first_item(stream), stream
 
     # ---- the token stream ----------------------------------------------------------------
     async def _respond(self, kind: str, req, prompt: list[int], params: SamplingParams,
-                       tokenizer: Tokenizer) -> Response:
-        stream = self._generate(req.model, prompt, params)
-        first = await _first_item(stream)
+                       tokenizer: Tokenizer, first: dict, stream) -> Response:
         if req.stream:
             return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, first, stream),
                                      media_type="text/event-stream")
@@ -128,24 +128,13 @@ class OpenAIFrontend:
 
     async def _events(self, kind, req, prompt, params, tokenizer, first, stream) -> AsyncIterator[bytes]:
         rid = api.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
-        created, ids, sent = int(time.time()), [], ""
-        trimmer = api.StopTrimmer(params.stop)
+        created, num_tokens = int(time.time()), 0
         chunk = api.chat_chunk if kind == "chat" else api.completion_chunk
         extra = {"first": True} if kind == "chat" else {}
         try:
-            item = first
-            while True:
+            async for piece, item in text_pieces(first, stream, tokenizer, params.stop):
                 new = item["token_ids"]
-                ids += new
-                text = tokenizer.decode(ids)
-                if text.endswith("\ufffd") and not item["finished"]:
-                    delta = ""  # a multi-byte character is incomplete: wait for its next byte
-                else:
-                    delta, sent = text[len(sent):], text
-                piece = trimmer.push(delta)
-                if item["finished"]:
-                    piece += trimmer.flush()
-                    _raise_if_failed(item["finish_reason"])
+                num_tokens += len(new)
                 logprobs = (self._logprobs(kind, new, item["logprobs"], params, tokenizer)
                             if params.logprobs is not None and new else None)
                 reason = item["finish_reason"] if item["finished"] else None
@@ -153,24 +142,51 @@ class OpenAIFrontend:
                     out = chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
                     yield api.sse(out | {"system_fingerprint": _fingerprint(first)})
                     extra = {}
-                if item["finished"]:
-                    break
-                item = await stream.__anext__()
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield api.sse(api.usage_chunk(kind, req.model, len(prompt), len(ids), request_id=rid, created=created))
+                yield api.sse(api.usage_chunk(kind, req.model, len(prompt), num_tokens, request_id=rid,
+                                              created=created))
         except api.ApiError as exc:
             yield api.sse(exc.body())
-        except Exception as exc:  # the replica died mid-stream: say so, do not hang
-            logger.warning("stream %s failed: %r", rid, exc)
-            yield api.sse(api.server_error(f"the engine replica failed mid-stream: {type(exc).__name__}").body())
-        finally:
-            await _close(stream)
         yield api.SSE_DONE
 
     @staticmethod
     def _logprobs(kind, ids, lps, params, tokenizer):
         build = api.chat_logprobs if kind == "chat" else api.completion_logprobs
         return build(ids, lps, params.logprobs, tokenizer.decode)
+
+
+async def text_pieces(first: dict, stream, tokenizer: Tokenizer, stops) -> AsyncIterator[tuple[str, dict]]:
+    """(text to send, stream item) for every item of a token stream, starting with `first`.
+
+    Decodes incrementally (an incomplete multi-byte character waits for its next byte) and trims
+    stop strings as OpenAI does. Raises ApiError when the engine or its replica fails; always closes
+    the engine stream (which frees the request's pages if it is still running).
+    """
+    ids, sent = [], ""
+    trimmer = api.StopTrimmer(stops)
+    item = first
+    try:
+        while True:
+            ids += item["token_ids"]
+            text = tokenizer.decode(ids)
+            if text.endswith("\ufffd") and not item["finished"]:
+                delta = ""
+            else:
+                delta, sent = text[len(sent):], text
+            piece = trimmer.push(delta)
+            if item["finished"]:
+                _raise_if_failed(item["finish_reason"])
+                yield piece + trimmer.flush(), item
+                return
+            yield piece, item
+            item = await stream.__anext__()
+    except api.ApiError:
+        raise
+    except Exception as exc:  # the replica died mid-stream: say so, do not hang
+        logger.warning("stream failed: %r", exc)
+        raise api.server_error(f"the engine replica failed mid-stream: {type(exc).__name__}") from None
+    finally:
+        await _close(stream)
 
 
 async def _first_item(stream: AsyncIterator[dict]) -> dict:
@@ -239,16 +255,16 @@ def make_app(frontend: OpenAIFrontend) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        return frontend.list_models(frontend.authorize(request))
+        return frontend.list_models(frontend.authorize(request.headers.get("authorization", "")))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        allowed = frontend.authorize(request)
+        allowed = frontend.authorize(request.headers.get("authorization", ""))
         return await frontend.completions(await request.body(), allowed)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        allowed = frontend.authorize(request)
+        allowed = frontend.authorize(request.headers.get("authorization", ""))
         return await frontend.chat(await request.body(), allowed)
 
     return app

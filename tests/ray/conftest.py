@@ -38,12 +38,14 @@ def cluster():
 
     from cluster.actor import NAMESPACE, find_controller
     from replicas.config import default_config
-    from replicas.deployments import build_app
+    from replicas.deployments import GRPC_SERVICERS, build_app
 
-    port = free_port()
-    config = default_config(http={"port": port}, replicas={"num_replicas": 2, "report_period_s": 0.2})
+    port, grpc_port = free_port(), free_port()
+    config = default_config(http={"port": port, "grpc_port": grpc_port},
+                            replicas={"num_replicas": 2, "report_period_s": 0.2})
     ray.init(num_cpus=6, namespace=NAMESPACE, include_dashboard=False, logging_level="warning")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     controller = find_controller(config.app_name)
     deadline = time.monotonic() + 60

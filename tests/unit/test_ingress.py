@@ -119,3 +119,21 @@ def test_wrong_or_missing_key_is_401_and_a_key_sees_only_its_models(stack):
     assert run(raw(app, "POST", "/v1/completions", body, key=None)).status_code == 401
     assert run(raw(app, "POST", "/v1/completions", body, key="sk-only-qwen")).status_code == 404
     assert run(raw(app, "GET", "/health", key=None)).status_code == 200
+
+
+def test_over_capacity_is_429_with_retry_after():
+    config = default_config(replicas={"num_replicas": 1, "max_pending_requests": 1})
+    server = EngineServer(config, replica_id="small", models=["llama"])
+    app = make_app(OpenAIFrontend(config, server.generate))
+
+    async def main():
+        hog = server.generate("llama", [5, 6], SamplingParams(max_tokens=200, ignore_eos=True))
+        await hog.__anext__()  # one unfinished request: the replica is full
+        response = await raw(app, "POST", "/v1/completions", json.dumps({"model": "llama", "prompt": [1]}).encode())
+        await hog.aclose()
+        return response
+
+    response = run(main())
+    server.close()
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["type"] == "rate_limit_error"
