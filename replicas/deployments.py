@@ -180,7 +180,13 @@ def build_app(config: OneirosConfig):
     return ingress.bind(engine.bind(plain), plain)
 
 
-def app_builder(args: dict[str, str]):
-    """For `serve run` / `serve deploy`: `config=path.yaml`, or the built-in default."""
-    config = OneirosConfig.load(args["config"]) if args.get("config") else default_config()
+def app_builder(args: dict[str, Any]):
+    """For `serve run` / `serve deploy` / KubeRay: args `config: path.yaml`, or the whole Oneiros
+    config inline as `oneiros: {...}`, or nothing for the built-in default."""
+    if args.get("oneiros"):
+        config = OneirosConfig.model_validate(args["oneiros"])
+    elif args.get("config"):
+        config = OneirosConfig.load(args["config"])
+    else:
+        config = default_config()
     return build_app(config)
