@@ -38,13 +38,14 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class ClusterLoad:
     now_s: float  # the caller's clock
-    num_replicas: int  # replicas running now
+    num_replicas: int  # replicas asked for (running or starting): the count a decision changes
     kv_pages_demanded: int  # KV pages that running and waiting requests need, summed over replicas
     spare_pages: int  # free + reclaimable pages, summed over replicas
     pages_per_replica: int  # what one more replica would add (its pool minus resident parameters)
     queue_delay_s: float = 0.0  # age of the oldest waiting request anywhere
     ttft_slo_misses: int = 0  # requests over the TTFT SLO in the last window
     pinned_replicas: int = 0  # replicas holding the only copy of a warm model: never removed
+    num_starting: int = 0  # of num_replicas, not running yet: no further scale-up until they are
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def decide(load: ClusterLoad, config: ScalingConfig, state: PolicyState) -> Scal
     if n < floor:
         return _change(state, now, floor, f"below the floor {floor} (min {config.min_replicas}, "
                                           f"{load.pinned_replicas} pinned by warm models)")
-    if hot and now - state.pressure_since_s >= config.upscale_delay_s and n < config.max_replicas:
+    if hot and now - state.pressure_since_s >= config.upscale_delay_s and n < config.max_replicas \
+            and load.num_starting == 0:  # the replicas already coming will take some of the pressure
         deficit = max(0, load.kv_pages_demanded - int(config.high_pressure * load.spare_pages))
         extra = max(1, math.ceil(deficit / max(1, load.pages_per_replica)))
         target = min(config.max_replicas, n + extra)

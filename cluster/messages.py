@@ -51,6 +51,7 @@ class ReplicaOrders:
     warming: frozenset[str] = frozenset()  # tenants about to get traffic here: restore ahead of demand
     load: frozenset[str] = frozenset()  # models this replica should start hosting
     reasons: tuple[str, ...] = ()  # one line per decision, for logs and `oneiros status`
+    pinned: bool = False  # the only host of some warm (not cold) model: scaling down must keep it
 
 
 @dataclass(frozen=True)

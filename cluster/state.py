@@ -113,17 +113,17 @@ class ClusterState:
         self._version = max(self._version + 1, int(now_s * 1000))
         self._settle_loads(live, now_s)
         lines = self._cold(live, now_s) + self._warming(live) + self._placements(live, now_s)
-        orders = {rid: self._orders_for(rid, lines) for rid in live}
+        orders = {rid: self._orders_for(rid, lines, rid in _sole_warm_hosts(live, lines)) for rid in live}
         entries = tuple(_route_entry(rid, rec.report, t) for rid, rec in live.items() for t in rec.report.tenants)
         view = RoutingView(version=self._version, made_at_s=now_s,
                            entries=tuple(sorted(entries, key=lambda e: (e.model, e.replica_id))))
         self._last = Decision(orders=orders, view=view, reasons=tuple(line.reason for line in lines))
         return self._last
 
-    def _orders_for(self, rid: str, lines: list[_Line]) -> ReplicaOrders:
+    def _orders_for(self, rid: str, lines: list[_Line], pinned: bool = False) -> ReplicaOrders:
         mine = [line for line in lines if line.replica_id == rid]
         return ReplicaOrders(
-            replica_id=rid, version=self._version,
+            replica_id=rid, version=self._version, pinned=pinned,
             cold=frozenset(line.model for line in mine if line.kind == "cold"),
             warming=frozenset(line.model for line in mine if line.kind == "warming"),
             load=frozenset(line.model for line in mine if line.kind == "load"),
@@ -253,6 +253,16 @@ class ClusterState:
                 for rid, o in last.orders.items()},
             "reasons": [] if last is None else list(last.reasons),
         }
+
+
+def _sole_warm_hosts(live: dict[str, _Received], lines: list[_Line]) -> set[str]:
+    """Replicas that are the only live host of some model not cold this round."""
+    cold = {line.model for line in lines if line.kind == "cold"}
+    hosts: dict[str, set[str]] = {}
+    for rid, rec in live.items():
+        for t in rec.report.tenants:
+            hosts.setdefault(t.model, set()).add(rid)
+    return {next(iter(h)) for model, h in hosts.items() if len(h) == 1 and model not in cold}
 
 
 def _active_at(rec: _Received, t: TenantReport) -> float:

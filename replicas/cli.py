@@ -3,6 +3,7 @@
     oneiros serve [--config FILE]   start a local Ray cluster and serve the OpenAI API (default: 3 tiny tenants)
     oneiros status                  print the running cluster: replicas, tenants, pages, resident layers
     oneiros demo                    walk through parameter remapping on real memory (no Ray)
+    oneiros bench --base-url URL    replay a seeded multi-tenant workload against an OpenAI endpoint (no Ray)
 
 Ray auth: `oneiros serve` keeps Ray 2.60's token authentication on (RAY_AUTH_MODE=token unless you set
 it): the local cluster gets a token that `oneiros status` on the same machine finds by itself.
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     status_p.add_argument("--app", default="oneiros", help="app name (config's app_name)")
     status_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("demo", help="walk through parameter remapping on real memory (CPU, ~2 s)")
+    _add_bench_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,7 +43,38 @@ def main(argv: list[str] | None = None) -> int:
         return run()
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        from replicas.bench import run_bench
+
+        return run_bench(args)
     return _status(args)
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="replay a seeded multi-tenant workload against an OpenAI endpoint")
+    p.add_argument("--base-url", required=True, help="OpenAI API base, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--models", help="comma-separated model names, most popular first (default: GET /models)")
+    p.add_argument("--workload", choices=("zipf", "gamma", "azure"), default="zipf",
+                   help="Poisson arrivals, Gamma arrivals (--cv) or the Azure LLM trace (--trace)")
+    p.add_argument("--workload-file", help="replay this saved workload (or a bench --json result) instead")
+    p.add_argument("--rate", type=float, default=2.0, help="requests per second (zipf, gamma)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (zipf, gamma)")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of Gamma gaps (gamma)")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="tenant popularity ~ 1/rank^s")
+    p.add_argument("--prompt-len", default="uniform:16:128",
+                   help="fixed:N | uniform:LO:HI | lognormal:MEAN:SIGMA, optional :MAX (azure: MAX clips)")
+    p.add_argument("--output-len", default="fixed:32", help="as --prompt-len")
+    p.add_argument("--trace", help="AzureLLMInferenceTrace_{code,conv}.csv (azure)")
+    p.add_argument("--max-requests", type=int, help="first N requests of the trace (azure)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply the trace's gaps (azure)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=256, help="most streams open at once")
+    p.add_argument("--slo-ttft-s", type=float, default=1.0, help="goodput: TTFT limit")
+    p.add_argument("--slo-tbt-s", type=float, default=0.1, help="goodput: mean TBT limit")
+    p.add_argument("--json", help="write summary, workload and per-request records here")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plots", help="write PNG plots into this folder (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def _load_config(path: str | None):

@@ -73,6 +73,25 @@ class MemorySettings(BaseModel):
     device: str = Field("cpu", description="torch device of each replica: 'cpu' or 'cuda'.")
 
 
+class AutoscalingSettings(BaseModel):
+    """Scaling the engine replicas on memory pressure (autoscaler/policy.py); see ScalingConfig."""
+
+    model_config = _STRICT
+
+    min_replicas: int = Field(1, ge=1, description="Fewest engine replicas.")
+    max_replicas: int = Field(4, ge=1, description="Most engine replicas (KubeRay adds GPU workers for them).")
+    high_pressure: float = Field(0.9, gt=0, description="KV pages demanded / spare pages above this is pressure.")
+    low_pressure: float = Field(0.3, ge=0, description="Below this (no queueing, no SLO misses) is calm.")
+    max_queue_delay_s: float = Field(2.0, gt=0, description="A request waiting longer than this is pressure.")
+    ttft_slo_s: float = Field(2.0, gt=0, description="TTFT above this counts as an SLO miss.")
+    upscale_delay_s: float = Field(15.0, ge=0, description="Pressure must last this long to scale up.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Calm must last this long to scale down.")
+    cooldown_s: float = Field(60.0, ge=0, description="No scale-down this soon after a change.")
+
+    def policy_kwargs(self) -> dict[str, float | int]:
+        return self.model_dump(exclude={"ttft_slo_s"})
+
+
 class ReplicaSettings(BaseModel):
     model_config = _STRICT
 
@@ -81,6 +100,7 @@ class ReplicaSettings(BaseModel):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica.")
     max_pending_requests: int = Field(256, ge=1, description="Unfinished requests per replica before 429.")
     report_period_s: float = Field(0.5, gt=0, description="How often a replica reports to the controller.")
+    autoscaling: AutoscalingSettings | None = Field(None, description="Scale on memory pressure; null = fixed.")
 
 
 class SchedulerSettings(BaseModel):

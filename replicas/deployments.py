@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -31,9 +33,11 @@ from replicas.server import EngineServer
 
 logger = logging.getLogger(__name__)
 
+POLICY_PATH = "autoscaler.serve_policy:MemoryPressurePolicy"  # Serve imports it in its controller
 GRPC_SERVICERS = ["replicas.grpc.oneiros_pb2_grpc.add_OneirosLLMServicer_to_server"]  # for serve.start
 
 CONTROLLER_CALL_TIMEOUT_S = 5.0
+SLO_WINDOW_S = 10.0  # TTFT SLO misses count for the autoscaler this long
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -51,10 +55,13 @@ class _Metrics:
         self.remaps = metrics.Gauge("oneiros_remap_events", "Layer reclaims and restores since start",
                                     ("replica", "kind"))
 
-    def record(self, server: EngineServer) -> None:
+    def record(self, server: EngineServer) -> list[float]:
+        """Export this period's numbers; returns the TTFT samples drained (for the SLO window)."""
         rid, engine = server.replica_id, server.engine
+        drained: list[float] = []
         for model, (ttft, tbt) in engine.drain_latency_samples().items():
             tags = {"replica": rid, "model": model}
+            drained += ttft
             for x in ttft:
                 self.ttft.observe(x, tags)
             for x in tbt:
@@ -67,6 +74,7 @@ class _Metrics:
         self.lent_pages.set(memory.num_lent_pages(), {"replica": rid})
         self.remaps.set(memory.num_reclaims, {"replica": rid, "kind": "reclaim"})
         self.remaps.set(memory.num_restores, {"replica": rid, "kind": "restore"})
+        return drained
 
 
 class EngineReplica(EngineServer):
@@ -80,6 +88,7 @@ class EngineReplica(EngineServer):
         super().__init__(cfg, replica_id=context.replica_id.unique_id,
                          node_id=ray.get_runtime_context().get_node_id(), models=[])
         self._metrics = _Metrics()
+        self._recent_ttft: deque[tuple[float, float]] = deque()  # (monotonic time, TTFT s) of the SLO window
         self._controller = None
         self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
@@ -95,7 +104,10 @@ class EngineReplica(EngineServer):
 
     async def _report_once(self) -> None:
         report = await self._run(self._report)
-        await self._run(self._metrics.record, self)
+        now = time.monotonic()
+        self._recent_ttft.extend((now, x) for x in await self._run(self._metrics.record, self))
+        while self._recent_ttft and self._recent_ttft[0][0] < now - SLO_WINDOW_S:
+            self._recent_ttft.popleft()
         if self._controller is None:
             self._controller = find_controller(self.config.app_name)
             if self._controller is None:
@@ -103,6 +115,27 @@ class EngineReplica(EngineServer):
         orders = await asyncio.wait_for(self._controller.report.remote(report), CONTROLLER_CALL_TIMEOUT_S)
         if orders is not None:
             await self.apply_orders(orders)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Per-replica stats for the memory-pressure autoscaling policy (autoscaler/serve_policy.py)."""
+        return self._worker.submit(self._autoscaling_stats).result(timeout=10)
+
+    def _autoscaling_stats(self) -> dict[str, float]:
+        engine, pool = self.engine, self.engine.memory.pool
+        sched = engine.scheduler
+        demanded = sum(engine.memory.kv[m].num_pages_used + sched.kv_pages_needed(m) for m in engine.models)
+        waiting = [s.arrival_s for m in engine.models for s in sched.waiting[m]]
+        slo = self.config.replicas.autoscaling.ttft_slo_s if self.config.replicas.autoscaling else float("inf")
+        misses = sum(1 for _, x in list(self._recent_ttft) if x > slo)  # within the last SLO_WINDOW_S
+        pinned = self.last_orders is not None and self.last_orders.pinned
+        return {
+            "kv_pages_demanded": float(demanded),
+            "spare_pages": float(pool.num_free + engine.reclaimable_pages()),
+            "pages_per_replica": float(pool.num_pages),
+            "queue_delay_s": max((time.monotonic() - a for a in waiting), default=0.0),
+            "ttft_slo_misses": float(misses),
+            "pinned": 1.0 if pinned else 0.0,
+        }
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's own periodic stats: the router's view when the controller's is missing."""
@@ -158,10 +191,20 @@ def build_app(config: OneirosConfig):
         report_timeout_s=max(10.0, 10 * config.replicas.report_period_s),
     ))
     r = config.replicas
+    if r.autoscaling is None:
+        scaling: dict[str, Any] = {"num_replicas": r.num_replicas}
+    else:  # our policy keeps its own delays; Serve's would only add to them
+        a = r.autoscaling
+        scaling = {"autoscaling_config": {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": min(max(r.num_replicas, a.min_replicas), a.max_replicas),
+            "upscale_delay_s": 0, "downscale_delay_s": 0, "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
+            "policy": {"policy_function": POLICY_PATH, "policy_kwargs": a.policy_kwargs()},
+        }}
     engine = serve.deployment(
         EngineReplica,
         name="EngineReplica",
-        num_replicas=r.num_replicas,
+        **scaling,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         max_ongoing_requests=r.max_pending_requests,
         max_queued_requests=r.max_pending_requests,

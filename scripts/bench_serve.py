@@ -47,16 +47,26 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+# the stream timing, result checks and percentiles are shared with `oneiros bench` (replicas/bench)
+from replicas.bench.client import (
+    REQUEST_TIMEOUT_S,
+    TOKEN_ID_RANGE,
+    RequestResult,
+    StreamTimer,
+    check_result,
+    completion_body,
+    stream_completion,
+)
+from replicas.bench.report import percentile
 
 POPULARITY = (0.6, 0.3, 0.1)  # share of requests per tenant, in the config's model order
 PROMPT_LEN_RANGE = (16, 128)  # prompt length in tokens, both ends included
-TOKEN_ID_RANGE = (3, 250)  # prompt token ids, both ends included (0-2 are the byte tokenizer's specials)
 TTFT_TARGET_RATIO = 1.15  # the issue's target: Serve adds <= 15 % to p50 TTFT
 PLACEMENT_TIMEOUT_S = 120.0  # models placed on replicas after the app starts
 SETTLE_TIMEOUT_S = 60.0  # loads ordered during the warm-up land
-REQUEST_TIMEOUT_S = 300.0  # one streamed request, end to end
 
 
 # ---- the workload (pure) -----------------------------------------------------------------------
@@ -88,51 +98,10 @@ def make_workload(num_requests: int, models: Sequence[str], seed: int, max_token
 
 def request_body(req: BenchRequest) -> dict[str, Any]:
     """The /v1/completions body of `req` (the direct path parses the same body)."""
-    return {"model": req.model, "prompt": list(req.prompt_ids), "max_tokens": req.max_tokens, "temperature": 0,
-            "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    return completion_body(req.model, req.prompt_ids, req.max_tokens)
 
 
 # ---- results and statistics (pure) -------------------------------------------------------------
-
-@dataclass
-class RequestResult:
-    index: int  # BenchRequest.index
-    model: str
-    replica: str | None = None  # replica that served it (Serve's system_fingerprint), if known
-    ttft_s: float | None = None  # sent -> first token-carrying piece
-    tbt_s: list[float] = field(default_factory=list)  # gaps between token-carrying pieces
-    num_tokens: int = 0  # tokens counted from the stream
-    usage_tokens: int | None = None  # completion_tokens of the usage chunk (Serve only)
-    finish_reason: str | None = None
-    error: str | None = None  # exception or protocol problem; None if the stream ended normally
-    start_s: float = 0.0  # perf_counter when sent
-    end_s: float = 0.0  # perf_counter when the stream ended
-
-
-def check_result(result: RequestResult, max_tokens: int, need_usage: bool) -> str | None:
-    """Why `result` counts as failed (lost or wrong), or None if it is complete."""
-    if result.error is not None:
-        return result.error
-    if result.finish_reason != "length":
-        return f"finish_reason {result.finish_reason!r}, expected 'length'"
-    if result.num_tokens != max_tokens:
-        return f"{result.num_tokens} tokens streamed, expected {max_tokens}"
-    if need_usage and result.usage_tokens != max_tokens:
-        return f"usage says {result.usage_tokens} completion tokens, expected {max_tokens}"
-    return None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default); None if empty."""
-    if not values:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    xs = sorted(values)
-    rank = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
-
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1e3
@@ -197,50 +166,9 @@ async def drive(workload: Sequence[BenchRequest], concurrency: int,
     return sorted(results, key=lambda r: r.index)
 
 
-class _Stream:
-    """Timestamps of one request's stream: TTFT on the first token-carrying piece, TBT after."""
-
-    def __init__(self, req: BenchRequest) -> None:
-        self.result = RequestResult(req.index, req.model, start_s=time.perf_counter())
-        self._last_s: float | None = None
-
-    def tokens(self, n: int) -> None:
-        if n <= 0:
-            return
-        now = time.perf_counter()
-        if self._last_s is None:
-            self.result.ttft_s = now - self.result.start_s
-        else:
-            self.result.tbt_s.append(now - self._last_s)
-        self._last_s = now
-        self.result.num_tokens += n
-
-    def end(self) -> RequestResult:
-        self.result.end_s = time.perf_counter()
-        return self.result
-
-
 async def serve_one(client, req: BenchRequest) -> RequestResult:
     """One streamed completion through the OpenAI API."""
-    body = request_body(req)
-    stream = _Stream(req)
-    try:
-        chunks = await client.completions.create(
-            model=body["model"], prompt=body["prompt"], max_tokens=body["max_tokens"],
-            temperature=body["temperature"], logprobs=body["logprobs"], stream=True,
-            stream_options=body["stream_options"], extra_body={"ignore_eos": body["ignore_eos"]})
-        async for chunk in chunks:
-            if chunk.system_fingerprint:
-                stream.result.replica = chunk.system_fingerprint.removeprefix("oneiros-")
-            if chunk.usage is not None:
-                stream.result.usage_tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices:
-                stream.tokens(len(choice.logprobs.tokens) if choice.logprobs and choice.logprobs.tokens else 0)
-                if choice.finish_reason is not None:
-                    stream.result.finish_reason = choice.finish_reason
-    except Exception as exc:  # noqa: BLE001 - recorded, counted and printed as a failure
-        stream.result.error = f"{type(exc).__name__}: {exc}"[:500]
-    return stream.end()
+    return await stream_completion(client, req.index, request_body(req))
 
 
 class DirectEngines:
@@ -272,7 +200,7 @@ class DirectEngines:
         parsed = api.parse_completion(request_body(req))
         params = api.to_sampling_params(parsed, None, len(req.prompt_ids))
         rid = self.pick(req.model, replica)
-        stream = _Stream(req)
+        stream = StreamTimer(req.index, req.model)
         stream.result.replica = rid
         self._in_flight[rid] += 1
         try:

@@ -400,3 +400,16 @@ def test_random_rounds_keep_every_rule(data):
             assert not (o.cold & o.warming), (rid, o)
         entries = [(e.replica_id, e.model) for e in decision.view.entries]
         assert sorted(entries) == sorted((rid, t["model"]) for rid, r in live.items() for t in r["tenants"])
+
+
+def test_the_only_host_of_a_warm_model_is_pinned_and_a_cold_models_host_is_not():
+    state = ClusterState(ControllerConfig(cold_after_s=30.0))
+    now = 1000.0
+    state.ingest(make_report("r1", tenants=(make_tenant(model="a", num_running=1, last_active_s=now),)), now)
+    state.ingest(make_report("r2", tenants=(make_tenant(model="b", last_active_s=now - 500),)), now)
+    state.ingest(make_report("r3", tenants=(make_tenant(model="a", last_active_s=now),)), now)
+    orders = state.decide(now).orders
+    assert not orders["r1"].pinned and not orders["r3"].pinned  # "a" has two hosts
+    assert not orders["r2"].pinned  # "b" is cold
+    state.ingest(make_report("r2", tenants=(make_tenant(model="b", num_waiting=1, last_active_s=now),)), now + 1)
+    assert state.decide(now + 1).orders["r2"].pinned

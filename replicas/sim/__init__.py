@@ -1,0 +1,27 @@
+"""The simulator: the real engine, scheduler and RemapController on a virtual clock, with no tensors.
+
+    engine, sim = make_sim_engine(GH200, EngineConfig(...))
+    engine.add_model("a", llama3_8b(), meta_weights(llama3_8b()))
+    engine.add_request("a", prompt_ids, SamplingParams(max_tokens=128)); engine.step()  # clock moves
+
+devices.py: DeviceProfile presets and a measured CPU profile. cost.py: the roofline step-cost model,
+calibrated on Vidur's H100 profiles, and the paper's model configs. executor.py: SimExecutor and the
+byte-free memory backend. clock.py: VirtualClock. Nothing here imports Ray.
+"""
+
+from replicas.sim.clock import VirtualClock
+from replicas.sim.cost import (
+    H100_FIT, PAPER_MODELS, BatchShape, CostModel, CostParams, StepCost, VidurFit, fit_vidur, layer_param_bytes,
+    llama2_13b, llama3_8b, opt_6_7b, opt_13b, opt_30b,
+)
+from replicas.sim.devices import GH200, H100_PCIE, H100_SXM, H200, PRESETS, DeviceProfile, cpu_profile
+from replicas.sim.executor import (
+    NullBackend, SimDeviceMemory, SimExecutor, SimParamStore, SimStats, make_sim_engine, meta_weights,
+)
+
+__all__ = [
+    "VirtualClock", "H100_FIT", "PAPER_MODELS", "BatchShape", "CostModel", "CostParams", "StepCost", "VidurFit",
+    "fit_vidur", "layer_param_bytes", "llama2_13b", "llama3_8b", "opt_6_7b", "opt_13b", "opt_30b",
+    "GH200", "H100_PCIE", "H100_SXM", "H200", "PRESETS", "DeviceProfile", "cpu_profile",
+    "NullBackend", "SimDeviceMemory", "SimExecutor", "SimParamStore", "SimStats", "make_sim_engine", "meta_weights",
+]
