@@ -15,6 +15,7 @@ layer slab. A slot that still holds the right layer from the previous pass is no
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +46,7 @@ class StagingRing:
         self._order: list[int] = []  # remapped layers of this pass, forward order
         self._next = 0  # index in _order of the next layer to copy
         self.num_copies = 0  # layer copies issued (reuse of a still-valid slot is not a copy)
+        self.wait_s = 0.0  # time callers spent in copies or waiting for them (inline copies count whole)
 
     @property
     def num_slots(self) -> int:
@@ -66,7 +68,9 @@ class StagingRing:
         slot = self._slot_of(layer)
         ticket = self._tickets[slot]
         if ticket is not None:
+            start = time.perf_counter()
             self._transfer.wait(ticket)
+            self.wait_s += time.perf_counter() - start
             self._tickets[slot] = None
         return slab_views(self._params.slab(self.model, layer).specs, self._slot_bytes[slot])
 
@@ -100,5 +104,7 @@ class StagingRing:
             return
         slab = self._params.slab(self.model, layer)
         self._holds[slot] = layer
+        start = time.perf_counter()  # an inline (synchronous) engine copies right here
         self._tickets[slot] = self._transfer.submit(self._slot_bytes[slot][: slab.num_bytes], slab.host)
+        self.wait_s += time.perf_counter() - start
         self.num_copies += 1

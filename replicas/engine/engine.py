@@ -243,7 +243,10 @@ class LLMEngine:
                 self._ring_model = None
         self.num_layers_streamed += result.num_streamed_layers
         tenant = self._tenants[model]
-        tenant.step_s = elapsed if tenant.step_s == 0 else 0.8 * tenant.step_s + 0.2 * elapsed
+        # The controller's budget compares transfers with compute: waiting for streamed layers is not
+        # compute (counting it would let alpha only ever grow).
+        compute_s = max(0.0, elapsed - result.transfer_wait_s)
+        tenant.step_s = compute_s if tenant.step_s == 0 else 0.8 * tenant.step_s + 0.2 * compute_s
         now = self._clock()
         tenant.last_active_s = now
         before = {s.seq_id: len(self._seqs[s.seq_id].output_token_ids) for s in output.seqs}

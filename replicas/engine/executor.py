@@ -26,6 +26,7 @@ class ExecutorResult:
     sampled: dict[SeqId, int]  # next token of each sequence whose `samples` flag was set
     logprobs: dict[SeqId, dict[int, float]]  # chosen token (and top-N) logprobs, where requested
     num_streamed_layers: int  # remapped layers computed from staging slots in this step
+    transfer_wait_s: float = 0.0  # of the step's time, spent waiting for streamed layers' copies
 
 
 class Executor(Protocol):
@@ -90,7 +91,7 @@ class TorchExecutor:
         if ring is not None:
             ring.finish()
         if not sampling:
-            return ExecutorResult({}, {}, source.num_streamed)
+            return ExecutorResult({}, {}, source.num_streamed, ring.wait_s if ring else 0.0)
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
         tokens, logprobs = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
         sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist())}
@@ -103,4 +104,4 @@ class TorchExecutor:
                     if top is not None:
                         entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
                     lp[s.seq_id] = entry
-        return ExecutorResult(sampled, lp, source.num_streamed)
+        return ExecutorResult(sampled, lp, source.num_streamed, ring.wait_s if ring else 0.0)

@@ -144,7 +144,7 @@ class SimExecutor:
         self.clock.advance(cost.total_s)
         self._record(model, cost, num_streamed, sum(batch.num_new_tokens))
         sampled = {s.seq_id: self.token_id for s in output.seqs if s.samples}
-        return ExecutorResult(sampled, {}, num_streamed)
+        return ExecutorResult(sampled, {}, num_streamed, cost.exposed_transfer_s)  # not compute: see engine.step
 
     # ---- what the engine moved since the last step ---------------------------------------
     def _swap_traffic(self, seqs: Mapping[SeqId, Sequence]) -> tuple[float, float]:

@@ -148,6 +148,7 @@ def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded):
             ring.release(layer)
         ring.finish()
     assert ring.num_copies == 5  # pass 2 finds layer 3 still in slot 1 from pass 1
+    assert ring.wait_s > 0  # time in copies, which the engine keeps out of its compute estimate
     with pytest.raises(RemapError, match="staging ring"):
         mem.reclaim(ModelId("m0"), 0)
     mem.close_stream(ModelId("m0"))

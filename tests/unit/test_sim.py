@@ -9,7 +9,7 @@ import pytest
 from remap import RemapConfig
 from replicas.engine.engine import EngineConfig
 from replicas.engine.sampling import SamplingParams
-from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
+from replicas.engine.scheduler import SchedulerConfig
 from replicas.sim import (
     GH200, H100_FIT, H100_SXM, BatchShape, CostModel, VirtualClock, cpu_profile, fit_vidur, layer_param_bytes,
     llama3_8b, make_sim_engine, meta_weights, opt_6_7b,
@@ -112,9 +112,12 @@ def test_remapped_layers_stream_and_expose_transfer_when_it_exceeds_compute():
     assert sim.stats.num_streamed_layers > 0
     assert engine.num_layers_streamed == sim.stats.num_streamed_layers
     exposed = [c for _, c in sim.stats.steps if c.transfer_s > c.compute_s]
-    assert exposed and all(c.total_s == pytest.approx(c.transfer_s + c.blocking_s) for c in exposed)
+    # with 2+ slots the copies overlap compute (total = transfer + blocking), with 1 slot they add to it
+    assert exposed and all(c.total_s >= c.transfer_s + c.blocking_s - 1e-12 for c in exposed)
+    assert all(c.exposed_transfer_s > 0 for c in exposed)
     hidden = [c for _, c in sim.stats.steps if 0 < c.transfer_s <= c.compute_s]
-    assert all(c.exposed_transfer_s == 0 for c in hidden)
+    # hidden behind compute with 2+ slots; a 1-slot ring (no room for two) exposes its whole copy
+    assert all(c.exposed_transfer_s == 0 or c.exposed_transfer_s == pytest.approx(c.transfer_s) for c in hidden)
     assert sim.stats.exposed_transfer_s > 0
     assert sim.clock.now() == pytest.approx(sim.stats.busy_s)
 
