@@ -98,19 +98,19 @@ class DeviceMemory:
     # ---- reclaim / restore ---------------------------------------------------------------
     def reclaim(self, model: ModelId, layer: int) -> int:
         """Lend a layer's pages to the pool (no copy). Returns pages freed."""
-        if model in self._rings:
-            raise RemapError(f"close {model!r}'s staging ring before changing its resident layers")
+        self._retire_ring(model)
         freed = self.params.reclaim(model, layer)
         self.num_reclaims += 1
         return freed
 
     def restore(self, model: ModelId, layer: int) -> RestoreOutcome:
         """Bring a layer back from the host copy, migrating KV out of its home run if needed."""
-        if model in self._rings:
-            raise RemapError(f"close {model!r}'s staging ring before changing its resident layers")
+        self._retire_ring(model)
         moved: list[int] = []
 
         def evict(pages: list[PageId]) -> bool:
+            self._retire_rings_on(pages)  # staging slots are caches of host bytes: they can go
+            pages = [p for p in pages if self.pool.owner(p).kind is not OwnerKind.FREE]
             n = self._evict(pages, self.params.slab(model, layer).pages)
             moved.append(n)
             return n >= 0
@@ -227,6 +227,22 @@ class DeviceMemory:
 
     def ring(self, model: ModelId) -> StagingRing | None:
         return self._rings.get(model)
+
+    def _retire_rings_on(self, pages: Sequence[PageId]) -> None:
+        """Close the idle staging rings that own any of these pages."""
+        for owner in {self.pool.owner(p) for p in pages}:
+            if owner.kind is OwnerKind.STAGING and owner.model in self._rings:
+                self._retire_ring(owner.model)
+
+    def _retire_ring(self, model: ModelId) -> None:
+        """A model's resident layers are about to change: its ring (sized and filled for the old
+        set) closes, unless a forward pass is reading it right now, which is a caller's bug."""
+        ring = self._rings.get(model)
+        if ring is None:
+            return
+        if ring.in_pass:
+            raise RemapError(f"{model!r}'s staging ring is in a forward pass: its layers cannot change now")
+        self.close_stream(model)
 
     def _make_run(self, num_pages: int, owner: Owner) -> PageId | None:
         """A contiguous run of pages for `owner`: free if possible, else cleared of KV blocks."""

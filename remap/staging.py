@@ -47,6 +47,7 @@ class StagingRing:
         self._next = 0  # index in _order of the next layer to copy
         self.num_copies = 0  # layer copies issued (reuse of a still-valid slot is not a copy)
         self.wait_s = 0.0  # time callers spent in copies or waiting for them (inline copies count whole)
+        self.in_pass = False  # between begin_pass and finish: the slots are being read
 
     @property
     def num_slots(self) -> int:
@@ -58,6 +59,7 @@ class StagingRing:
 
     def begin_pass(self, layers: Sequence[int]) -> None:
         """Start a forward pass over these remapped layers (ascending); prefetch the first slots."""
+        self.in_pass = True
         self._order = sorted(layers)
         self._next = 0
         for _ in range(min(self.num_slots, len(self._order))):
@@ -81,7 +83,8 @@ class StagingRing:
             self._load_next()
 
     def finish(self) -> None:
-        """Wait for every copy of this pass (before the slots are reassigned or freed)."""
+        """End the pass: wait for every copy (before the slots are reassigned or freed)."""
+        self.in_pass = False
         for slot, ticket in enumerate(self._tickets):
             if ticket is not None:
                 self._transfer.wait(ticket)

@@ -229,7 +229,8 @@ class LLMEngine:
         model = self.scheduler.next_tenant()
         if model is None:
             return []
-        ring = self._open_ring(model)
+        ring = self._ring_for(model)
+        self._ring_model = model  # its layers cannot change until this step is done
         try:
             output = self.scheduler.schedule(model)
             if not output.seqs:
@@ -238,9 +239,7 @@ class LLMEngine:
             result = self.executor.execute(output, self._seqs, ring)
             elapsed = self._step_timer() - start
         finally:
-            if ring is not None:
-                self.memory.close_stream(model)
-                self._ring_model = None
+            self._ring_model = None
         self.num_layers_streamed += result.num_streamed_layers
         tenant = self._tenants[model]
         # The controller's budget compares transfers with compute: waiting for streamed layers is not
@@ -253,6 +252,8 @@ class LLMEngine:
         for seq_id, entry in result.logprobs.items():
             self._seqs[seq_id].output_logprobs.append(entry)
         finished = {s.seq_id for s in self.scheduler.postprocess(output, self._seqs, result.sampled, now)}
+        if ring is not None and not self.scheduler.has_work(model):
+            self.memory.close_stream(model)  # idle now: its slots go back to the pool
         outputs = []
         for s in output.seqs:
             seq = self._seqs[s.seq_id] if s.seq_id not in finished else self._retire(s.seq_id)
@@ -311,15 +312,18 @@ class LLMEngine:
                 cold=model in self._cold,
                 warming=model in self._warming,
             ))
-        if self._ring_model is not None:
-            ring = self.memory.ring(self._ring_model)
-            ring_pages = len(ring.pages) if ring else 0
+        for model in self._tenants:  # the controller charges staging itself: open rings count as free
+            ring = self.memory.ring(model)
+            ring_pages += len(ring.pages) if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants))
 
     def _replan(self, now: float) -> None:
         plan = self.controller.plan(self._snapshot(now))
         if not plan.is_noop:
-            self.memory.apply(plan)
+            self._apply(plan)
+
+    def _apply(self, plan) -> None:
+        self.memory.apply(plan)  # rings of the models whose layers move close first (DeviceMemory)
 
     def _make_room(self, model: ModelId, num_pages: int) -> bool:
         """Scheduler hook: lend parameter pages so `model` can grow by `num_pages`."""
@@ -333,20 +337,23 @@ class LLMEngine:
             )
         plan = dataclasses.replace(plan, restore=())  # growing now: restores wait for the next step
         if plan.reclaim:
-            self.memory.apply(plan)
+            self._apply(plan)
         return self.memory.pool.num_free > free_before
 
-    def _open_ring(self, model: ModelId) -> StagingRing | None:
-        """A staging ring for the model's remapped layers; preempts (recompute) if no room at all."""
+    def _ring_for(self, model: ModelId) -> StagingRing | None:
+        """The staging ring of the model's remapped layers, kept across its steps (its slots still
+        hold the layers of the last pass); opened when missing, preempting by recompute if no room."""
         num_remapped = self.memory.params.num_layers(model) - len(self.memory.params.resident_layers(model))
-        if num_remapped == 0:
-            return None
+        ring = self.memory.ring(model)
+        if num_remapped == 0 or ring is not None:
+            if num_remapped == 0 and ring is not None:
+                self.memory.close_stream(model)
+            return ring if num_remapped else None
         want = min(num_remapped, self.config.remap.max_staging_slots or num_remapped + 1)
         while True:
             for slots in dict.fromkeys((want, 1)):
                 ring = self.memory.open_stream(model, slots)
                 if ring is not None:
-                    self._ring_model = model
                     return ring
             # KV fills every page: free some by recompute, the way the pool's last resort always is
             if not self.scheduler.preempt_latest():

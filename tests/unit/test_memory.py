@@ -149,8 +149,10 @@ def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded):
         ring.finish()
     assert ring.num_copies == 5  # pass 2 finds layer 3 still in slot 1 from pass 1
     assert ring.wait_s > 0  # time in copies, which the engine keeps out of its compute estimate
-    with pytest.raises(RemapError, match="staging ring"):
+    ring.begin_pass([1, 3, 5])
+    with pytest.raises(RemapError, match="in a forward pass"):  # slots being read: no layer may move
         mem.reclaim(ModelId("m0"), 0)
+    ring.finish()
     mem.close_stream(ModelId("m0"))
     assert mem.pool.num_owned_by(OwnerKind.STAGING) == 0
     mem.check_integrity()
@@ -221,3 +223,13 @@ def test_kv_geometry_too_big_for_a_page_is_refused():
     with pytest.raises(RemapError, match=r"needs 16384 B of KV, more than a page of 4096 B"):
         mem.register_model(ModelId("big"), layers, base, KVGeometry(32, 8, 8, torch.float32))
     assert mem.params.models == []
+
+
+def test_changing_a_models_layers_between_passes_retires_its_ring():
+    mem = make_memory(num_pages=40)
+    add_model(mem, num_layers=6)
+    mem.reclaim(ModelId("m0"), 1)
+    assert mem.open_stream(ModelId("m0"), num_slots=1) is not None
+    mem.reclaim(ModelId("m0"), 4)  # the ring was sized and filled for layer 1 alone
+    assert mem.ring(ModelId("m0")) is None and mem.pool.num_owned_by(OwnerKind.STAGING) == 0
+    mem.check_integrity()
