@@ -36,6 +36,9 @@ class ReplicaReport:
     link_bytes_per_s: float  # measured host->device bandwidth
     tenants: tuple[TenantReport, ...]  # every model hosted by the replica
     num_aborted: int = 0  # requests aborted since start (clients gone, cancellations)
+    device_memory_used_bytes: int | None = None  # from NVML on GPUs; None elsewhere
+    device_memory_total_bytes: int | None = None
+    device_utilization_pct: int | None = None
 
     def tenant(self, model: str) -> TenantReport | None:
         return next((t for t in self.tenants if t.model == model), None)

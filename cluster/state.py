@@ -287,6 +287,9 @@ def _replica_summary(rec: _Received) -> dict:
         # what reports tell of the rest: parameters (and staging slots) of the hosted tenants
         "param_pages": max(0, r.num_pages - r.free_pages - kv_pages),
         "link_bytes_per_s": r.link_bytes_per_s, "num_aborted": r.num_aborted,
+        "device_memory_used_bytes": r.device_memory_used_bytes,
+        "device_memory_total_bytes": r.device_memory_total_bytes,
+        "device_utilization_pct": r.device_utilization_pct,
         "tenants": [{"model": t.model, "resident_layers": t.resident_layers, "num_layers": t.num_layers,
                      "num_waiting": t.num_waiting, "num_running": t.num_running,
                      "kv_pages_used": t.kv_pages_used, "arrival_rate_per_s": t.arrival_rate_per_s}

@@ -31,6 +31,7 @@ from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.tokenizer import Tokenizer
+from replicas.telemetry import read_device
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +188,12 @@ class EngineServer:
             tenants.append(TenantReport(model, s.num_layers, s.resident_layers, s.num_waiting + s.num_swapped,
                                         s.num_running, s.kv_pages_used, s.last_active_s + wall_offset,
                                         s.arrival_rate_per_s))
+        device = engine.memory.device
+        gpu = read_device(device.index or 0) if device.type == "cuda" else None
         return ReplicaReport(self.replica_id, self.node_id, time.time(), pool.num_pages, pool.page_size_bytes,
                              pool.num_free, engine.reclaimable_pages(), engine.link_bytes_per_s, tuple(tenants),
-                             self.num_aborted)
+                             self.num_aborted, gpu and gpu.memory_used_bytes, gpu and gpu.memory_total_bytes,
+                             gpu and gpu.utilization_pct)
 
     async def apply_orders(self, orders: ReplicaOrders) -> None:
         """Between engine steps (on the engine thread): hints for the remap controller, new models."""

@@ -1,0 +1,314 @@
+"""simulate(): replay a workload on ONE simulated device under one memory policy, on a virtual clock.
+
+The driver owns time between steps: when the engine is idle the clock jumps to the next arrival;
+when it is busy the engine steps and every request whose arrival time has passed is added before
+the next step. Latencies are measured from each request's *trace* arrival (a request that arrives
+mid-step is only seen by the engine after the step, and that wait counts), not from the engine's
+own add time, so `tenant_stats` (engine-side, bounded) is not used here.
+
+Policies (all the same engine and scheduler; only memory handling differs):
+
+    recompute  preemption by recompute (vLLM's default)
+    swap       preemption by swapping KV to host (vLLM swap, Pie)
+    oneiros    remap with the paper's settings: MRU victims, cap 0.75, alpha+1 (alpha+2) staging slots
+    ours       remap with our defaults (2-slot staging ring) and the victim order (MRU or LRU) picked
+               from the workload's first PILOT_FRACTION of arrivals only (see choose_victim_order)
+    static     spatial partition: one engine per model, each with its own parameters plus 1/N of the
+               device's KV pages and its OWN clock and full compute (recompute mode). Time-slicing one
+               device between them is not modeled, so static's compute is optimistic.
+    oracle     recompute mode with a pool big enough that KV never runs out (an upper bound)
+
+Invariant: the virtual clock only moves forward, and only by modeled step time or idle jumps to
+the next arrival; `wall_s` is the only real time measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence as Seq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from remap import ModelId, RemapConfig
+from remap.controller import VictimOrder
+from replicas.bench.workload import Request
+from replicas.engine.models import ModelConfig
+from replicas.sim.clock import VirtualClock
+from replicas.sim.cost import layer_param_bytes
+from replicas.sim.devices import DeviceProfile
+from replicas.sim.executor import make_sim_engine, meta_weights
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("recompute", "swap", "oneiros", "ours", "static", "oracle")
+PILOT_FRACTION = 0.1  # share of arrivals `ours` may look at to choose its victim order
+TOKEN_ID = 7  # every prompt token; the SimExecutor samples token 0 (neither is an eos of the paper's models)
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # running sequences per tenant
+    page_size_bytes: int = 2 << 20  # the CUDA VMM granularity
+    reserved_fraction: float = 0.1  # device memory kept for activations and the runtime
+    num_pages: int | None = None  # pool size override (tests); None = from the device's memory
+    max_steps: int = 50_000_000  # a runaway guard, per engine
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    tenant: str  # workload tenant name
+    arrival_s: float  # trace arrival, virtual seconds
+    ttft_s: float | None  # first token time - arrival; None if rejected
+    completion_s: float | None  # last token time - arrival
+    num_tokens: int  # output tokens produced
+    tbt_s: tuple[float, ...]  # gaps between consecutive output tokens
+    num_preemptions: int  # times this request was preempted
+    rejected: str | None = None  # why the engine refused it (too long for the pool / context)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    device: str
+    records: list[RequestRecord]
+    summary: dict[str, float]  # see summarize()
+    wall_s: float  # real seconds the simulation took
+    num_steps: int = 0
+    num_preemptions: int = 0
+    notes: dict[str, str] = field(default_factory=dict)  # policy choices made at run time (e.g. victim order)
+
+
+# ---- the replay loop ----------------------------------------------------------------------------
+def _replay(engine, clock: VirtualClock, requests: Seq[Request], model_of: Mapping[str, str],
+            max_steps: int) -> list[RequestRecord]:
+    from replicas.engine.sampling import InvalidRequest, SamplingParams
+
+    live: dict = {}  # seq id -> (request, Sequence)
+    records: list[RequestRecord] = []
+    i, n, steps = 0, len(requests), 0
+    while i < n or engine.has_unfinished():
+        if not engine.has_unfinished():
+            clock.advance_to(requests[i].arrival_s)  # idle: jump
+        while i < n and requests[i].arrival_s <= clock.now():
+            r = requests[i]
+            i += 1
+            params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
+            try:
+                sid = engine.add_request(model_of[r.tenant], [TOKEN_ID] * r.prompt_len, params)
+            except InvalidRequest as exc:
+                records.append(RequestRecord(r.tenant, r.arrival_s, None, None, 0, (), 0, str(exc)))
+                continue
+            live[sid] = (r, engine.sequence(sid))
+        if not engine.has_unfinished():
+            continue
+        before = clock.now()
+        for out in engine.step():
+            if out.finished:
+                r, seq = live.pop(out.seq_id)
+                records.append(_record(r, seq))
+        steps += 1
+        if steps > max_steps:
+            raise RuntimeError(f"replay not done after {max_steps} steps ({len(live)} requests live)")
+        if clock.now() == before and i < n:  # no step could run: nothing to do until the next arrival
+            clock.advance_to(requests[i].arrival_s)
+    return records
+
+
+def _record(r: Request, seq) -> RequestRecord:
+    times = seq.token_times_s
+    gaps = tuple(float(b - a) for a, b in zip(times, times[1:]))
+    return RequestRecord(r.tenant, r.arrival_s, times[0] - r.arrival_s, times[-1] - r.arrival_s, len(times),
+                         gaps, seq.num_preemptions)
+
+
+# ---- engines per policy -------------------------------------------------------------------------
+def _engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder = VictimOrder.MRU):
+    from replicas.engine.engine import EngineConfig
+    from replicas.engine.scheduler import SchedulerConfig
+
+    mode = {"recompute": "recompute", "swap": "swap", "static": "recompute", "oracle": "recompute"}.get(policy, "remap")
+    remap = {
+        # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
+        "oneiros": RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75, max_staging_slots=None),
+        "ours": RemapConfig(victim_order=victim_order),
+    }.get(policy, RemapConfig())
+    sched = SchedulerConfig(max_num_batched_tokens=settings.max_num_batched_tokens,
+                            max_num_seqs=settings.max_num_seqs, preemption_mode=mode)
+    return EngineConfig(scheduler=sched, remap=remap)
+
+
+def _probe(models: Mapping[str, ModelConfig], device: DeviceProfile, settings: SimSettings):
+    """An engine with room for everything, to read exact page counts (parameters, KV blocks) off the
+    real ParamStore and KV managers instead of re-deriving their rounding here."""
+    big = sum(c.num_layers * (-(-layer_param_bytes(c) // settings.page_size_bytes) + 8) for c in models.values())
+    engine, _ = _build(device, models, _engine_config("recompute", settings), 4 * big + 4096, settings)
+    return engine
+
+
+def param_pages(models: Mapping[str, ModelConfig], device: DeviceProfile, settings: SimSettings) -> dict[str, int]:
+    """Pages each model's parameters take in the pool (layer slabs plus the base slab)."""
+    out = {}
+    for name, config in models.items():
+        engine = _probe({name: config}, device, settings)
+        out[name] = engine.memory.pool.num_pages - engine.memory.pool.num_free
+    return out
+
+
+def _device_pages(device: DeviceProfile, settings: SimSettings) -> int:
+    if settings.num_pages is not None:
+        return settings.num_pages
+    return int(device.memory_bytes * (1 - settings.reserved_fraction)) // settings.page_size_bytes
+
+
+def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_config, num_pages: int,
+           settings: SimSettings):
+    engine, sim = make_sim_engine(device, engine_config, num_pages=num_pages, page_size_bytes=settings.page_size_bytes,
+                                  token_id=0)
+    for name, config in models.items():
+        engine.add_model(name, config, meta_weights(config))
+    return engine, sim
+
+
+def _shared_run(policy, workload, models, model_of, device, settings, num_pages, victim_order=VictimOrder.MRU):
+    engine, sim = _build(device, models, _engine_config(policy, settings, victim_order), num_pages, settings)
+    records = _replay(engine, sim.clock, workload, model_of, settings.max_steps)
+    return records, sim.stats.num_steps, engine.scheduler.num_preemptions
+
+
+def _static_run(workload, models, model_of, device, settings):
+    """One engine per model on its own clock: its parameters plus an equal 1/N share of the KV pages."""
+    total = _device_pages(device, settings)
+    params = param_pages(models, device, settings)
+    kv_share = (total - sum(params.values())) // len(models)
+    if kv_share <= 0:
+        raise ValueError(f"{device.name}: the models' parameters ({sum(params.values())} pages) fill the pool "
+                         f"({total} pages)")
+    records, steps, preemptions = [], 0, 0
+    for name, config in models.items():
+        mine = [r for r in workload if model_of[r.tenant] == name]
+        engine, sim = _build(device, {name: config}, _engine_config("static", settings), params[name] + kv_share,
+                             settings)
+        records += _replay(engine, sim.clock, mine, model_of, settings.max_steps)
+        steps += sim.stats.num_steps
+        preemptions += engine.scheduler.num_preemptions
+    return records, steps, preemptions
+
+
+def _oracle_pages(workload, models, model_of, device, settings) -> int:
+    """Parameters plus KV for every tenant's max_num_seqs longest requests at once: nothing is ever preempted."""
+    engine = _probe(models, device, settings)
+    pages = engine.memory.pool.num_pages - engine.memory.pool.num_free
+    lens: dict[str, list[int]] = {m: [] for m in models}
+    for r in workload:
+        lens[model_of[r.tenant]].append(r.prompt_len + r.output_len)
+    for name, ns in lens.items():
+        kv = engine.memory.kv[ModelId(name)]
+        pages += sum(kv.num_blocks_for(n) for n in sorted(ns, reverse=True)[: settings.max_num_seqs])
+    return pages + 64  # staging slots and rounding
+
+
+# ---- victim order for `ours` ---------------------------------------------------------------------
+def choose_victim_order(workload: Seq[Request], fraction: float = PILOT_FRACTION) -> VictimOrder:
+    """MRU or LRU from the first `fraction` of arrivals only: whenever a tenant other than the last
+    one arrives, was it the most or the least recently used of the others? Lend the layers of the
+    kind that comes back less often (the paper's MRU argument is turn-taking; Zipf traffic with a
+    dominant tenant favours LRU instead). Ties keep the paper's MRU."""
+    pilot = workload[: max(1, int(len(workload) * fraction))]
+    last_use: dict[str, int] = {}
+    mru_hits = lru_hits = 0
+    prev = None
+    for k, r in enumerate(pilot):
+        others = {t: s for t, s in last_use.items() if t != prev}
+        if r.tenant != prev and len(others) >= 2 and r.tenant in others:
+            ordered = sorted(others, key=others.get)
+            mru_hits += r.tenant == ordered[-1]
+            lru_hits += r.tenant == ordered[0]
+        last_use[r.tenant] = k
+        prev = r.tenant
+    return VictimOrder.LRU if mru_hits > lru_hits else VictimOrder.MRU
+
+
+# ---- the entry point ------------------------------------------------------------------------------
+def simulate(workload: Seq[Request], models: Mapping[str, ModelConfig], device: DeviceProfile, policy: str,
+             settings: SimSettings | None = None, tenant_models: Mapping[str, str] | None = None) -> SimResult:
+    """Replay `workload` (sorted by arrival) on one `device` under `policy`.
+
+    `models` maps model names to configs; `tenant_models` maps the workload's tenants (t0, t1, ...)
+    to model names, by default t_i -> the i-th model."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
+    settings = settings or SimSettings()
+    names = list(models)
+    model_of = dict(tenant_models or {f"t{i}": m for i, m in enumerate(names)})
+    unknown = {r.tenant for r in workload} - model_of.keys()
+    if unknown:
+        raise ValueError(f"tenants {sorted(unknown)} map to no model; models: {names}")
+    workload = sorted(workload, key=lambda r: r.arrival_s)
+    notes: dict[str, str] = {}
+    start = time.perf_counter()
+    if policy == "static":
+        records, steps, preempted = _static_run(workload, models, model_of, device, settings)
+    elif policy == "oracle":
+        pages = max(_device_pages(device, settings), _oracle_pages(workload, models, model_of, device, settings))
+        notes["num_pages"] = str(pages)
+        records, steps, preempted = _shared_run(policy, workload, models, model_of, device, settings, pages)
+    else:
+        order = choose_victim_order(workload) if policy == "ours" else VictimOrder.MRU
+        if policy == "ours":
+            notes["victim_order"] = order.value
+        records, steps, preempted = _shared_run(policy, workload, models, model_of, device, settings,
+                                                _device_pages(device, settings), order)
+    wall_s = time.perf_counter() - start
+    records.sort(key=lambda rec: rec.arrival_s)
+    return SimResult(policy, device.name, records, summarize(records), wall_s, steps, preempted, notes)
+
+
+def summarize(records: Seq[RequestRecord]) -> dict[str, float]:
+    done = [r for r in records if r.ttft_s is not None]
+    ttft = np.array([r.ttft_s for r in done]) if done else np.zeros(1)
+    tbt = np.concatenate([np.asarray(r.tbt_s) for r in done if r.tbt_s] or [np.zeros(1)])
+    tokens = sum(r.num_tokens for r in done)
+    span = (max(r.arrival_s + r.completion_s for r in done) - min(r.arrival_s for r in done)) if done else 0.0
+    return {
+        "num_requests": len(records),
+        "num_rejected": len(records) - len(done),
+        "num_tokens": tokens,
+        "p50_ttft_s": float(np.percentile(ttft, 50)),
+        "p99_ttft_s": float(np.percentile(ttft, 99)),
+        "p50_tbt_s": float(np.percentile(tbt, 50)),
+        "p99_tbt_s": float(np.percentile(tbt, 99)),
+        "throughput_tok_s": tokens / span if span > 0 else 0.0,  # output tokens over first arrival..last token
+        "makespan_s": span,
+    }
+
+
+def simulate_all(workload, models, device, policies: Seq[str] = POLICIES, settings: SimSettings | None = None,
+                 progress: Callable[[SimResult], None] | None = None) -> dict[str, SimResult]:
+    out = {}
+    for policy in policies:
+        out[policy] = simulate(workload, models, device, policy, settings)
+        if progress:
+            progress(out[policy])
+    return out
+
+
+def compare(results: Mapping[str, SimResult], baseline: str = "recompute") -> dict[str, dict[str, float]]:
+    """Per policy: the headline numbers, their change against `baseline` in %, and wall_s."""
+    base = results.get(baseline)
+    keys = ("p99_tbt_s", "p99_ttft_s", "throughput_tok_s")
+    table = {}
+    for policy, res in results.items():
+        row = {k: res.summary[k] for k in keys} | {
+            "p50_tbt_s": res.summary["p50_tbt_s"], "p50_ttft_s": res.summary["p50_ttft_s"],
+            "num_preemptions": res.num_preemptions, "num_rejected": res.summary["num_rejected"],
+            "wall_s": res.wall_s}
+        for k in keys:
+            b = base.summary[k] if base else 0.0
+            row[f"{k}_vs_{baseline}_pct"] = 100.0 * (res.summary[k] - b) / b if b else float("nan")
+        row.update(res.notes)
+        table[policy] = row
+    return table
+
