@@ -20,6 +20,7 @@ from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_views
 from remap.pool import PagePool
 from remap.staging import StagingRing
 from remap.transfer import (
+    CudaTransferEngine,
     SyncTransferEngine,
     ThreadTransferEngine,
     TransferEngine,
@@ -39,7 +40,7 @@ from remap.types import (
 )
 
 __all__ = [
-    "AppliedPlan", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
+    "AppliedPlan", "CudaTransferEngine", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
     "TenantSnapshot", "VictimOrder", "uniform_layers",
     "BASE_SLAB", "DEFAULT_PAGE_SIZE_BYTES", "FREE", "TENSOR_ALIGN_BYTES", "ArenaBackend", "Backend",
     "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",

@@ -60,7 +60,7 @@ class DeviceMemory:
         self.backend = backend or ArenaBackend(num_pages, page_size_bytes, device)
         self.device = self.backend.device
         self.pool = PagePool(num_pages, page_size_bytes)
-        self.transfer = transfer or make_transfer_engine()
+        self.transfer = transfer or make_transfer_engine(self.device)
         self.params = ParamStore(self.pool, self.backend, self.transfer)
         self.kv: dict[ModelId, KVBlocks] = {}
         self._rings: dict[ModelId, StagingRing] = {}

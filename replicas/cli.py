@@ -4,6 +4,7 @@
     oneiros status                  print the running cluster: replicas, tenants, pages, resident layers
     oneiros demo                    walk through parameter remapping on real memory (no Ray)
     oneiros bench --base-url URL    replay a seeded multi-tenant workload against an OpenAI endpoint (no Ray)
+    oneiros sim --preset c1         replay the paper's experiments on the simulator, every policy (no Ray)
 
 Ray auth: `oneiros serve` keeps Ray 2.60's token authentication on (RAY_AUTH_MODE=token unless you set
 it): the local cluster gets a token that `oneiros status` on the same machine finds by itself.
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     status_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("demo", help="walk through parameter remapping on real memory (CPU, ~2 s)")
     _add_bench_parser(sub)
+    _add_sim_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from replicas.bench import run_bench
 
         return run_bench(args)
+    if args.command == "sim":
+        from replicas.sim.run import run_sim_cli
+
+        return run_sim_cli(args)
     return _status(args)
 
 
@@ -75,6 +81,17 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plots", help="write PNG plots into this folder (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _add_sim_parser(sub) -> None:
+    p = sub.add_parser("sim", help="replay the paper's experiments on the simulator (virtual clock, no GPU)")
+    p.add_argument("--preset", required=True, help="c1, c2, c1-rate, c1-input, c2-rate, c2-input, tiny")
+    p.add_argument("--device", default="gh200", help="gh200 | h100-pcie")
+    p.add_argument("--trace", help="AzureLLMInferenceTrace_code.csv (default: ../shared/traces/azure-llm-2023)")
+    p.add_argument("--duration", type=float, help="seconds of arrivals to replay (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,oracle")
+    p.add_argument("--json", help="write the per-policy table here")
 
 
 def _load_config(path: str | None):

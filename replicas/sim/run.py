@@ -312,3 +312,52 @@ def compare(results: Mapping[str, SimResult], baseline: str = "recompute") -> di
         table[policy] = row
     return table
 
+
+
+# ---- the `oneiros sim` command ------------------------------------------------------------------
+def format_table(table: Mapping[str, Mapping[str, float]], baseline: str = "recompute") -> str:
+    head = (f"{'policy':<10} {'p99_tbt_s':>10} {'d%':>7} {'p99_ttft_s':>11} {'d%':>7} {'tok/s':>9} {'d%':>7} "
+            f"{'preempt':>8} {'wall_s':>7}")
+    lines = [head]
+    for policy, row in table.items():
+        lines.append(
+            f"{policy:<10} {row['p99_tbt_s']:>10.4f} {row[f'p99_tbt_s_vs_{baseline}_pct']:>+7.1f} "
+            f"{row['p99_ttft_s']:>11.3f} {row[f'p99_ttft_s_vs_{baseline}_pct']:>+7.1f} "
+            f"{row['throughput_tok_s']:>9.1f} {row[f'throughput_tok_s_vs_{baseline}_pct']:>+7.1f} "
+            f"{row['num_preemptions']:>8d} {row['wall_s']:>7.2f}")
+    return "\n".join(lines)
+
+
+def run_sim_cli(args) -> int:
+    import json
+    import pathlib
+    import sys
+
+    from replicas.sim.presets import get_device, get_preset
+
+    try:
+        preset, device = get_preset(args.preset), get_device(args.device)
+        policies = tuple(args.policies.split(",")) if args.policies else POLICIES
+        bad = set(policies) - set(POLICIES)
+        if bad:
+            raise KeyError(f"unknown policies {sorted(bad)}; available: {POLICIES}")
+        duration = args.duration or preset.default_duration_s
+        points = preset.workloads(duration, args.seed, args.trace)
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        print(f"oneiros sim: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    models = preset.models()
+    out = {"preset": preset.name, "device": device.name, "duration_s": duration, "seed": args.seed,
+           "models": list(models), "points": {}}
+    for label, requests in points:
+        print(f"{preset.name} on {device.name}, {label}: {len(requests)} requests over {duration:g} s", flush=True)
+        table = compare(simulate_all(requests, models, device, policies))
+        print(format_table(table), flush=True)
+        out["points"][label] = table
+    if len(points) == 1:
+        out["policies"] = next(iter(out["points"].values()))  # the single point's table, at the top level too
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+    return 0
