@@ -24,9 +24,11 @@ the next arrival; `wall_s` is the only real time measured.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence as Seq
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,7 +121,7 @@ def _replay(engine, clock: VirtualClock, requests: Seq[Request], model_of: Mappi
 
 def _record(r: Request, seq) -> RequestRecord:
     times = seq.token_times_s
-    gaps = tuple(float(b - a) for a, b in zip(times, times[1:]))
+    gaps = tuple(float(b - a) for a, b in itertools.pairwise(times))
     return RequestRecord(r.tenant, r.arrival_s, times[0] - r.arrival_s, times[-1] - r.arrival_s, len(times),
                          gaps, seq.num_preemptions)
 

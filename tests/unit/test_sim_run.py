@@ -1,0 +1,93 @@
+"""simulate(): every policy replays the tiny preset deterministically; the CLI writes its table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from replicas.bench.workload import Request
+from replicas.cli import main
+from replicas.sim import GH200
+from replicas.sim.presets import get_preset
+from replicas.sim.run import POLICIES, SimSettings, choose_victim_order, simulate
+
+# 256 KiB pages keep the tiny models' KV granular; 400 pages = their parameters (220) + ~180 KV pages,
+# which the tiny workload overflows (the oracle needs ~1,260).
+PRESSURE = SimSettings(num_pages=400, page_size_bytes=256 << 10, max_num_batched_tokens=512, max_num_seqs=32)
+
+
+def _tiny(duration_s=2.0):
+    preset = get_preset("tiny")
+    return preset.workloads(duration_s, 0, None)[0][1], preset.models()
+
+
+@pytest.fixture(scope="module")
+def results():
+    requests, models = _tiny()
+    return {p: simulate(requests, models, GH200, p, PRESSURE) for p in POLICIES}
+
+
+def test_every_policy_finishes_every_request(results):
+    requests, _ = _tiny()
+    for policy, res in results.items():
+        assert len(res.records) == len(requests), policy
+        assert res.summary["num_rejected"] == 0
+        assert [r.num_tokens for r in res.records] == [q.output_len for q in requests], policy
+
+
+def test_replays_are_deterministic(results):
+    requests, models = _tiny()
+    for policy in ("ours", "static"):
+        again = simulate(requests, models, GH200, policy, PRESSURE)
+        assert again.records == results[policy].records
+        assert again.summary == results[policy].summary
+
+
+def test_oracle_has_the_best_throughput(results):
+    best = results["oracle"].summary["throughput_tok_s"]
+    assert results["oracle"].num_preemptions == 0
+    assert all(best >= r.summary["throughput_tok_s"] for r in results.values())
+
+
+def test_remap_preempts_less_than_recompute_under_memory_pressure(results):
+    assert results["recompute"].num_preemptions > 0  # the pool really is too small
+    assert results["ours"].num_preemptions < results["recompute"].num_preemptions
+
+
+def test_latencies_are_measured_from_the_trace_arrival():
+    # one request arriving while the engine is idle: its TTFT is one prefill step, not the idle gap
+    _, models = _tiny()
+    res = simulate([Request(5.0, "t0", 100, 4)], models, GH200, "recompute", PRESSURE)
+    (rec,) = res.records
+    assert 0 < rec.ttft_s < 0.1 and len(rec.tbt_s) == 3 and rec.completion_s >= rec.ttft_s
+
+
+def test_victim_order_follows_the_pilot_prefix():
+    turn_taking = [Request(float(i), f"t{i % 3}", 10, 1) for i in range(30)]  # round robin: LRU comes back
+    assert choose_victim_order(turn_taking, fraction=1.0).value == "mru"
+    # t0 asks once, then t1 and t2 take turns: the most recently used of the others comes back
+    ping_pong = [Request(float(i), t, 10, 1) for i, t in enumerate(["t0", "t1"] + ["t2", "t1"] * 3 + ["t2"])]
+    assert choose_victim_order(ping_pong, fraction=1.0).value == "lru"
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="policy"):
+        simulate([], {}, GH200, "magic")
+
+
+def test_cli_writes_json_with_every_policy(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--preset", "tiny", "--device", "gh200", "--duration", "0.5", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == set(POLICIES)
+    for row in data["policies"].values():
+        for key in ("p99_tbt_s", "p99_ttft_s", "throughput_tok_s", "wall_s", "p99_tbt_s_vs_recompute_pct",
+                    "p99_ttft_s_vs_recompute_pct", "throughput_tok_s_vs_recompute_pct"):
+            assert key in row
+    assert "recompute" in capsys.readouterr().out
+
+
+def test_cli_reports_a_missing_trace(tmp_path, capsys):
+    assert main(["sim", "--preset", "c1", "--trace", str(tmp_path / "nope.csv")]) == 2
+    assert "trace not found" in capsys.readouterr().err
