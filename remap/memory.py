@@ -19,13 +19,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from remap.backend import ArenaBackend, Backend
 from remap.controller import RemapPlan, TenantSnapshot
 from remap.kv import KVBlocks, KVGeometry
 from remap.params import ParamStore
-from remap.pool import PagePool
+from remap.pool import PagePool, window_sums
 from remap.staging import StagingRing
 from remap.transfer import TransferEngine, make_transfer_engine
 from remap.types import IntegrityError, ModelId, Owner, OwnerKind, PageId, RemapError
@@ -167,14 +168,12 @@ class DeviceMemory:
         warming: bool = False,
     ) -> TenantSnapshot:
         """The controller's view of one model: memory facts from here, load facts from the engine."""
-        n = self.params.num_layers(model)
-        slab = self.params.slab(model, 0)
         return TenantSnapshot(
             model=model,
-            num_layers=n,
-            remapped_layers=frozenset(i for i in range(n) if not self.params.is_resident(model, i)),
-            layer_pages=max(self.params.slab(model, i).num_pages for i in range(n)),
-            layer_bytes=slab.num_bytes,
+            num_layers=self.params.num_layers(model),
+            remapped_layers=self.params.remapped_layers(model),
+            layer_pages=self.params.max_layer_pages(model),
+            layer_bytes=self.params.max_layer_bytes(model),
             num_running=num_running,
             num_waiting=num_waiting,
             kv_pages_needed=kv_pages_needed,
@@ -262,21 +261,18 @@ class DeviceMemory:
         return first
 
     def _cheapest_run(self, num_pages: int) -> PageId | None:
-        """Start of the run with the fewest KV blocks and no other owners (sliding window)."""
-        best, best_cost, kv_in_window, blocked_in_window = None, None, 0, 0
-        for p in range(self.pool.num_pages):
-            kind = self.pool.owner(PageId(p)).kind
-            kv_in_window += kind is OwnerKind.KV
-            blocked_in_window += kind in (OwnerKind.PARAM, OwnerKind.STAGING)
-            if p >= num_pages:
-                old = self.pool.owner(PageId(p - num_pages)).kind
-                kv_in_window -= old is OwnerKind.KV
-                blocked_in_window -= old in (OwnerKind.PARAM, OwnerKind.STAGING)
-            if p >= num_pages - 1 and not blocked_in_window and (best_cost is None or kv_in_window < best_cost):
-                best, best_cost = PageId(p - num_pages + 1), kv_in_window
-        if best is None or self.pool.num_free - (num_pages - best_cost) < best_cost:
+        """Start of the run with the fewest KV blocks and no other owners, if the blocks can move."""
+        kinds = self.pool.kinds()
+        blocked = window_sums((kinds == OwnerKind.PARAM) | (kinds == OwnerKind.STAGING), num_pages)
+        kv = window_sums(kinds == OwnerKind.KV, num_pages)
+        candidates = np.flatnonzero(blocked == 0)
+        if not candidates.size:
             return None
-        return best
+        best = int(candidates[np.argmin(kv[candidates])])  # the first of the cheapest
+        cost = int(kv[best])
+        if self.pool.num_free - (num_pages - cost) < cost:  # too few free pages outside it for its blocks
+            return None
+        return PageId(best)
 
     def num_lent_pages(self) -> int:
         """Parameter pages currently lent out (reclaimed layers' home runs)."""

@@ -77,6 +77,9 @@ class ParamStore:
         self._slabs: dict[tuple[ModelId, int], Slab] = {}
         self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
         self._num_layers: dict[ModelId, int] = {}
+        self._remapped: dict[ModelId, set[int]] = {}  # reclaimed layer ids per model (kept in step)
+        self._max_layer_pages: dict[ModelId, int] = {}
+        self._max_layer_bytes: dict[ModelId, int] = {}
 
     # ---- registration --------------------------------------------------------------------
     def register(
@@ -112,6 +115,9 @@ class ParamStore:
             self._views[(model, slab.index)] = slab_views(slab.specs, self._device_bytes(slab))
             self._copy_in(slab)
         self._num_layers[model] = len(layers)
+        self._remapped[model] = set()
+        self._max_layer_pages[model] = max(self._slabs[(model, i)].num_pages for i in range(len(layers)))
+        self._max_layer_bytes[model] = max(self._slabs[(model, i)].num_bytes for i in range(len(layers)))
 
     def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int) -> Slab | None:
         num_pages = -(-nbytes // self._pool.page_size_bytes)
@@ -150,7 +156,17 @@ class ParamStore:
         return self.slab(model, layer).resident
 
     def resident_layers(self, model: ModelId) -> list[int]:
-        return [i for i in range(self.num_layers(model)) if self._slabs[(model, i)].resident]
+        remapped = self._remapped[model] if model in self._remapped else self.remapped_layers(model)
+        return [i for i in range(self._num_layers[model]) if i not in remapped]
+
+    def remapped_layers(self, model: ModelId) -> frozenset[int]:
+        """Layers whose pages are lent out now."""
+        self.num_layers(model)  # a clear error for an unknown model
+        return frozenset(self._remapped[model])
+
+    def max_layer_pages(self, model: ModelId) -> int:
+        self.num_layers(model)
+        return self._max_layer_pages[model]
 
     def tensors(self, model: ModelId, layer: int) -> dict[str, torch.Tensor]:
         """Device views of a resident slab's tensors (stable until the slab is reclaimed)."""
@@ -159,7 +175,8 @@ class ParamStore:
         return self._views[(model, layer)]
 
     def max_layer_bytes(self, model: ModelId) -> int:
-        return max(self._slabs[(model, i)].num_bytes for i in range(self.num_layers(model)))
+        self.num_layers(model)
+        return self._max_layer_bytes[model]
 
     # ---- reclaim / restore ---------------------------------------------------------------
     def reclaim(self, model: ModelId, layer: int) -> int:
@@ -170,6 +187,7 @@ class ParamStore:
         if not slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
         slab.resident = False
+        self._remapped[model].add(layer)
         self._pool.free(slab.pages)
         return slab.num_pages
 
@@ -189,6 +207,7 @@ class ParamStore:
             raise IntegrityError(f"evict() left pages of layer {layer} of {model!r} owned")
         self._copy_in(slab)
         slab.resident = True
+        self._remapped[model].discard(layer)
         return True
 
     def _device_bytes(self, slab: Slab) -> torch.Tensor:
@@ -208,6 +227,8 @@ class ParamStore:
                 raise IntegrityError(f"reclaimed slab {model}/{index} still owns pages")
             if any(not self._pool.is_homed(p) for p in slab.pages):
                 raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
+            if index != BASE_SLAB and slab.resident == (index in self._remapped[model]):
+                raise IntegrityError(f"slab {model}/{index} resident={slab.resident} but remapped set says otherwise")
 
 
 def _fill_host(slab: Slab, tensors: Mapping[str, torch.Tensor]) -> None:

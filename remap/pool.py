@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from remap.types import FREE, IntegrityError, Owner, OwnerKind, PageId, RemapError
 
 
@@ -29,7 +31,10 @@ class PagePool:
         self.num_pages = num_pages
         self.page_size_bytes = page_size_bytes
         self._owner: list[Owner] = [FREE] * num_pages
-        self._homed = bytearray(num_pages)  # 1 where the page is some layer slab's home
+        self._homed = np.zeros(num_pages, dtype=bool)  # where the page is some layer slab's home
+        # Owner kind per page, mirrored from _owner so that run searches are array scans, not loops
+        # over Python objects (a GH200 pool has ~40k pages).
+        self._kinds = np.zeros(num_pages, dtype=np.int8)
         self._free_plain: dict[PageId, None] = dict.fromkeys(PageId(p) for p in reversed(range(num_pages)))
         self._free_homed: OrderedDict[PageId, None] = OrderedDict()
         self._num_by_kind = [0] * len(OwnerKind)
@@ -51,13 +56,17 @@ class PagePool:
 
     def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
         """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""
-        run = 0
-        for p, owner in enumerate(self._owner):
-            usable = owner.kind is OwnerKind.FREE and (homed_ok or not self._homed[p])
-            run = run + 1 if usable else 0
-            if run == num_pages:
-                return PageId(p - num_pages + 1)
-        return None
+        usable = self._kinds == OwnerKind.FREE
+        if not homed_ok:
+            usable &= ~self._homed
+        starts = np.flatnonzero(window_sums(usable, num_pages) == num_pages)
+        return PageId(int(starts[0])) if starts.size else None
+
+    def kinds(self) -> np.ndarray:
+        """Owner kind of every page (read-only view; OwnerKind values)."""
+        view = self._kinds.view()
+        view.flags.writeable = False
+        return view
 
     # ---- alloc / free --------------------------------------------------------------------
     def alloc(self, num_pages: int, owner: Owner) -> list[PageId] | None:
@@ -70,6 +79,7 @@ class PagePool:
             page = plain.popitem()[0] if plain else homed.popitem(last=False)[0]
             owners[page] = owner
             pages.append(page)
+        self._kinds[pages] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= num_pages
         self._num_by_kind[owner.kind] += num_pages
         return pages
@@ -85,6 +95,7 @@ class PagePool:
             else:
                 del self._free_plain[p]
             self._owner[p] = owner
+        self._kinds[list(pages)] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= len(pages)
         self._num_by_kind[owner.kind] += len(pages)
         return True
@@ -92,6 +103,7 @@ class PagePool:
     def free(self, pages: Iterable[PageId]) -> None:
         owners, homed = self._owner, self._homed
         counts = self._num_by_kind
+        pages = list(pages)
         for p in pages:
             kind = owners[p].kind
             if kind is OwnerKind.FREE:
@@ -103,6 +115,7 @@ class PagePool:
                 self._free_homed[p] = None
             else:
                 self._free_plain[p] = None
+        self._kinds[pages] = OwnerKind.FREE
 
     def reassign(self, pages: Iterable[PageId], owner: Owner) -> None:
         """Hand owned pages to a new owner of any kind (e.g. a KV block to another sequence)."""
@@ -113,6 +126,7 @@ class PagePool:
             self._num_by_kind[old.kind] -= 1
             self._num_by_kind[owner.kind] += 1
             self._owner[p] = owner
+            self._kinds[p] = owner.kind
 
     def set_homed(self, pages: Iterable[PageId], homed: bool) -> None:
         """Mark pages as a layer slab's home run (or not); moves free ones between tiers."""
@@ -147,7 +161,19 @@ class PagePool:
                 raise IntegrityError(f"page {p} owner {owner} names no model")
         if counts != self._num_by_kind:
             raise IntegrityError(f"owner counts {counts} != tracked {self._num_by_kind}")
+        mirrored = np.array([o.kind for o in self._owner], dtype=np.int8)
+        if not np.array_equal(mirrored, self._kinds):
+            bad = np.flatnonzero(mirrored != self._kinds)[:5].tolist()
+            raise IntegrityError(f"kind mirror disagrees with owners at pages {bad}")
 
     def summary(self) -> dict[str, int]:
         """Pages per owner kind, e.g. {'free': 10, 'param': 20, 'kv': 2, 'staging': 0}."""
         return {k.name.lower(): self._num_by_kind[k] for k in OwnerKind}
+
+
+def window_sums(flags: np.ndarray, width: int) -> np.ndarray:
+    """Sum of `flags` over every window of `width` consecutive pages; index = window start."""
+    if width <= 0 or width > len(flags):
+        return np.zeros(0, dtype=np.int64)
+    c = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
+    return c[width:] - c[:-width]
