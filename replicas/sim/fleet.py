@@ -1,0 +1,171 @@
+"""Fleet simulation: a scaled set of simulated devices behind a router, for autoscaling policies.
+
+Each replica is one simulated device (its own engine, remap policy `ours`, every model loaded) on
+its own virtual clock; a discrete-event loop takes the earliest of: the next arrival, the next
+autoscaler tick, or the busiest-behind replica's next step. Requests go to the ready replica with
+the shortest queue (ties: the most spare pages). Every `tick_s` the scaling policy looks at the
+fleet; a new replica serves after `startup_s` (a GPU pod plus model loading), a removed one drains.
+
+Policies:
+    memory   autoscaler.policy.decide on KV pressure, queueing delay and TTFT SLO misses (ours)
+    queue    Ray Serve's default: ceil(ongoing requests / target_ongoing_requests) replicas, applied
+             after Serve's default delays (30 s up, 600 s down)
+
+GPU-hours integrate the replicas provisioned (starting, serving or draining) over the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence as Seq
+from dataclasses import dataclass, field
+
+from autoscaler.policy import ClusterLoad, PolicyState, ScalingConfig, decide
+from replicas.bench.workload import Request
+from replicas.engine.models import ModelConfig
+from replicas.engine.sampling import InvalidRequest, SamplingParams
+from replicas.sim.devices import DeviceProfile
+from replicas.sim.run import TOKEN_ID, RequestRecord, SimSettings, _build, _device_pages, _engine_config, _record, \
+    summarize
+
+SERVE_UPSCALE_DELAY_S, SERVE_DOWNSCALE_DELAY_S = 30.0, 600.0  # Ray Serve's autoscaling defaults
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    policy: str = "memory"  # "memory" or "queue"
+    scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(min_replicas=1, max_replicas=6))
+    tick_s: float = 10.0  # how often the policy decides
+    startup_s: float = 60.0  # a new replica's delay before it serves
+    target_ongoing_requests: float = 32.0  # the queue policy's per-replica target
+    ttft_slo_s: float = 5.0  # TTFT above this is an SLO miss (memory policy input)
+
+
+@dataclass
+class _Replica:
+    engine: object
+    clock: object
+    ready_at_s: float
+    started_at_s: float
+    draining: bool = False
+    live: dict = field(default_factory=dict)  # seq id -> (request, Sequence)
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def queue(self) -> int:
+        sched = self.engine.scheduler
+        return sum(len(sched.running[m]) + len(sched.waiting[m]) + len(sched.swapped[m]) for m in self.engine.models)
+
+
+@dataclass
+class FleetResult:
+    policy: str
+    records: list[RequestRecord]
+    summary: dict[str, float]
+    gpu_hours: float
+    max_replicas: int
+    timeline: list[tuple[float, int]]  # (time, replicas provisioned) at every change
+
+
+def simulate_fleet(workload: Seq[Request], models: Mapping[str, ModelConfig], device: DeviceProfile,
+                   fleet: FleetSettings, settings: SimSettings | None = None,
+                   tenant_models: Mapping[str, str] | None = None) -> FleetResult:
+    settings = settings or SimSettings()
+    model_of = dict(tenant_models or {f"t{i}": m for i, m in enumerate(models)})
+    requests = sorted(workload, key=lambda r: r.arrival_s)
+    pages = _device_pages(device, settings)
+
+    def new_replica(now: float, ready: float) -> _Replica:
+        engine, sim = _build(device, models, _engine_config("ours", settings), pages, settings)
+        sim.clock.advance_to(now)
+        return _Replica(engine, sim.clock, ready, now)
+
+    start = requests[0].arrival_s if requests else 0.0
+    replicas = [new_replica(start, start) for _ in range(fleet.scaling.min_replicas)]
+    records: list[RequestRecord] = []
+    state, pending_since = PolicyState(), None
+    timeline, gpu_s, last_t = [(start, len(replicas))], 0.0, start
+    next_tick, i, now = start + fleet.tick_s, 0, start
+    recent_ttft: list[tuple[float, float]] = []
+    while i < len(requests) or any(r.busy() for r in replicas):
+        busy = [r for r in replicas if r.busy()]
+        t_step = min((r.clock.now() for r in busy), default=math.inf)
+        t_arrival = requests[i].arrival_s if i < len(requests) else math.inf
+        now = min(t_step, t_arrival, next_tick)
+        gpu_s += len(replicas) * (now - last_t)
+        last_t = now
+        if now == t_arrival:
+            _route(requests[i], replicas, now, model_of, records)
+            i += 1
+        elif now == next_tick:
+            next_tick += fleet.tick_s
+            target, state, pending_since = _scale(replicas, now, fleet, state, pending_since, recent_ttft)
+            replicas = _resize(replicas, target, now, fleet, new_replica)
+            if timeline[-1][1] != len(replicas):
+                timeline.append((now, len(replicas)))
+        else:
+            replica = min(busy, key=lambda r: r.clock.now())
+            for out in replica.engine.step():
+                if out.finished:
+                    request, seq = replica.live.pop(out.seq_id)
+                    records.append(_record(request, seq))
+                    recent_ttft.append((replica.clock.now(), records[-1].ttft_s))
+            replicas = [r for r in replicas if not (r.draining and not r.busy())]
+    records.sort(key=lambda r: r.arrival_s)
+    return FleetResult(fleet.policy, records, summarize(records), gpu_s / 3600.0,
+                       max(n for _, n in timeline), timeline)
+
+
+def _route(request: Request, replicas: list[_Replica], now: float, model_of, records) -> None:
+    ready = [r for r in replicas if r.ready_at_s <= now and not r.draining] or \
+        [min(replicas, key=lambda r: r.ready_at_s)]  # nothing ready yet: queue at the first to start
+    target = min(ready, key=lambda r: (r.queue(), -r.engine.memory.pool.num_free))
+    if not target.busy():
+        target.clock.advance_to(max(now, target.ready_at_s))
+    params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
+    try:
+        sid = target.engine.add_request(model_of[request.tenant], [TOKEN_ID] * request.prompt_len, params)
+    except InvalidRequest as exc:
+        records.append(RequestRecord(request.tenant, request.arrival_s, None, None, 0, (), 0, str(exc)))
+        return
+    target.live[sid] = (request, target.engine.sequence(sid))
+
+
+def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttft):
+    n = len([r for r in replicas if not r.draining])
+    starting = len([r for r in replicas if r.ready_at_s > now])
+    if fleet.policy == "queue":
+        ongoing = sum(r.queue() for r in replicas)
+        desired = min(max(math.ceil(ongoing / fleet.target_ongoing_requests), fleet.scaling.min_replicas),
+                      fleet.scaling.max_replicas)
+        if desired == n:
+            return n, state, None
+        since = pending_since if pending_since and pending_since[0] == desired else (desired, now)
+        delay = SERVE_UPSCALE_DELAY_S if desired > n else SERVE_DOWNSCALE_DELAY_S
+        return (desired, state, None) if now - since[1] >= delay else (n, state, since)
+    engines = [r.engine for r in replicas if not r.draining]
+    waiting = [now - s.arrival_s for e in engines for m in e.models for s in e.scheduler.waiting[m]]
+    recent_ttft[:] = [(t, x) for t, x in recent_ttft if t >= now - fleet.tick_s]
+    load = ClusterLoad(
+        now_s=now, num_replicas=n,
+        kv_pages_demanded=sum(e.memory.kv[m].num_pages_used + e.scheduler.kv_pages_needed(m)
+                              for e in engines for m in e.models),
+        spare_pages=sum(e.memory.pool.num_free + e.reclaimable_pages() for e in engines),
+        pages_per_replica=max((e.memory.pool.num_free + e.reclaimable_pages() for e in engines), default=1),
+        queue_delay_s=max(waiting, default=0.0),
+        ttft_slo_misses=sum(1 for _, x in recent_ttft if x > fleet.ttft_slo_s),
+        num_starting=starting,
+    )
+    decision = decide(load, fleet.scaling, state)
+    return decision.num_replicas, decision.state, pending_since
+
+
+def _resize(replicas, target, now, fleet: FleetSettings, new_replica):
+    active = [r for r in replicas if not r.draining]
+    for _ in range(target - len(active)):
+        replicas.append(new_replica(now, now + fleet.startup_s))
+    for _ in range(len(active) - target):
+        victim = min((r for r in replicas if not r.draining), key=lambda r: (r.queue(), -r.started_at_s))
+        victim.draining = True
+    return [r for r in replicas if not (r.draining and not r.busy())]
