@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="gh200", choices=sorted(DEVICES))
     ap.add_argument("--duration", type=float, default=3600.0, help="seconds of the trace to replay")
     ap.add_argument("--max-replicas", type=int, default=6)
-    ap.add_argument("--target-ongoing", type=float, default=32.0, help="the queue policy's per-replica target")
+    ap.add_argument("--target-ongoing", default="32,8,2",
+                    help="the queue policy's per-replica targets to try, comma-separated")
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args(argv)
     if not pathlib.Path(args.trace).is_file():
@@ -38,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     models, device = preset.models(), DEVICES[args.device]
     scaling = ScalingConfig(min_replicas=1, max_replicas=args.max_replicas)
     rows = {}
-    for policy in ("memory", "queue"):
+    runs = [("memory", "memory", 32.0)] + [(f"queue (target {t:g})", "queue", t)
+                                           for t in map(float, args.target_ongoing.split(","))]
+    for label, policy, target in runs:
         start = time.perf_counter()
         result = simulate_fleet(workload, models, device, FleetSettings(policy=policy, scaling=scaling,
-                                                                         target_ongoing_requests=args.target_ongoing))
-        rows[policy] = {"gpu_hours": result.gpu_hours, "max_replicas": result.max_replicas,
+                                                                         target_ongoing_requests=target))
+        rows[label] = {"gpu_hours": result.gpu_hours, "max_replicas": result.max_replicas,
                         "p99_ttft_s": result.summary["p99_ttft_s"], "p50_ttft_s": result.summary["p50_ttft_s"],
                         "p99_tbt_s": result.summary["p99_tbt_s"], "num_requests": result.summary["num_requests"],
                         "wall_s": time.perf_counter() - start}
