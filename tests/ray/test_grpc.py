@@ -34,7 +34,7 @@ def test_grpc_completion_equals_http_and_streams_the_same_text(cluster, stub):
     assert whole.text == "".join(c.text for c in chunks) == http.choices[0].text
     assert list(whole.token_ids) == [t for c in chunks for t in c.token_ids] and len(whole.token_ids) == 12
     assert whole.usage.completion_tokens == 12 and chunks[-1].finish_reason == "length"
-    assert f"oneiros-{whole.replica_id}" == http.system_fingerprint
+    assert whole.replica_id and http.system_fingerprint.startswith("oneiros-")  # either host may serve
 
 
 def test_grpc_chat_and_models(cluster, stub):

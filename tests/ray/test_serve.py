@@ -63,10 +63,10 @@ def test_requests_land_on_the_replica_that_hosts_their_model(cluster):
     view = ray.get(controller.routing_view.remote(), timeout=10)
     c = client(base)
     for model in ("llama", "qwen", "opt"):
-        best = view.hosts(model)[0].replica_id
+        hosts = {f"oneiros-{e.replica_id}" for e in view.hosts(model)}
         served = {c.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2, temperature=0)
                   .system_fingerprint for _ in range(4)}
-        assert served == {f"oneiros-{best}"}, (model, view.hosts(model))
+        assert served <= hosts, (model, view.hosts(model))  # never a replica that would have to load it
 
 
 def post(base, path, body: bytes):
