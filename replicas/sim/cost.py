@@ -38,6 +38,7 @@ class CostParams:
     hbm_efficiency: float  # achieved / peak HBM bytes/s of bandwidth-bound kernels
     kernel_floor_s: float  # no kernel takes less (launch + tail); counted per kernel
     step_overhead_s: float = 2e-3  # per step: scheduling, sampling, input prep (vLLM-like, no CUDA graphs)
+    seq_overhead_s: float = 0.0  # per sequence in the step: its block table, positions, sampling (host side)
 
 
 # fit_vidur() on Vidur's H100 TP=1 linear-operator medians (Llama-2-7b/70b, CodeLlama-34b, Qwen-72B,
@@ -98,7 +99,8 @@ class CostModel:
         return self.kernel_s(2 * rows * h * v, (h * v + rows * (h + v)) * _itemsize(config)) if rows else 0.0
 
     def compute_s(self, config: ModelConfig, batch: BatchShape) -> float:
-        return config.num_layers * self.layer_s(config, batch) + self.head_s(config, batch) + self.params.step_overhead_s
+        return (config.num_layers * self.layer_s(config, batch) + self.head_s(config, batch)
+                + self.params.step_overhead_s + self.params.seq_overhead_s * len(batch.num_new_tokens))
 
     def prefill_s(self, config: ModelConfig, num_tokens: int) -> float:
         """One prompt computed in one step: also what a recompute-preempted sequence pays again."""
