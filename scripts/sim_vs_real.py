@@ -22,7 +22,7 @@ import torch
 
 from remap import DeviceMemory
 from replicas.engine.engine import EngineConfig, LLMEngine
-from replicas.engine.models import ModelConfig, dummy_weights
+from replicas.engine.models import AttentionBatch, ModelConfig, PagedAttention, dummy_weights
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import SchedulerConfig
 from replicas.sim import CostModel, cpu_profile, make_sim_engine, meta_weights
@@ -68,13 +68,34 @@ def measured_params(profile) -> CostParams:
     a, w = torch.randn(16, BASE["hidden_size"]), torch.randn(BASE["intermediate_size"], BASE["hidden_size"])
     gemm_s = min(_timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(200))
     efficiency = min(1.0, 2 * a.shape[0] * w.numel() / gemm_s / profile.peak_flops)
-    step_1, step_4 = (_step_s(layers, 1) for layers in (1, 4))
+    step_1, step_4 = (_step_s(layers, 1) for layers in (1, 4))  # batch 1
     per_layer = max(0.0, (step_4 - step_1) / 3)
     kernels_per_layer = len(linear_shapes(ModelConfig.from_hf(BASE))) + 2  # + attention + elementwise
     floor = per_layer / kernels_per_layer
-    per_seq = max(0.0, (_step_s(1, 16) - step_1) / 15)  # host work per sequence, on a 1-layer model
+    step_1_b16, step_4_b16 = (_step_s(layers, 16) for layers in (1, 4))
+    per_seq = max(0.0, (step_1_b16 - step_1) / 15)  # host work per sequence, on a 1-layer model
+    # what each extra sequence costs each layer beyond that (small ops that do not reach the roofline)
+    per_seq_layer = max(0.0, ((step_4_b16 - step_4) - (step_1_b16 - step_1)) / 3 / 15)
     return CostParams(flops_efficiency=efficiency, hbm_efficiency=1.0, kernel_floor_s=floor,
-                      step_overhead_s=max(0.0, step_1 - per_layer - floor), seq_overhead_s=per_seq)
+                      step_overhead_s=max(0.0, step_1 - per_layer - floor), seq_overhead_s=per_seq,
+                      attention_efficiency=_attention_efficiency(profile), seq_layer_overhead_s=per_seq_layer)
+
+
+def _attention_efficiency(profile, batch: int = 16, context: int = 512) -> float:
+    """The real paged decode attention of one layer (a gather of every key and value) against the
+    profile's memory bandwidth."""
+    cfg = ModelConfig.from_hf(BASE)
+    block = PAGE // cfg.kv_geometry().bytes_per_token
+    pages = batch * -(-context // block)
+    kv = torch.randn(pages, cfg.num_layers, 2, block, cfg.num_kv_heads, cfg.head_dim)
+    tables = [list(range(i * (pages // batch), (i + 1) * (pages // batch))) for i in range(batch)]
+    attend = PagedAttention(AttentionBatch([1] * batch, [context - 1] * batch, tables), kv, [None] * cfg.num_layers,
+                            cfg.head_dim**-0.5)
+    q = torch.randn(batch, cfg.num_heads, cfg.head_dim)
+    k = v = torch.randn(batch, cfg.num_kv_heads, cfg.head_dim)
+    seconds = statistics.median(_timed(lambda: attend(0, q, k, v)) for _ in range(30))
+    kv_bytes = batch * context * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    return min(1.0, kv_bytes / seconds / profile.hbm_bytes_per_s)
 
 
 def _step_s(num_layers: int, batch: int) -> float:
@@ -119,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {k: sim_numbers[k] / real_numbers[k] for k in ("p50_tbt_s", "throughput_tok_s")}
     print(f"cpu profile: {profile.peak_flops / 1e9:.0f} GFLOP/s peak x {params.flops_efficiency:.2f} at decode "
           f"shapes, {profile.hbm_bytes_per_s / 1e9:.0f} GB/s; kernel floor {params.kernel_floor_s * 1e6:.1f} us, "
-          f"step overhead {params.step_overhead_s * 1e3:.2f} ms, per sequence {params.seq_overhead_s * 1e6:.0f} us")
+          f"step overhead {params.step_overhead_s * 1e3:.2f} ms, per sequence {params.seq_overhead_s * 1e6:.0f} us, "
+          f"attention at {params.attention_efficiency:.3f} of the bandwidth")
     print(f"{'':<18}{'real':>12}{'sim':>12}{'sim/real':>10}")
     for key in ("p50_tbt_s", "throughput_tok_s"):
         print(f"{key:<18}{real_numbers[key]:>12.4f}{sim_numbers[key]:>12.4f}{ratios[key]:>10.3f}")

@@ -39,6 +39,8 @@ class CostParams:
     kernel_floor_s: float  # no kernel takes less (launch + tail); counted per kernel
     step_overhead_s: float = 2e-3  # per step: scheduling, sampling, input prep (vLLM-like, no CUDA graphs)
     seq_overhead_s: float = 0.0  # per sequence in the step: its block table, positions, sampling (host side)
+    attention_efficiency: float = 1.0  # achieved / HBM bandwidth of paged-KV reads (a gather, not a stream)
+    seq_layer_overhead_s: float = 0.0  # per sequence per layer beyond the roofline (small-batch CPU ops)
 
 
 # fit_vidur() on Vidur's H100 TP=1 linear-operator medians (Llama-2-7b/70b, CodeLlama-34b, Qwen-72B,
@@ -92,15 +94,16 @@ class CostModel:
         pairs = sum(n * c + n * (n + 1) // 2 for n, c in zip(batch.num_new_tokens, batch.num_cached_tokens))
         flops = 4 * config.num_heads * config.head_dim * pairs
         kv_bytes = sum(c + 2 * n for n, c in zip(batch.num_new_tokens, batch.num_cached_tokens)) * kv_per_token
-        return self.kernel_s(flops, kv_bytes)
+        return self.kernel_s(flops, kv_bytes / self.params.attention_efficiency)
 
     def head_s(self, config: ModelConfig, batch: BatchShape) -> float:
         rows, h, v = batch.num_sampled, config.hidden_size, config.vocab_size
         return self.kernel_s(2 * rows * h * v, (h * v + rows * (h + v)) * _itemsize(config)) if rows else 0.0
 
     def compute_s(self, config: ModelConfig, batch: BatchShape) -> float:
-        return (config.num_layers * self.layer_s(config, batch) + self.head_s(config, batch)
-                + self.params.step_overhead_s + self.params.seq_overhead_s * len(batch.num_new_tokens))
+        num_seqs = len(batch.num_new_tokens)
+        return (config.num_layers * (self.layer_s(config, batch) + self.params.seq_layer_overhead_s * num_seqs)
+                + self.head_s(config, batch) + self.params.step_overhead_s + self.params.seq_overhead_s * num_seqs)
 
     def prefill_s(self, config: ModelConfig, num_tokens: int) -> float:
         """One prompt computed in one step: also what a recompute-preempted sequence pays again."""
