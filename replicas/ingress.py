@@ -9,7 +9,9 @@ an OpenAI error body; errors after it end the event stream with an error event a
 
 from __future__ import annotations
 
+import json
 import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -36,9 +38,6 @@ class _Catalog:
         self.tokenizers: dict[str, Tokenizer] = {}
         for spec in config.models:
             if spec.path is not None:
-                import json
-                import pathlib
-
                 hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
                 try:
                     self.tokenizers[spec.name] = Tokenizer.from_folder(spec.path)
