@@ -47,6 +47,10 @@ class RemapConfig:
     # an active model's layers could never pay for themselves. Slots are reused round-robin within a
     # pass (remap/staging.py), so 2 suffice: one layer computing while the next one loads.
     max_staging_slots: int | None = 2
+    # Budget alpha on decode steps only (True) or on all steps (False, the paper's prefill-aware
+    # budget). Prefill steps are long, but the layers they let a model lend stay lent once KV fills
+    # the pages, and every decode step after that waits for transfers compute no longer hides.
+    budget_on_decode: bool = True
 
     def __post_init__(self) -> None:
         try:

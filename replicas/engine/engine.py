@@ -83,6 +83,7 @@ class _Tenant:
     tokenizer: Tokenizer | None
     last_active_s: float = 0.0
     step_s: float = 0.0  # moving average of this model's step compute time
+    decode_step_s: float = 0.0  # the same over steps that compute one token per sequence
     arrivals: deque = field(default_factory=deque)
     ttft: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     tbt: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
@@ -245,7 +246,9 @@ class LLMEngine:
         # The controller's budget compares transfers with compute: waiting for streamed layers is not
         # compute (counting it would let alpha only ever grow).
         compute_s = max(0.0, elapsed - result.transfer_wait_s)
-        tenant.step_s = compute_s if tenant.step_s == 0 else 0.8 * tenant.step_s + 0.2 * compute_s
+        tenant.step_s = _ema(tenant.step_s, compute_s)
+        if all(len(s.token_ids) == 1 for s in output.seqs):
+            tenant.decode_step_s = _ema(tenant.decode_step_s, compute_s)
         now = self._clock()
         tenant.last_active_s = now
         before = {s.seq_id: len(self._seqs[s.seq_id].output_token_ids) for s in output.seqs}
@@ -308,7 +311,7 @@ class LLMEngine:
                 num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
                 kv_pages_needed=sched.kv_pages_needed(model) + (extra or {}).get(model, 0),
                 last_active_s=t.last_active_s,
-                predicted_compute_s=t.step_s if sched.has_work(model) else 0.0,
+                predicted_compute_s=self._predicted_compute_s(t) if sched.has_work(model) else 0.0,
                 cold=model in self._cold,
                 warming=model in self._warming,
             ))
@@ -316,6 +319,11 @@ class LLMEngine:
             ring = self.memory.ring(model)
             ring_pages += len(ring.pages) if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants))
+
+    def _predicted_compute_s(self, t: _Tenant) -> float:
+        if self.config.remap.budget_on_decode and t.decode_step_s > 0:
+            return min(t.step_s, t.decode_step_s)
+        return t.step_s
 
     def _replan(self, now: float) -> None:
         plan = self.controller.plan(self._snapshot(now))
@@ -351,15 +359,20 @@ class LLMEngine:
             return ring if num_remapped else None
         want = min(num_remapped, self.config.remap.max_staging_slots or num_remapped + 1)
         while True:
-            for slots in dict.fromkeys((want, 1)):
+            # Two slots overlap copies with compute; one serializes them and slows every step of the
+            # model, so KV is preempted for the second slot and a single slot is the last resort.
+            for slots in dict.fromkeys((want, min(want, 2))):
                 ring = self.memory.open_stream(model, slots)
                 if ring is not None:
                     return ring
             # KV fills every page: free some by recompute, the way the pool's last resort always is
             if not self.scheduler.preempt_latest():
+                ring = self.memory.open_stream(model, 1)
+                if ring is not None:
+                    return ring
                 raise RuntimeError(f"no room for one staging slot of {model!r} with no KV left to free "
                                    f"({self.memory.pool.num_free} pages free): the pool is too small")
-            logger.info("preempted a sequence to make room for %s's staging slot", model)
+            logger.info("preempted a sequence to make room for %s's staging slots", model)
 
     def drain_latency_samples(self) -> dict[ModelId, tuple[list[float], list[float]]]:
         """TTFT and TBT samples recorded since the last drain, per tenant (for metrics)."""
@@ -392,3 +405,7 @@ class LLMEngine:
     def close(self) -> None:
         self.memory.close()
 
+
+
+def _ema(average: float, sample: float) -> float:
+    return sample if average == 0 else 0.8 * average + 0.2 * sample

@@ -13,9 +13,9 @@ Policies (all the same engine and scheduler; only memory handling differs):
     oneiros    remap with the paper's settings: MRU victims, cap 0.75, alpha+1 (alpha+2) staging slots
     ours       remap with our defaults (2-slot staging ring) and the victim order (MRU or LRU) picked
                from the workload's first PILOT_FRACTION of arrivals only (see choose_victim_order)
-    static     spatial partition: one engine per model, each with its own parameters plus 1/N of the
-               device's KV pages and its OWN clock and full compute (recompute mode). Time-slicing one
-               device between them is not modeled, so static's compute is optimistic.
+    static     how vLLM is deployed today: one engine per model, each with its own parameters plus 1/N of
+               the device's KV pages (recompute mode), time-slicing the device: engines take turns one
+               step at a time on one clock. The paper's "vLLM" baseline.
     oracle     recompute mode with a pool big enough that KV never runs out (an upper bound)
 
 Invariant: the virtual clock only moves forward, and only by modeled step time or idle jumps to
@@ -84,38 +84,55 @@ class SimResult:
 
 
 # ---- the replay loop ----------------------------------------------------------------------------
-def _replay(engine, clock: VirtualClock, requests: Seq[Request], model_of: Mapping[str, str],
+def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Request], model_of: Mapping[str, str],
             max_steps: int) -> list[RequestRecord]:
+    """Replay `requests` on `engines` (model name -> the engine serving it; one engine may serve
+    several models). Engines share `clock` and one device: they take turns, one step at a time, in
+    round robin among those with work, the way separate processes time-slice one GPU."""
     from replicas.engine.sampling import InvalidRequest, SamplingParams
 
-    live: dict = {}  # seq id -> (request, Sequence)
+    distinct = list({id(e): e for e in engines.values()}.values())
+    live: dict = {}  # (engine index, seq id) -> (request, Sequence)
+    index_of = {id(e): k for k, e in enumerate(distinct)}
     records: list[RequestRecord] = []
-    i, n, steps = 0, len(requests), 0
-    while i < n or engine.has_unfinished():
-        if not engine.has_unfinished():
+    i, n, steps, turn = 0, len(requests), 0, 0
+    stalled: set[int] = set()  # engines whose last step could not run, since the clock last moved
+    while i < n or any(e.has_unfinished() for e in distinct):
+        busy = [e for e in distinct if e.has_unfinished()]
+        if not busy:
             clock.advance_to(requests[i].arrival_s)  # idle: jump
         while i < n and requests[i].arrival_s <= clock.now():
             r = requests[i]
             i += 1
+            model = model_of[r.tenant]
+            engine = engines[model]
             params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
             try:
-                sid = engine.add_request(model_of[r.tenant], [TOKEN_ID] * r.prompt_len, params)
+                sid = engine.add_request(model, [TOKEN_ID] * r.prompt_len, params)
             except InvalidRequest as exc:
                 records.append(RequestRecord(r.tenant, r.arrival_s, None, None, 0, (), 0, str(exc)))
                 continue
-            live[sid] = (r, engine.sequence(sid))
-        if not engine.has_unfinished():
+            live[(index_of[id(engine)], sid)] = (r, engine.sequence(sid))
+        busy = [k for k, e in enumerate(distinct) if e.has_unfinished()]
+        if not busy:
             continue
+        k = min(busy, key=lambda b: (b - turn) % len(distinct))  # the next engine with work after the last one
+        turn = k + 1
         before = clock.now()
-        for out in engine.step():
+        for out in distinct[k].step():
             if out.finished:
-                r, seq = live.pop(out.seq_id)
+                r, seq = live.pop((k, out.seq_id))
                 records.append(_record(r, seq))
         steps += 1
         if steps > max_steps:
             raise RuntimeError(f"replay not done after {max_steps} steps ({len(live)} requests live)")
-        if clock.now() == before and i < n:  # no step could run: nothing to do until the next arrival
-            clock.advance_to(requests[i].arrival_s)
+        if clock.now() > before:
+            stalled.clear()
+        else:
+            stalled.add(k)
+            if i < n and stalled >= {b for b, e in enumerate(distinct) if e.has_unfinished()}:
+                clock.advance_to(requests[i].arrival_s)  # no step could run: nothing to do until the next arrival
+                stalled.clear()
     return records
 
 
@@ -134,7 +151,8 @@ def _engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder
     mode = {"recompute": "recompute", "swap": "swap", "static": "recompute", "oracle": "recompute"}.get(policy, "remap")
     remap = {
         # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
-        "oneiros": RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75, max_staging_slots=None),
+        "oneiros": RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75, max_staging_slots=None,
+                              budget_on_decode=False),
         "ours": RemapConfig(victim_order=victim_order),
     }.get(policy, RemapConfig())
     sched = SchedulerConfig(max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -166,9 +184,9 @@ def _device_pages(device: DeviceProfile, settings: SimSettings) -> int:
 
 
 def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_config, num_pages: int,
-           settings: SimSettings):
+           settings: SimSettings, clock: VirtualClock | None = None):
     engine, sim = make_sim_engine(device, engine_config, num_pages=num_pages, page_size_bytes=settings.page_size_bytes,
-                                  token_id=0)
+                                  token_id=0, clock=clock)
     for name, config in models.items():
         engine.add_model(name, config, meta_weights(config))
     return engine, sim
@@ -176,27 +194,28 @@ def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_conf
 
 def _shared_run(policy, workload, models, model_of, device, settings, num_pages, victim_order=VictimOrder.MRU):
     engine, sim = _build(device, models, _engine_config(policy, settings, victim_order), num_pages, settings)
-    records = _replay(engine, sim.clock, workload, model_of, settings.max_steps)
+    records = _replay(dict.fromkeys(models, engine), sim.clock, workload, model_of, settings.max_steps)
     return records, sim.stats.num_steps, engine.scheduler.num_preemptions
 
 
 def _static_run(workload, models, model_of, device, settings):
-    """One engine per model on its own clock: its parameters plus an equal 1/N share of the KV pages."""
+    """How vLLM is deployed today: one engine per model, each with its own parameters plus an equal
+    1/N share of the KV pages (recompute mode), all time-slicing one device on one clock."""
     total = _device_pages(device, settings)
     params = param_pages(models, device, settings)
     kv_share = (total - sum(params.values())) // len(models)
     if kv_share <= 0:
         raise ValueError(f"{device.name}: the models' parameters ({sum(params.values())} pages) fill the pool "
                          f"({total} pages)")
-    records, steps, preemptions = [], 0, 0
+    clock, engines, sims = VirtualClock(), {}, []
     for name, config in models.items():
-        mine = [r for r in workload if model_of[r.tenant] == name]
         engine, sim = _build(device, {name: config}, _engine_config("static", settings), params[name] + kv_share,
-                             settings)
-        records += _replay(engine, sim.clock, mine, model_of, settings.max_steps)
-        steps += sim.stats.num_steps
-        preemptions += engine.scheduler.num_preemptions
-    return records, steps, preemptions
+                             settings, clock)
+        engines[name] = engine
+        sims.append(sim)
+    records = _replay(engines, clock, workload, model_of, settings.max_steps)
+    return (records, sum(s.stats.num_steps for s in sims),
+            sum(e.scheduler.num_preemptions for e in engines.values()))
 
 
 def _oracle_pages(workload, models, model_of, device, settings) -> int:
@@ -272,6 +291,7 @@ def summarize(records: Seq[RequestRecord]) -> dict[str, float]:
     done = [r for r in records if r.ttft_s is not None]
     ttft = np.array([r.ttft_s for r in done]) if done else np.zeros(1)
     tbt = np.concatenate([np.asarray(r.tbt_s) for r in done if r.tbt_s] or [np.zeros(1)])
+    worst = np.array([max(r.tbt_s) for r in done if r.tbt_s] or [0.0])
     tokens = sum(r.num_tokens for r in done)
     span = (max(r.arrival_s + r.completion_s for r in done) - min(r.arrival_s for r in done)) if done else 0.0
     return {
@@ -282,6 +302,7 @@ def summarize(records: Seq[RequestRecord]) -> dict[str, float]:
         "p99_ttft_s": float(np.percentile(ttft, 99)),
         "p50_tbt_s": float(np.percentile(tbt, 50)),
         "p99_tbt_s": float(np.percentile(tbt, 99)),
+        "p99_max_tbt_s": float(np.percentile(worst, 99)),  # each request's longest stall, P99 over requests
         "throughput_tok_s": tokens / span if span > 0 else 0.0,  # output tokens over first arrival..last token
         "makespan_s": span,
     }
@@ -297,36 +318,41 @@ def simulate_all(workload, models, device, policies: Seq[str] = POLICIES, settin
     return out
 
 
-def compare(results: Mapping[str, SimResult], baseline: str = "recompute") -> dict[str, dict[str, float]]:
-    """Per policy: the headline numbers, their change against `baseline` in %, and wall_s."""
-    base = results.get(baseline)
-    keys = ("p99_tbt_s", "p99_ttft_s", "throughput_tok_s")
+BASELINES = ("recompute", "static")  # the issue's baseline, and the paper's (vLLM as deployed: a split per model)
+HEADLINE = ("p99_tbt_s", "p99_max_tbt_s", "p99_ttft_s", "throughput_tok_s")
+
+
+def compare(results: Mapping[str, SimResult], baselines: Seq[str] = BASELINES) -> dict[str, dict[str, float]]:
+    """Per policy: the headline numbers, their change in % against each baseline run, and wall_s."""
     table = {}
     for policy, res in results.items():
-        row = {k: res.summary[k] for k in keys} | {
+        row = {k: res.summary[k] for k in HEADLINE} | {
             "p50_tbt_s": res.summary["p50_tbt_s"], "p50_ttft_s": res.summary["p50_ttft_s"],
             "num_preemptions": res.num_preemptions, "num_rejected": res.summary["num_rejected"],
             "wall_s": res.wall_s}
-        for k in keys:
-            b = base.summary[k] if base else 0.0
-            row[f"{k}_vs_{baseline}_pct"] = 100.0 * (res.summary[k] - b) / b if b else float("nan")
+        for baseline in baselines:
+            if baseline not in results:
+                continue
+            for k in HEADLINE:
+                b = results[baseline].summary[k]
+                row[f"{k}_vs_{baseline}_pct"] = 100.0 * (res.summary[k] - b) / b if b else float("nan")
         row.update(res.notes)
         table[policy] = row
     return table
 
 
-
 # ---- the `oneiros sim` command ------------------------------------------------------------------
-def format_table(table: Mapping[str, Mapping[str, float]], baseline: str = "recompute") -> str:
-    head = (f"{'policy':<10} {'p99_tbt_s':>10} {'d%':>7} {'p99_ttft_s':>11} {'d%':>7} {'tok/s':>9} {'d%':>7} "
-            f"{'preempt':>8} {'wall_s':>7}")
-    lines = [head]
+def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
+    """One line per policy: each headline number, then its change against each baseline that ran."""
+    baselines = [b for b in BASELINES if f"p99_tbt_s_vs_{b}_pct" in next(iter(table.values()), {})]
+    short = {"p99_tbt_s": "tbt99", "p99_max_tbt_s": "stall99", "p99_ttft_s": "ttft99", "throughput_tok_s": "tok/s"}
+    head = f"{'policy':<10}" + "".join(f" {short[k]:>9}" for k in HEADLINE)
+    head += "".join(f" {short[k][:5] + ' vs ' + b[:4]:>15}" for b in baselines for k in HEADLINE)
+    lines = [head + f" {'preempt':>8} {'wall_s':>7}"]
     for policy, row in table.items():
-        lines.append(
-            f"{policy:<10} {row['p99_tbt_s']:>10.4f} {row[f'p99_tbt_s_vs_{baseline}_pct']:>+7.1f} "
-            f"{row['p99_ttft_s']:>11.3f} {row[f'p99_ttft_s_vs_{baseline}_pct']:>+7.1f} "
-            f"{row['throughput_tok_s']:>9.1f} {row[f'throughput_tok_s_vs_{baseline}_pct']:>+7.1f} "
-            f"{row['num_preemptions']:>8d} {row['wall_s']:>7.2f}")
+        line = f"{policy:<10}" + "".join(f" {row[k]:>9.4g}" for k in HEADLINE)
+        line += "".join(f" {row[f'{k}_vs_{b}_pct']:>+14.1f}%" for b in baselines for k in HEADLINE)
+        lines.append(line + f" {row['num_preemptions']:>8d} {row['wall_s']:>7.2f}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,16 @@ def test_latencies_are_measured_from_the_trace_arrival():
     assert 0 < rec.ttft_s < 0.1 and len(rec.tbt_s) == 3 and rec.completion_s >= rec.ttft_s
 
 
+def test_static_engines_time_slice_one_device():
+    # two requests, one per model, arriving together: under `static` they share the device, so the
+    # second model's first token waits for the first model's prefill (it would not on its own device)
+    _, models = _tiny()
+    both = [Request(1.0, "t0", 400, 2), Request(1.0, "t1", 400, 2)]
+    alone = simulate(both[1:], models, GH200, "static", PRESSURE).records[0].ttft_s
+    shared = {r.tenant: r.ttft_s for r in simulate(both, models, GH200, "static", PRESSURE).records}
+    assert shared["t1"] > alone * 1.5 and shared["t0"] < shared["t1"]
+
+
 def test_victim_order_follows_the_pilot_prefix():
     turn_taking = [Request(float(i), f"t{i % 3}", 10, 1) for i in range(30)]  # round robin: LRU comes back
     assert choose_victim_order(turn_taking, fraction=1.0).value == "mru"
