@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="replay a seeded multi-tenant workload against an OpenAI endpoint")
-    p.add_argument("--base-url", required=True, help="OpenAI API base, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", required=True,
+                   help="OpenAI API base, e.g. http://127.0.0.1:8000/v1, or one endpoint per model as "
+                        "MODEL=URL,MODEL=URL (e.g. one `vllm serve` per model), most popular first")
     p.add_argument("--models", help="comma-separated model names, most popular first (default: GET /models)")
     p.add_argument("--workload", choices=("zipf", "gamma", "azure"), default="zipf",
                    help="Poisson arrivals, Gamma arrivals (--cv) or the Azure LLM trace (--trace)")

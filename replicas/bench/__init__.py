@@ -58,22 +58,43 @@ def build_workload(args, num_tenants: int) -> wl.Workload:
     return wl.zipf_poisson(num_tenants, **common)
 
 
+def parse_endpoints(base_url: str) -> dict[str, str] | None:
+    """`MODEL=URL,MODEL=URL` -> {model: url} in order; None for a single URL. ValueError if malformed."""
+    if "=" not in base_url:
+        return None
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in base_url.split(","))):
+        model, sep, url = part.partition("=")
+        if not sep or not model or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url {part!r}: expected MODEL=http://host:port/v1")
+        if model in out:
+            raise ValueError(f"--base-url names model {model!r} twice")
+        out[model] = url
+    return out
+
+
 async def _run(args, models: list[str] | None) -> tuple[wl.Workload, dict[str, str], list] | int:
-    """Check the server, build the workload for its tenants, replay it; an exit status on failure."""
+    """Check the server(s), build the workload for the tenants, replay it; an exit status on failure."""
     import openai
 
     from replicas.bench.client import list_models, make_client, run_workload
 
-    client = make_client(args.base_url)
+    endpoints = parse_endpoints(args.base_url) or {None: args.base_url}
+    clients = {model: make_client(url) for model, url in endpoints.items()}
     try:
-        try:
-            served = await list_models(client)
-        except openai.APIConnectionError as exc:
-            return _fail(f"cannot reach {args.base_url}: {exc}", 1)
-        except openai.APIError as exc:  # no /models route: trust --models
-            served = []
-            if not models:
-                return _fail(f"GET {args.base_url}/models failed ({exc}); pass --models", 1)
+        served = []
+        for model, client in clients.items():
+            try:
+                served += await list_models(client)
+            except openai.APIConnectionError as exc:
+                return _fail(f"cannot reach {endpoints[model]}: {exc}", 1)
+            except openai.APIError as exc:  # no /models route: trust --models
+                if not models and model is None:
+                    return _fail(f"GET {args.base_url}/models failed ({exc}); pass --models", 1)
+        if None not in clients:  # one endpoint per model: the endpoints name the tenants
+            models = models or list(clients)
+            if missing := sorted(set(models) - clients.keys()):
+                return _fail(f"--models {missing} have no endpoint in --base-url")
         models = models or served
         if not models:
             return _fail(f"{args.base_url} serves no models", 1)
@@ -81,11 +102,12 @@ async def _run(args, models: list[str] | None) -> tuple[wl.Workload, dict[str, s
         mapping = {wl.tenant_name(i): m for i, m in enumerate(models)}
         print(f"bench: {len(work.requests)} requests ({work.generator}, seed {work.seed}), tenants "
               f"{wl.tenant_counts(work.requests)} -> {mapping}, concurrency {args.concurrency}", flush=True)
-        records = await run_workload(client, work.requests, mapping, args.concurrency, seed=work.seed,
-                                     progress=None if args.quiet else sys.stderr)
+        records = await run_workload(clients.get(None) or clients, work.requests, mapping, args.concurrency,
+                                     seed=work.seed, progress=None if args.quiet else sys.stderr)
         return work, mapping, records
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
 
 
 def run_bench(args) -> int:
@@ -96,6 +118,7 @@ def run_bench(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     errors: list[str] = []
     try:  # validate the workload before touching the network (a missing trace needs no server)
+        parse_endpoints(args.base_url)
         build_workload(args, len(models) if models else 1)
     except (OSError, ValueError, KeyError) as exc:
         return _fail(str(exc))

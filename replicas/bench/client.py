@@ -229,11 +229,12 @@ async def list_models(client) -> list[str]:
 
 async def run_workload(client, requests: Sequence[Request], models: Mapping[str, str], concurrency: int,
                        seed: int = 0, progress: TextIO | None = sys.stderr) -> list[RequestRecord]:
-    """Replay `requests` through `client`, tenant t sent as model `models[t]` (t itself when unmapped)."""
+    """Replay `requests` through `client`, tenant t sent as model `models[t]` (t itself when unmapped).
+    `client` is one client, or a mapping model -> client (one endpoint per model)."""
 
     def send(i: int, req: Request) -> Awaitable[RequestResult]:
-        body = completion_body(models.get(req.tenant, req.tenant), prompt_ids(seed, i, req.prompt_len),
-                               req.output_len)
-        return stream_completion(client, i, body)
+        model = models.get(req.tenant, req.tenant)
+        body = completion_body(model, prompt_ids(seed, i, req.prompt_len), req.output_len)
+        return stream_completion(client[model] if isinstance(client, Mapping) else client, i, body)
 
     return await replay(requests, send, concurrency, progress)

@@ -239,3 +239,25 @@ def test_cli_bench_fails_clearly_on_bad_input(tmp_path, capsys):
     assert "--rate must be > 0" in capsys.readouterr().err
     assert main(["bench", "--base-url", "http://127.0.0.1:9/v1", "--quiet"]) == 1  # nothing listens on port 9
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_one_endpoint_per_model():
+    from replicas.bench import parse_endpoints
+
+    assert parse_endpoints("http://h:1/v1") is None
+    assert parse_endpoints("a=http://h:1/v1,b=http://h:2/v1") == {"a": "http://h:1/v1", "b": "http://h:2/v1"}
+    for bad in ("a=h:1", "a=http://x/v1,a=http://y/v1", "=http://x/v1"):
+        with pytest.raises(ValueError, match="--base-url"):
+            parse_endpoints(bad)
+    reqs = [wl.Request(0.0, "t0", 5, 4), wl.Request(0.0, "t1", 5, 4)]
+
+    async def go():
+        clients = {"llama": fake_client(), "other": fake_client()}
+        try:
+            return await run_workload(clients, reqs, {"t0": "llama", "t1": "other"}, 8, progress=None)
+        finally:
+            for c in clients.values():
+                await c.close()
+
+    first, second = asyncio.run(go())
+    assert first.ok and first.model == "llama" and second.ok and second.model == "other"
