@@ -94,6 +94,7 @@ def _add_sim_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,oracle")
     p.add_argument("--json", help="write the per-policy table here")
+    p.add_argument("--plots", help="write a PNG of each metric across the sweep points into this folder (matplotlib)")
 
 
 def _load_config(path: str | None):

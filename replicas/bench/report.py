@@ -128,16 +128,48 @@ def record_json(r: RequestRecord) -> dict[str, Any]:
             "output_tokens": r.output_tokens, "expected_tokens": r.expected_tokens}
 
 
-def write_plots(records: Sequence[RequestRecord], summary: dict[str, Any], out_dir: str | pathlib.Path,
-                note=print) -> list[pathlib.Path]:
-    """Latency CDFs and per-tenant P50/P99 bars as PNGs; [] (with a note) when matplotlib is missing."""
+def _pyplot(note):
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        note("bench: matplotlib is not installed; skipping PNG plots")
+        note("matplotlib is not installed (pip install 'oneiros[plots]'); skipping PNG plots")
+        return None
+    return plt
+
+
+def write_sweep_plot(points: dict[str, dict[str, dict[str, float]]], metrics: dict[str, str],
+                     path: str | pathlib.Path, title: str, note=print) -> pathlib.Path | None:
+    """One panel per metric, one line per policy across the sweep points: `points[label][policy][metric]`
+    (what `oneiros sim --json` writes under "points"); `metrics` maps keys to axis labels."""
+    plt = _pyplot(note)
+    if plt is None:
+        return None
+    labels = list(points)
+    policies = list(next(iter(points.values())))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics.items()):
+        for policy in policies:
+            ax.plot(range(len(labels)), [points[x][policy][key] for x in labels], marker="o", label=policy)
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set(title=label, yscale="log" if "ttft" in key else "linear")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(records: Sequence[RequestRecord], summary: dict[str, Any], out_dir: str | pathlib.Path,
+                note=print) -> list[pathlib.Path]:
+    """Latency CDFs and per-tenant P50/P99 bars as PNGs; [] (with a note) when matplotlib is missing."""
+    plt = _pyplot(note)
+    if plt is None:
         return []
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

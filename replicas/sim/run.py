@@ -388,4 +388,13 @@ def run_sim_cli(args) -> int:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
+    if args.plots:
+        from replicas.bench.report import write_sweep_plot
+
+        metrics = {"p99_tbt_s": "P99 TBT (s)", "p99_max_tbt_s": "P99 worst stall (s)", "p99_ttft_s": "P99 TTFT (s)",
+                   "throughput_tok_s": "throughput (tok/s)"}
+        png = write_sweep_plot(out["points"], metrics, pathlib.Path(args.plots) / f"sim_{preset.name}_{args.device}.png",
+                               f"{preset.name} on {device.name}")
+        if png:
+            print(f"wrote {png}")
     return 0

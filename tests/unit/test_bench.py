@@ -153,6 +153,18 @@ def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path):
         assert all(p.exists() for p in paths)
 
 
+def test_sweep_plot_draws_every_policy_or_says_why_not(tmp_path):
+    notes = []
+    points = {f"rate={r}": {"recompute": {"p99_ttft_s": 2.0 * r}, "ours": {"p99_ttft_s": 1.0 * r}} for r in (1, 2)}
+    path = report.write_sweep_plot(points, {"p99_ttft_s": "P99 TTFT"}, tmp_path / "sweep.png", "t", note=notes.append)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert path is None and "matplotlib" in notes[0]
+    else:
+        assert path.stat().st_size > 0
+
+
 # ---- the client against a fake OpenAI server ---------------------------------------------------
 
 def fake_openai_app() -> FastAPI:

