@@ -273,3 +273,20 @@ def test_one_endpoint_per_model():
 
     first, second = asyncio.run(go())
     assert first.ok and first.model == "llama" and second.ok and second.model == "other"
+
+
+def test_bench_job_defaults_to_the_head_proxy_and_fails_clearly():
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from bench_job import DEFAULT_BASE_URL, bench_argv
+    finally:
+        sys.path.pop(0)
+    assert bench_argv(["--rate", "2"]) == ["bench", "--base-url", DEFAULT_BASE_URL, "--rate", "2"]
+    assert bench_argv(["--base-url=http://x/v1"]) == ["bench", "--base-url=http://x/v1"]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_job.py"), "--base-url", "http://127.0.0.1:9/v1",
+                           "--duration", "1", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "cannot reach http://127.0.0.1:9/v1" in done.stderr
