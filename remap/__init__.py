@@ -38,6 +38,7 @@ from remap.types import (
     RemapError,
     SeqId,
 )
+from remap.vmm import BACKEND_KINDS, CudaVmmBackend, HostVmmBackend, VmmBackend, make_backend
 
 __all__ = [
     "AppliedPlan", "CudaTransferEngine", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
@@ -47,4 +48,5 @@ __all__ = [
     "PagePool", "ParamStore", "RemapError", "RestoreOutcome", "SeqId", "Slab", "StagingRing",
     "SyncTransferEngine", "TensorSpec", "ThreadTransferEngine", "TransferEngine", "make_transfer_engine",
     "measure_link_bytes_per_s", "pack_layout", "slab_views",
+    "BACKEND_KINDS", "CudaVmmBackend", "HostVmmBackend", "VmmBackend", "make_backend",
 ]

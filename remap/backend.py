@@ -1,14 +1,15 @@
 """Where the bytes of a device's pages physically live.
 
 The pool decides who owns a page; a backend holds the page's bytes and gives out tensor views.
-Two backends fit this seam:
+Two kinds of backend fit this seam:
 
 - `ArenaBackend` (here): one preallocated torch buffer on any device. Page p is the byte range
   [p * page_size, (p + 1) * page_size). A layer slab's tensors are views into a fixed contiguous run
   of pages (its "home"), so restoring a layer needs exactly those pages back.
-- `cuda_vmm` (the GPU issue): each slab and each model's KV get a reserved virtual range and
-  physical pages are mapped into them on demand, so a slab can be restored into any free pages.
-  `needs_home_runs` is False there and the map/unmap hooks do the real work.
+- virtual-memory backends (remap/vmm.py: `HostVmmBackend`, `CudaVmmBackend`): the same flat "pool
+  range" of pages, plus one reserved virtual range per slab into which the slab's current physical
+  pages, any ids, are mapped on demand, so a slab can be restored into any free pages.
+  `needs_home_runs` is False there and `map_slab` / `unmap_slab` do the real work.
 
 A model's KV view is one tensor over all pages, indexed by page id = KV block id:
 
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from remap.types import ModelId, PageId, RemapError
+from remap.types import IntegrityError, ModelId, PageId, RemapError
 
 TENSOR_ALIGN_BYTES = 256  # every packed tensor starts at a multiple of this (CUDA's malloc alignment)
 
@@ -57,22 +58,41 @@ class Backend(ABC):
     def write_pages(self, pages: Sequence[PageId], num_bytes: int, data: torch.Tensor) -> None:
         """Inverse of read_pages."""
 
+    # ---- slab ranges (home-run backends: the slab's range is its run of the pool) ------------
+    def map_slab(self, key: tuple[ModelId, int], pages: Sequence[PageId]) -> torch.Tensor:
+        """uint8 view of a slab's bytes with `pages` (in order) behind it.
 
-class ArenaBackend(Backend):
-    needs_home_runs = True
+        Home-run backends can only map a slab onto a contiguous run; virtual-memory backends map
+        any pages into the slab's own range and return the same tensor (same address) every time.
+        """
+        first = pages[0]
+        if list(pages) != list(range(first, first + len(pages))):
+            raise IntegrityError(f"slab {key} on pages {list(pages)[:8]}...: a home-run backend needs a contiguous run")
+        return self.run_bytes(first, len(pages))
 
-    def __init__(self, num_pages: int, page_size_bytes: int, device: torch.device | str = "cpu") -> None:
-        if page_size_bytes <= 0 or page_size_bytes % TENSOR_ALIGN_BYTES:
-            raise RemapError(
-                f"page size {page_size_bytes} B is not a positive multiple of the tensor alignment "
-                f"{TENSOR_ALIGN_BYTES} B"
-            )
-        self.device = torch.device(device)
-        self.num_pages = num_pages
-        self.page_size_bytes = page_size_bytes
-        # torch.empty: pages hold garbage until an owner writes them, like freshly mapped memory.
-        self._buffer = torch.empty(num_pages * page_size_bytes, dtype=torch.uint8, device=self.device)
-        self._pages = self._buffer.view(num_pages, page_size_bytes)
+    def unmap_slab(self, key: tuple[ModelId, int]) -> None:
+        """The slab's pages go to other owners: its range must no longer reach them."""
+
+    def mapped_pages(self, key: tuple[ModelId, int]) -> list[PageId] | None:
+        """Pages mapped into a slab's own range now (None: unmapped, or no ranges of its own)."""
+        return None
+
+    def close(self) -> None:
+        """Give the device memory back; every view handed out is invalid afterwards."""
+
+
+def check_page_size(page_size_bytes: int, granularity_bytes: int = TENSOR_ALIGN_BYTES, what: str = "the tensor alignment") -> None:
+    if page_size_bytes <= 0 or page_size_bytes % granularity_bytes:
+        raise RemapError(
+            f"page size {page_size_bytes} B is not a positive multiple of {what} {granularity_bytes} B"
+        )
+
+
+class FlatBackend(Backend):
+    """Page p is row p of one flat uint8 tensor `_buffer` (the arena, or a VMM pool range)."""
+
+    _buffer: torch.Tensor  # uint8 [num_pages * page_size_bytes]
+    _pages: torch.Tensor  # the same bytes as [num_pages, page_size_bytes]
 
     def run_bytes(self, first: PageId, num_pages: int) -> torch.Tensor:
         start = first * self.page_size_bytes
@@ -101,3 +121,16 @@ class ArenaBackend(Backend):
     def write_pages(self, pages: Sequence[PageId], num_bytes: int, data: torch.Tensor) -> None:
         idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
         self._pages[idx, :num_bytes] = data.to(self.device, non_blocking=True)
+
+
+class ArenaBackend(FlatBackend):
+    needs_home_runs = True
+
+    def __init__(self, num_pages: int, page_size_bytes: int, device: torch.device | str = "cpu") -> None:
+        check_page_size(page_size_bytes)
+        self.device = torch.device(device)
+        self.num_pages = num_pages
+        self.page_size_bytes = page_size_bytes
+        # torch.empty: pages hold garbage until an owner writes them, like freshly mapped memory.
+        self._buffer = torch.empty(num_pages * page_size_bytes, dtype=torch.uint8, device=self.device)
+        self._pages = self._buffer.view(num_pages, page_size_bytes)

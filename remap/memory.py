@@ -6,7 +6,10 @@ It owns the cross-cutting moves that touch several owners at once:
 
 - restore into an arena home run: KV blocks sitting in the run migrate to free pages outside it
   first (a device-local copy plus a block-table update); if too few pages are free, the restore
-  reports failure and nothing changes.
+  reports failure and nothing changes. On a virtual-memory backend (remap/vmm.py) a restore takes
+  any free pages and never migrates; idle staging rings of other models give their pages back if
+  the free ones fall short (they are caches of host bytes), as they do when they sit in a home run.
+  Either way a restore costs `num_pages` free pages net, which is what RemapController charges.
 - staging slots: contiguous runs, carved out of free pages, migrating KV blocks the same way.
 
 `check_integrity()` proves the whole picture: every page has one owner, every owner's view of its
@@ -38,7 +41,7 @@ DEFAULT_PAGE_SIZE_BYTES = 2 << 20  # CUDA VMM allocation granularity
 
 class RestoreOutcome(NamedTuple):
     restored: bool
-    num_blocks_migrated: int  # KV blocks moved out of the layer's home run
+    num_blocks_migrated: int  # KV blocks moved out of the layer's home run (always 0 on vmm backends)
     reason: str  # why not, when restored is False
 
 
@@ -107,6 +110,8 @@ class DeviceMemory:
     def restore(self, model: ModelId, layer: int) -> RestoreOutcome:
         """Bring a layer back from the host copy, migrating KV out of its home run if needed."""
         self._retire_ring(model)
+        if not self.backend.needs_home_runs:
+            return self._restore_anywhere(model, layer)
         moved: list[int] = []
 
         def evict(pages: list[PageId]) -> bool:
@@ -127,6 +132,21 @@ class DeviceMemory:
             False, 0, f"{len(busy)} of its {slab.num_pages} home pages are in use ({not_kv} not KV) and only "
             f"{free_outside} pages are free outside them",
         )
+
+    def _restore_anywhere(self, model: ModelId, layer: int) -> RestoreOutcome:
+        """Virtual-memory restore: any `num_pages` free pages, idle rings closed if that makes enough."""
+        need = self.params.slab(model, layer).num_pages
+        if self.pool.num_free < need:
+            idle = [m for m, r in self._rings.items() if not r.in_pass]
+            if self.pool.num_free + sum(len(self._rings[m].pages) for m in idle) >= need:
+                for m in idle:
+                    if self.pool.num_free >= need:
+                        break
+                    self.close_stream(m)
+        if not self.params.restore(model, layer):
+            return RestoreOutcome(False, 0, f"it needs {need} free pages (any) and only {self.pool.num_free} are free")
+        self.num_restores += 1
+        return RestoreOutcome(True, 0, "")
 
     def _evict(self, pages: Sequence[PageId], keep_out: Sequence[PageId]) -> int:
         """Move the KV blocks on `pages` to free pages outside `keep_out`; -1 if impossible."""
@@ -275,7 +295,7 @@ class DeviceMemory:
         return PageId(best)
 
     def num_lent_pages(self) -> int:
-        """Parameter pages currently lent out (reclaimed layers' home runs)."""
+        """Parameter pages currently lent out (what reclaimed layers freed)."""
         return sum(self.params.slab(m, i).num_pages for m in self.params.models
                    for i in range(self.params.num_layers(m)) if not self.params.is_resident(m, i))
 
@@ -302,6 +322,7 @@ class DeviceMemory:
         for model in list(self._rings):
             self.close_stream(model)
         self.transfer.close()
+        self.backend.close()
 
     # ---- checks --------------------------------------------------------------------------
     def check_integrity(self) -> None:

@@ -10,8 +10,16 @@ TENSOR_ALIGN_BYTES, into `num_pages` pages:
 The host keeps the same packed bytes (pinned on CUDA), so a restore is one host-to-device copy of
 `num_bytes` and a staging slot can hold any layer of the model with the same layout.
 
-Invariant: a slab is resident iff every page of its home run is owned by PARAM(model, layer);
-reclaim frees those pages without copying anything (the host copy is the truth).
+Where a slab's pages are depends on the backend:
+
+- home-run backends (the arena): a fixed contiguous run of pages, its "home"; restoring a layer
+  needs exactly that run back (DeviceMemory migrates KV blocks out of it first).
+- virtual-memory backends (remap/vmm.py): any pages, mapped in order into the slab's own virtual
+  range; a restore takes any `num_pages` free pages and the tensor views keep their addresses.
+
+Invariant: a slab is resident iff every page of `slab.pages` is owned by PARAM(model, layer) (and,
+on a virtual-memory backend, mapped into its range); reclaim frees those pages without copying
+anything (the host copy is the truth).
 """
 
 from __future__ import annotations
@@ -46,13 +54,18 @@ class Slab:
     specs: tuple[TensorSpec, ...]
     num_bytes: int  # packed bytes (what a restore copies)
     num_pages: int
-    home: PageId  # first page of its contiguous home run in the pool
+    # Its pages in slab order: the home run on home-run backends (kept while reclaimed: where a
+    # restore must go); on virtual-memory backends the pages mapped now, [] while reclaimed.
+    pages: list[PageId]
     host: torch.Tensor  # uint8 [num_bytes] master copy
     resident: bool = True
 
     @property
-    def pages(self) -> list[PageId]:
-        return [PageId(p) for p in range(self.home, self.home + self.num_pages)]
+    def home(self) -> PageId:
+        """First page of the home run (home-run backends only)."""
+        if not self.pages or self.pages != list(range(self.pages[0], self.pages[0] + self.num_pages)):
+            raise RemapError(f"slab {self.model}/{self.index} has no home run (pages {self.pages[:8]})")
+        return self.pages[0]
 
 
 def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], int]:
@@ -75,6 +88,7 @@ class ParamStore:
     def __init__(self, pool: PagePool, backend: Backend, transfer: TransferEngine) -> None:
         self._pool, self._backend, self._transfer = pool, backend, transfer
         self._slabs: dict[tuple[ModelId, int], Slab] = {}
+        self._bytes: dict[tuple[ModelId, int], torch.Tensor] = {}  # uint8 [num_bytes] device view per slab
         self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
         self._num_layers: dict[ModelId, int] = {}
         self._remapped: dict[ModelId, set[int]] = {}  # reclaimed layer ids per model (kept in step)
@@ -104,15 +118,16 @@ class ParamStore:
             if slab is None:
                 for s in placed:
                     self._unplace(s)
-                raise RemapError(
-                    f"model {model!r} needs {need} pages in contiguous runs of up to "
-                    f"{max(-(-n // page) for _, _, n in layouts)}; only {self._pool.num_free} pages are free"
-                )
+                runs = (f" in contiguous runs of up to {max(-(-n // page) for _, _, n in layouts)}"
+                        if self._backend.needs_home_runs else "")
+                raise RemapError(f"model {model!r} needs {need} pages{runs}; only {self._pool.num_free} pages are free")
             _fill_host(slab, tensors)
             placed.append(slab)
         for slab in placed:
-            self._slabs[(model, slab.index)] = slab
-            self._views[(model, slab.index)] = slab_views(slab.specs, self._device_bytes(slab))
+            key = (model, slab.index)
+            self._slabs[key] = slab
+            self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
+            self._views[key] = slab_views(slab.specs, self._bytes[key])
             self._copy_in(slab)
         self._num_layers[model] = len(layers)
         self._remapped[model] = set()
@@ -121,19 +136,26 @@ class ParamStore:
 
     def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int) -> Slab | None:
         num_pages = -(-nbytes // self._pool.page_size_bytes)
-        first = self._pool.find_free_run(num_pages)
-        if first is None:
-            return None
-        pages = [PageId(p) for p in range(first, first + num_pages)]
-        claimed = self._pool.claim(pages, Owner(OwnerKind.PARAM, model, index))
-        assert claimed, "find_free_run returned a run that is not free"
-        self._pool.set_homed(pages, True)
+        owner = Owner(OwnerKind.PARAM, model, index)
+        if self._backend.needs_home_runs:
+            first = self._pool.find_free_run(num_pages)
+            if first is None:
+                return None
+            pages = [PageId(p) for p in range(first, first + num_pages)]
+            claimed = self._pool.claim(pages, owner)
+            assert claimed, "find_free_run returned a run that is not free"
+            self._pool.set_homed(pages, True)
+        else:
+            pages = self._pool.alloc(num_pages, owner)
+            if pages is None:
+                return None
         pinned = self._backend.device.type == "cuda"
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        return Slab(model, index, specs, nbytes, num_pages, first, host)
+        return Slab(model, index, specs, nbytes, num_pages, pages, host)
 
     def _unplace(self, slab: Slab) -> None:
-        self._pool.set_homed(slab.pages, False)
+        if self._backend.needs_home_runs:
+            self._pool.set_homed(slab.pages, False)
         self._pool.free(slab.pages)
 
     # ---- queries -------------------------------------------------------------------------
@@ -186,35 +208,52 @@ class ParamStore:
             raise RemapError(f"the base slab of {model!r} (embeddings, norm, lm_head) is never reclaimed")
         if not slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
+        pages = slab.pages
+        if not self._backend.needs_home_runs:
+            self._backend.unmap_slab((model, layer))  # before anyone else can own the pages
+            slab.pages = []
         slab.resident = False
         self._remapped[model].add(layer)
-        self._pool.free(slab.pages)
+        self._pool.free(pages)
         return slab.num_pages
 
-    def restore(self, model: ModelId, layer: int, evict: Callable[[list[PageId]], bool]) -> bool:
-        """Bring a reclaimed layer back into its home run and copy its bytes from the host.
+    def restore(self, model: ModelId, layer: int, evict: Callable[[list[PageId]], bool] | None = None) -> bool:
+        """Bring a reclaimed layer back and copy its bytes from the host; False (nothing changes)
+        if there is no room.
 
-        `evict(pages)` must move whatever owns those pages elsewhere (KV migration) and return
-        False if it cannot; then nothing changes and this returns False.
+        Home-run backends: the layer goes back into its home run; `evict(pages)` must move whatever
+        owns the busy pages of the run elsewhere (KV migration) and return False if it cannot.
+        Virtual-memory backends: any `num_pages` free pages will do; `evict` is not used.
         """
         slab = self.slab(model, layer)
         if slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already resident")
-        busy = [p for p in slab.pages if self._pool.owner(p).kind is not OwnerKind.FREE]
-        if busy and not evict(busy):
-            return False
-        if not self._pool.claim(slab.pages, Owner(OwnerKind.PARAM, model, layer)):
-            raise IntegrityError(f"evict() left pages of layer {layer} of {model!r} owned")
+        owner = Owner(OwnerKind.PARAM, model, layer)
+        if self._backend.needs_home_runs:
+            busy = [p for p in slab.pages if self._pool.owner(p).kind is not OwnerKind.FREE]
+            if busy and (evict is None or not evict(busy)):
+                return False
+            if not self._pool.claim(slab.pages, owner):
+                raise IntegrityError(f"evict() left pages of layer {layer} of {model!r} owned")
+        else:
+            pages = self._pool.alloc(slab.num_pages, owner)
+            if pages is None:
+                return False
+            try:
+                data = self._backend.map_slab((model, layer), pages)
+            except BaseException:
+                self._pool.free(pages)
+                raise
+            if data.data_ptr() != self._bytes[(model, layer)].data_ptr():
+                raise IntegrityError(f"slab {model}/{layer} moved to another address: its views are stale")
+            slab.pages = pages
         self._copy_in(slab)
         slab.resident = True
         self._remapped[model].discard(layer)
         return True
 
-    def _device_bytes(self, slab: Slab) -> torch.Tensor:
-        return self._backend.run_bytes(slab.home, slab.num_pages)[: slab.num_bytes]
-
     def _copy_in(self, slab: Slab) -> None:
-        self._transfer.wait(self._transfer.submit(self._device_bytes(slab), slab.host))
+        self._transfer.wait(self._transfer.submit(self._bytes[(slab.model, slab.index)], slab.host))
 
     # ---- checks --------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -225,10 +264,24 @@ class ParamStore:
                 raise IntegrityError(f"resident slab {model}/{index} has page owners {owners}")
             if not slab.resident and want in owners:
                 raise IntegrityError(f"reclaimed slab {model}/{index} still owns pages")
-            if any(not self._pool.is_homed(p) for p in slab.pages):
-                raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
+            if self._backend.needs_home_runs:
+                if any(not self._pool.is_homed(p) for p in slab.pages):
+                    raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
+            else:
+                self._check_mapped(slab)
             if index != BASE_SLAB and slab.resident == (index in self._remapped[model]):
                 raise IntegrityError(f"slab {model}/{index} resident={slab.resident} but remapped set says otherwise")
+
+
+    def _check_mapped(self, slab: Slab) -> None:
+        """Virtual-memory backends: the slab's range maps exactly its pages iff it is resident."""
+        key = (slab.model, slab.index)
+        mapped = self._backend.mapped_pages(key)
+        want = slab.pages if slab.resident else None
+        if mapped != want or (slab.resident and len(slab.pages) != slab.num_pages) or (not slab.resident and slab.pages):
+            raise IntegrityError(f"slab {key} resident={slab.resident} pages {slab.pages} but mapped {mapped}")
+        if any(self._pool.is_homed(p) for p in slab.pages):
+            raise IntegrityError(f"slab {key} pages {slab.pages} carry homed marks on a backend with no home runs")
 
 
 def _fill_host(slab: Slab, tensors: Mapping[str, torch.Tensor]) -> None:

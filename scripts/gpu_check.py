@@ -6,14 +6,13 @@ Writes OUT_DIR/gpu_check.json and prints a table. Each part runs on its own and 
 instead of stopping the rest, so one run always returns everything it could measure:
 
   tests             the `gpu` tests (pytest -m gpu): copy-stream restore/streaming bit-identical,
-                    engine greedy output on CUDA with a remapped layer equals the CPU engine
+                    engine greedy output on CUDA with a remapped layer equals the CPU engine, and
+                    the CUDA VMM backend (cuMemMap): a layer restored into other pages, same address
   h2d_gb_per_s      pinned host->device copy bandwidth alone, and while device->host copies run
   restore           scripts/bench_remap.py on CUDA: restore bandwidth / raw pinned copy (>= 0.9)
   streaming         forward time of a Llama-shaped model with alpha layers streamed vs none
   multi_tenant      three Llama-3-8B-shaped dummy tenants on one card, remap / recompute / swap
                     (skipped with --skip-scale or when the card is too small)
-
-Not yet here: the cuda_vmm backend (remap restores into home runs, migrating KV out, as on CPU).
 """
 
 from __future__ import annotations

@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
-from remap import DeviceMemory, ModelId
+from remap import DeviceMemory, ModelId, Owner, OwnerKind, make_backend
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
 transformers = pytest.importorskip("transformers")
+from tests.unit.factories import needs_host_vmm  # noqa: E402
 from tests.unit.hf_reference import KINDS, hf_greedy, make_config, make_hf_model  # noqa: E402
 
 PAGE = 16 << 10
@@ -29,8 +30,8 @@ def hf_generate(hf_config: dict, state: dict, prompt: list[int], n: int = MAX_TO
     return hf_greedy(make_hf_model(hf_config, state), prompt, n)
 
 
-def make_engine(num_pages: int = 256, mode: str = "remap", **sched) -> LLMEngine:
-    memory = DeviceMemory(num_pages, PAGE)
+def make_engine(num_pages: int = 256, mode: str = "remap", backend: str = "arena", **sched) -> LLMEngine:
+    memory = DeviceMemory(num_pages, PAGE, backend=make_backend(backend, num_pages, PAGE))
     config = EngineConfig(scheduler=SchedulerConfig(preemption_mode=PreemptionMode(mode), **sched),
                           link_bytes_per_s=10e9)
     return LLMEngine(memory, config)
@@ -144,6 +145,32 @@ def test_greedy_output_is_exact_across_memory_events_mid_generation(event, refer
     got = run_with(engine, event)
     for prompt, out in zip(PROMPTS, got):
         assert out == reference(LLAMA, state, 3, prompt)
+
+
+def _restore_into_other_pages(engine):
+    """Reclaim, stream one step, then restore while a fence holds the layers' old pages."""
+    memory, m = engine.memory, ModelId("m")
+    old = [p for layer in (1, 3) for p in memory.params.slab(m, layer).pages]
+    _reclaim_running_layers(engine)
+    engine.step()  # streams layers 1 and 3 through the staging ring; KV may grow into old pages
+    memory.close_stream(m)
+    fence = [p for p in old if memory.pool.owner(p).kind is OwnerKind.FREE]
+    assert memory.pool.claim(fence, Owner(OwnerKind.STAGING, ModelId("<fence>"), 0))
+    for layer in (1, 3):
+        outcome = memory.restore(m, layer)
+        assert outcome.restored and outcome.num_blocks_migrated == 0
+        assert not set(memory.params.slab(m, layer).pages) & set(old)
+    memory.pool.free(fence)
+
+
+@needs_host_vmm(PAGE)
+def test_greedy_output_is_exact_when_layers_come_back_in_other_pages_on_vmm(reference):
+    engine = make_engine(mode="recompute", backend="vmm")
+    state = add_tenant(engine, "m", LLAMA, seed=3)
+    got = run_with(engine, _restore_into_other_pages)
+    for prompt, out in zip(PROMPTS, got):
+        assert out == reference(LLAMA, state, 3, prompt)
+    engine.close()
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy():

@@ -25,16 +25,21 @@ def fill_blocks(kv, pages, value: float) -> None:
         kv.view[p].fill_(value)
 
 
-def test_registered_parameters_are_bit_identical_views():
-    mem = make_memory()
+BACKENDS = pytest.mark.parametrize("backend", ["arena", "vmm"])
+
+
+@BACKENDS
+def test_registered_parameters_are_bit_identical_views(backend):
+    mem = make_memory(backend=backend)
     kv, layers, base = add_model(mem)
     assert_params_equal(mem, "m0", layers, base)
     assert kv.block_size == PAGE // (4 * 2 * 2 * 16 * 4)
     mem.check_integrity()
 
 
-def test_reclaim_reuse_as_kv_then_restore_is_bit_identical():
-    mem = make_memory(num_pages=16)  # 15 pages of parameters, 1 free
+@BACKENDS
+def test_reclaim_reuse_as_kv_then_restore_is_bit_identical(backend):
+    mem = make_memory(num_pages=16, backend=backend)  # 15 pages of parameters, 1 free
     kv, layers, base = add_model(mem)
     assert mem.pool.num_free == 1
     freed = mem.reclaim(ModelId("m0"), 2)
@@ -76,8 +81,9 @@ def test_restore_migrates_kv_blocks_out_of_the_home_run_keeping_contents():
     mem.check_integrity()
 
 
-def test_swap_out_and_in_preserves_blocks_and_frees_pages():
-    mem = make_memory()
+@BACKENDS
+def test_swap_out_and_in_preserves_blocks_and_frees_pages(backend):
+    mem = make_memory(backend=backend)
     kv, _, _ = add_model(mem)
     pages = kv.alloc(SeqId(5), 3)
     for i, p in enumerate(pages):
@@ -123,10 +129,11 @@ def test_two_models_share_one_pool_and_kv_lands_in_the_other_models_pages():
     mem.check_integrity()
 
 
+@BACKENDS
 @pytest.mark.parametrize("threaded", [False, True])
-def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded):
+def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded, backend):
     transfer = ThreadTransferEngine() if threaded else None
-    mem = make_memory(num_pages=40, transfer=transfer)
+    mem = make_memory(num_pages=40, transfer=transfer, backend=backend)
     kv, layers, _ = add_model(mem, num_layers=6)
     for layer in (1, 3, 5):
         mem.reclaim(ModelId("m0"), layer)

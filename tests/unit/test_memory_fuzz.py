@@ -13,9 +13,9 @@ from remap import ModelId, RemapError, SeqId
 from tests.unit.factories import add_model, make_memory
 
 
-def run_seed(seed: int, steps: int = 60) -> None:
+def run_seed(seed: int, steps: int = 60, backend: str = "arena") -> None:
     rng = random.Random(seed)
-    mem = make_memory(num_pages=rng.randint(40, 70))
+    mem = make_memory(num_pages=rng.randint(40, 70), backend=backend)
     models = []
     for i, name in enumerate(("a", "b", "c")):
         try:
@@ -49,12 +49,18 @@ def run_seed(seed: int, steps: int = 60) -> None:
             if kv.table(seq):
                 kv.swap_out(seq)
         mem.check_integrity()
+    mem.close()
 
 
 @pytest.mark.parametrize("first_seed", [0, 100, 200, 300])
 def test_random_multi_model_runs_keep_every_invariant(first_seed):
     for seed in range(first_seed, first_seed + 100):
         run_seed(seed)
+
+
+def test_random_multi_model_runs_keep_every_invariant_on_vmm():
+    for seed in range(100):
+        run_seed(seed, backend="vmm")
 
 
 def test_clearing_a_run_never_moves_a_block_into_the_run_it_clears():
