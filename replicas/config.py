@@ -9,7 +9,7 @@ happens under load.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -71,6 +71,10 @@ class MemorySettings(BaseModel):
     num_pages: int = Field(96, ge=1, description="Pages in each replica's device pool.")
     page_size_bytes: int = Field(256 << 10, ge=256, description="Bytes per page (multiple of 256; 2 MiB on GPU).")
     device: str = Field("cpu", description="torch device of each replica: 'cpu' or 'cuda'.")
+    backend: Literal["arena", "vmm"] = Field(
+        "arena", description="'arena': one buffer, a layer comes back to its own pages (KV migrates out); 'vmm': "
+                             "virtual memory, a layer comes back into any free pages (remap/vmm.py; CUDA needs "
+                             "the gpu extra, the page size a multiple of the mapping granularity).")
 
 
 class AutoscalingSettings(BaseModel):

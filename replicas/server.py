@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
-from remap import DeviceMemory, RemapError, SeqId
+from remap import DeviceMemory, RemapError, SeqId, make_backend
 from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
 from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
@@ -78,7 +78,8 @@ class EngineServer:
 
     def _make_engine(self) -> LLMEngine:
         mem = self.config.memory
-        memory = DeviceMemory(mem.num_pages, mem.page_size_bytes, device=mem.device)
+        backend = make_backend(mem.backend, mem.num_pages, mem.page_size_bytes, mem.device)
+        memory = DeviceMemory(mem.num_pages, mem.page_size_bytes, device=mem.device, backend=backend)
         return LLMEngine(memory, EngineConfig(self.config.scheduler.to_engine(), self.config.remap.to_engine()))
 
     def _load(self, name: str) -> None:

@@ -33,7 +33,10 @@ def test_concurrent_streams_match_the_engine_run_alone(server):
         return await asyncio.gather(*(collect(server, m, p) for m in ("llama", "qwen") for p in prompts))
 
     results = asyncio.run(main())
-    alone = EngineServer(default_config(), replica_id="alone", models=["llama", "qwen"])
+    # the reference runs on the vmm backend: the same tokens whichever backend holds the bytes
+    alone = EngineServer(default_config(memory={"num_pages": 64, "backend": "vmm"}), replica_id="alone",
+                         models=["llama", "qwen"])
+    assert type(alone.engine.memory.backend).__name__ == "HostVmmBackend"
     for (model, prompt), items in zip([(m, p) for m in ("llama", "qwen") for p in prompts], results):
         tokens = [t for item in items for t in item["token_ids"]]
         assert tokens == alone.engine.generate(model, [prompt], GREEDY)[0]
