@@ -93,6 +93,8 @@ def _add_sim_parser(sub) -> None:
     p.add_argument("--duration", type=float, help="seconds of arrivals to replay (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,oracle")
+    p.add_argument("--max-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step, prefill chunks plus decodes (vLLM's chunked-prefill default)")
     p.add_argument("--json", help="write the per-policy table here")
     p.add_argument("--plots", help="write a PNG of each metric across the sweep points into this folder (matplotlib)")
 

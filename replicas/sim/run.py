@@ -369,17 +369,20 @@ def run_sim_cli(args) -> int:
         bad = set(policies) - set(POLICIES)
         if bad:
             raise KeyError(f"unknown policies {sorted(bad)}; available: {POLICIES}")
+        if args.max_batched_tokens < 1:
+            raise ValueError(f"--max-batched-tokens must be >= 1, got {args.max_batched_tokens}")
         duration = args.duration or preset.default_duration_s
         points = preset.workloads(duration, args.seed, args.trace)
     except (KeyError, FileNotFoundError, ValueError) as exc:
         print(f"oneiros sim: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     models = preset.models()
+    settings = SimSettings(max_num_batched_tokens=args.max_batched_tokens)
     out = {"preset": preset.name, "device": device.name, "duration_s": duration, "seed": args.seed,
-           "models": list(models), "points": {}}
+           "max_num_batched_tokens": settings.max_num_batched_tokens, "models": list(models), "points": {}}
     for label, requests in points:
         print(f"{preset.name} on {device.name}, {label}: {len(requests)} requests over {duration:g} s", flush=True)
-        table = compare(simulate_all(requests, models, device, policies))
+        table = compare(simulate_all(requests, models, device, policies, settings))
         print(format_table(table), flush=True)
         out["points"][label] = table
     if len(points) == 1:
