@@ -196,6 +196,11 @@ class ParamStore:
             raise IntegrityError(f"layer {layer} of {model!r} is reclaimed; stream it into a staging slot")
         return self._views[(model, layer)]
 
+    def slab_bytes(self, model: ModelId, layer: int) -> torch.Tensor:
+        """uint8 device bytes of a resident slab (what a restore copies into)."""
+        self.tensors(model, layer)  # a clear error for a reclaimed slab (a vmm range has no pages then)
+        return self._bytes[(model, layer)]
+
     def max_layer_bytes(self, model: ModelId) -> int:
         self.num_layers(model)
         return self._max_layer_bytes[model]

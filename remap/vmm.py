@@ -166,6 +166,7 @@ class VmmBackend(FlatBackend):
 _PROT_NONE, _PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FIXED = 0x10  # <sys/mman.h> on Linux; Python's mmap module cannot map at a fixed address
 _MAP_NORESERVE = 0x4000  # a reservation commits no memory and no swap
+_MAP_POPULATE = 0x8000  # fill the page tables at map time: a restore's copy then takes no page faults
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -212,7 +213,8 @@ class HostVmmBackend(VmmBackend):
         ps = self.page_size_bytes
         try:
             for i, first, n in _runs(pages):  # one mmap per run of consecutive page ids
-                self._mmap(addr + i * ps, n * ps, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED, self._fd, first * ps)
+                self._mmap(addr + i * ps, n * ps, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED | _MAP_POPULATE, self._fd,
+                           first * ps)
         except RemapError:
             self._unmap(addr, pages)  # all or nothing
             raise

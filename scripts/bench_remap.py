@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from remap import DeviceMemory, KVGeometry, ModelId, SeqId
+from remap import BACKEND_KINDS, DeviceMemory, KVGeometry, ModelId, SeqId, make_backend
 
 
 def make_model(num_layers: int, hidden: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -70,8 +70,11 @@ def _time_restore(mem: DeviceMemory, model: ModelId, layer: int) -> float:
 
 def _time_plain_copy(mem: DeviceMemory, model: ModelId, layer: int) -> float:
     """The baseline: the same host bytes into the same device bytes, with no bookkeeping."""
+    if not mem.params.is_resident(model, layer):  # a vmm slab range has no pages behind it while reclaimed
+        assert mem.restore(model, layer).restored
     slab = mem.params.slab(model, layer)
-    dst = mem.backend.run_bytes(slab.home, slab.num_pages)[: slab.num_bytes]
+    dst = mem.params.slab_bytes(model, layer)
+    _sync(mem.device)
     start = time.perf_counter()
     dst.copy_(slab.host)
     _sync(mem.device)
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path, help="write results here")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="arena", choices=BACKEND_KINDS, help="remap/vmm.py for vmm")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=1024, help="layer = 4 hidden x hidden fp32 matrices")
     ap.add_argument("--reps", type=int, default=5)
@@ -112,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     page = 2 << 20
     layer_pages = -(-4 * args.hidden * args.hidden * 4 // page)
     kv_pages = 1024
-    mem = DeviceMemory(args.layers * layer_pages + 4 + kv_pages, page, device=args.device)
+    num_pages = args.layers * layer_pages + 4 + kv_pages
+    mem = DeviceMemory(num_pages, page, device=args.device,
+                       backend=make_backend(args.backend, num_pages, page, args.device))
     model = ModelId("bench")
     mem.register_model(model, layers, base, KVGeometry(32, 8, 128, torch.float16))
 
     results = bench_reclaim_restore(mem, model, args.layers, args.reps)
     results["kv_block_ops_per_s"] = bench_kv_ops(mem, model, num_seqs=256, blocks_per_seq=16, rounds=20)
     mem.check_integrity()
-    results.update(device=str(mem.device), machine=platform.machine(), torch=torch.__version__,
+    results.update(device=str(mem.device), backend=args.backend, machine=platform.machine(), torch=torch.__version__,
                    num_layers=args.layers, page_size_bytes=page)
 
     print(f"{'metric':<24} {'value':>14}   target")

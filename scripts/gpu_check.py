@@ -9,9 +9,10 @@ instead of stopping the rest, so one run always returns everything it could meas
                     engine greedy output on CUDA with a remapped layer equals the CPU engine, and
                     the CUDA VMM backend (cuMemMap): a layer restored into other pages, same address
   h2d_gb_per_s      pinned host->device copy bandwidth alone, and while device->host copies run
-  restore           scripts/bench_remap.py on CUDA: restore bandwidth / raw pinned copy (>= 0.9)
+  restore_*         scripts/bench_remap.py on CUDA, arena and vmm backends: restore bandwidth / raw
+                    pinned copy (>= 0.9); vmm maps scattered pages with cuMemMap first
   streaming         forward time of a Llama-shaped model with alpha layers streamed vs none
-  multi_tenant      three Llama-3-8B-shaped dummy tenants on one card, remap / recompute / swap
+  multi_tenant      three Llama-3-8B-shaped dummy tenants on one card, remap (arena, vmm) / recompute / swap
                     (skipped with --skip-scale or when the card is too small)
 """
 
@@ -117,8 +118,8 @@ def streaming(num_layers: int = 32, hidden: int = 4096, batch: int = 64, alphas=
 
 
 def multi_tenant(num_pages: int, steps: int = 200) -> dict:
-    """Three Llama-3-8B-shaped dummy tenants (fp16) on one card, one engine per mode."""
-    from remap import DeviceMemory
+    """Three Llama-3-8B-shaped dummy tenants (fp16) on one card, one engine per mode (remap on both backends)."""
+    from remap import DeviceMemory, make_backend
     from replicas.engine.engine import EngineConfig, LLMEngine
     from replicas.engine.models import ModelConfig, dummy_weights
     from replicas.engine.sampling import SamplingParams
@@ -131,9 +132,11 @@ def multi_tenant(num_pages: int, steps: int = 200) -> dict:
     config = ModelConfig.from_hf(hf)
     state = {k: v.half() for k, v in dummy_weights(config, 0, std=0.02).items()}
     results = {}
-    for mode in ("remap", "recompute", "swap"):
-        engine = LLMEngine(DeviceMemory(num_pages, 2 << 20, device="cuda"),
-                           EngineConfig(scheduler=SchedulerConfig(2048, 64, PreemptionMode(mode))))
+    for run in ("remap", "remap-vmm", "recompute", "swap"):
+        mode, _, backend = run.partition("-")
+        memory = DeviceMemory(num_pages, 2 << 20, device="cuda",
+                              backend=make_backend(backend or "arena", num_pages, 2 << 20, "cuda"))
+        engine = LLMEngine(memory, EngineConfig(scheduler=SchedulerConfig(2048, 64, PreemptionMode(mode))))
         for name in ("a", "b", "c"):
             engine.add_model(name, config, state, eos_token_ids=())
         g = torch.Generator().manual_seed(0)
@@ -147,7 +150,7 @@ def multi_tenant(num_pages: int, steps: int = 200) -> dict:
             n += 1
         torch.cuda.synchronize()
         tbt = sorted(x for m in engine.models for x in engine.tenant_stats(m).tbt_s)
-        results[mode] = {"steps": n, "wall_s": time.perf_counter() - start,
+        results[run] = {"steps": n, "blocks_migrated": memory.num_blocks_migrated, "wall_s": time.perf_counter() - start,
                          "p50_tbt_s": tbt[len(tbt) // 2] if tbt else None,
                          "p99_tbt_s": tbt[int(0.99 * (len(tbt) - 1))] if tbt else None,
                          "preemptions": engine.scheduler.num_preemptions,
@@ -180,12 +183,14 @@ def main() -> int:
 
     part(results, "h2d")(lambda: h2d_bandwidth(256 << 20 if args.quick else 1 << 30))
 
-    @part(results, "restore")
-    def _restore():
-        path = args.out / "bench_remap_cuda.json"
-        proc = subprocess.run([sys.executable, "scripts/bench_remap.py", "--device", "cuda", "--json", str(path)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    def restore(backend: str) -> dict:
+        path = args.out / f"bench_remap_cuda_{backend}.json"
+        proc = subprocess.run([sys.executable, "scripts/bench_remap.py", "--device", "cuda", "--backend", backend,
+                               "--json", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
         return json.loads(path.read_text()) if path.exists() else {"error": proc.stderr[-1500:]}
+
+    for backend in ("arena", "vmm"):
+        part(results, f"restore_{backend}")(lambda backend=backend: restore(backend))
 
     part(results, "streaming")(lambda: streaming(8 if args.quick else 32, 1024 if args.quick else 4096))
     if not args.skip_scale and props.total_memory > 60 * 2**30:
