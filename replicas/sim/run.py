@@ -348,11 +348,11 @@ def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
     short = {"p99_tbt_s": "tbt99", "p99_max_tbt_s": "stall99", "p99_ttft_s": "ttft99", "throughput_tok_s": "tok/s"}
     head = f"{'policy':<10}" + "".join(f" {short[k]:>9}" for k in HEADLINE)
     head += "".join(f" {short[k][:5] + ' vs ' + b[:4]:>15}" for b in baselines for k in HEADLINE)
-    lines = [head + f" {'preempt':>8} {'wall_s':>7}"]
+    lines = [head + f" {'preempt':>8} {'reject':>6} {'wall_s':>7}"]
     for policy, row in table.items():
         line = f"{policy:<10}" + "".join(f" {row[k]:>9.4g}" for k in HEADLINE)
         line += "".join(f" {row[f'{k}_vs_{b}_pct']:>+14.1f}%" for b in baselines for k in HEADLINE)
-        lines.append(line + f" {row['num_preemptions']:>8d} {row['wall_s']:>7.2f}")
+        lines.append(line + f" {row['num_preemptions']:>8d} {row['num_rejected']:>6d} {row['wall_s']:>7.2f}")
     return "\n".join(lines)
 
 
