@@ -227,22 +227,45 @@ class DeviceMemory:
         if model in self._rings:
             raise RemapError(f"{model!r} already has a staging ring; close it first")
         slot_pages = -(-self.params.max_layer_bytes(model) // self.page_size_bytes)
-        runs: list[PageId] = []
+        slots: list[tuple[list[PageId], torch.Tensor]] = []
         for slot in range(num_slots):
-            first = self._make_run(slot_pages, Owner(OwnerKind.STAGING, model, slot))
-            if first is None:
-                for f in runs:
-                    self.pool.free(range(f, f + slot_pages))
+            got = self._make_slot(model, slot, slot_pages)
+            if got is None:
+                self._free_slots(model, [pages for pages, _ in slots])
                 return None
-            runs.append(first)
-        ring = StagingRing(model, runs, slot_pages, self.params, self.backend, self.transfer)
+            slots.append(got)
+        ring = StagingRing(model, slots, self.params, self.transfer)
         self._rings[model] = ring
         return ring
+
+    def _make_slot(self, model: ModelId, slot: int, num_pages: int) -> tuple[list[PageId], torch.Tensor] | None:
+        """A slot's pages and bytes: a contiguous run (arena: KV migrates out of it if needed), or any
+        free pages mapped into the slot's own virtual range (vmm: nothing moves)."""
+        owner = Owner(OwnerKind.STAGING, model, slot)
+        if self.backend.needs_home_runs:
+            first = self._make_run(num_pages, owner)
+            if first is None:
+                return None
+            return [PageId(p) for p in range(first, first + num_pages)], self.backend.run_bytes(first, num_pages)
+        pages = self.pool.alloc(num_pages, owner)
+        if pages is None:
+            return None
+        try:
+            return pages, self.backend.map_slab(_slot_key(model, slot), pages)
+        except BaseException:
+            self.pool.free(pages)
+            raise
+
+    def _free_slots(self, model: ModelId, slot_pages: Sequence[Sequence[PageId]]) -> None:
+        for slot, pages in enumerate(slot_pages):
+            if not self.backend.needs_home_runs:
+                self.backend.unmap_slab(_slot_key(model, slot))
+            self.pool.free(pages)
 
     def close_stream(self, model: ModelId) -> None:
         ring = self._rings.pop(model)
         ring.finish()
-        self.pool.free(ring.pages)
+        self._free_slots(model, ring.slot_pages)
 
     def ring(self, model: ModelId) -> StagingRing | None:
         return self._rings.get(model)
@@ -337,7 +360,14 @@ class DeviceMemory:
         if staging != self.pool.num_owned_by(OwnerKind.STAGING):
             raise IntegrityError(f"rings hold {staging} pages, pool says {self.pool.num_owned_by(OwnerKind.STAGING)} staging")
         for model, ring in self._rings.items():
-            for slot, first in enumerate(ring.slot_runs):
-                for p in range(first, first + ring.slot_pages):
-                    if self.pool.owner(PageId(p)) != Owner(OwnerKind.STAGING, model, slot):
-                        raise IntegrityError(f"slot {slot} of {model!r} page {p} owned by {self.pool.owner(PageId(p))}")
+            for slot, pages in enumerate(ring.slot_pages):
+                for p in pages:
+                    if self.pool.owner(p) != Owner(OwnerKind.STAGING, model, slot):
+                        raise IntegrityError(f"slot {slot} of {model!r} page {p} owned by {self.pool.owner(p)}")
+                if not self.backend.needs_home_runs and self.backend.mapped_pages(_slot_key(model, slot)) != pages:
+                    raise IntegrityError(f"slot {slot} of {model!r} pages {pages} are not what its range maps")
+
+
+def _slot_key(model: ModelId, slot: int) -> tuple[ModelId, str, int]:
+    """A staging slot's virtual range on a vmm backend (slab ranges are keyed (model, layer))."""
+    return (model, "staging", slot)

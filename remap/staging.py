@@ -9,8 +9,10 @@ remapped layer i+1 overlaps the compute of the resident layers between i and i+1
     slot 0:   copy R2 ... compute R2 | copy R8 ...
     slot 1:          copy R5 ............ compute R5 | copy R11 ...
 
-Slots are contiguous page runs owned by STAGING(model, slot), each as large as the model's largest
-layer slab. A slot that still holds the right layer from the previous pass is not copied again.
+A slot is `slot_pages` pages owned by STAGING(model, slot), as large as the model's largest layer
+slab, and a uint8 tensor over them: a contiguous run of the pool on the arena, any pages mapped into
+the slot's own virtual range on a vmm backend (DeviceMemory.open_stream). A slot that still holds the
+right layer from the previous pass is not copied again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 
-from remap.backend import Backend
 from remap.params import ParamStore, slab_views
 from remap.transfer import Ticket, TransferEngine
 from remap.types import IntegrityError, ModelId, PageId
@@ -30,19 +31,16 @@ class StagingRing:
     def __init__(
         self,
         model: ModelId,
-        slot_runs: Sequence[PageId],
-        slot_pages: int,
+        slots: Sequence[tuple[Sequence[PageId], torch.Tensor]],
         params: ParamStore,
-        backend: Backend,
         transfer: TransferEngine,
     ) -> None:
         self.model = model
-        self.slot_runs = list(slot_runs)  # first page of each slot's run
-        self.slot_pages = slot_pages  # pages per slot
+        self.slot_pages = [list(pages) for pages, _ in slots]  # each slot's pages
         self._params, self._transfer = params, transfer
-        self._slot_bytes = [backend.run_bytes(first, slot_pages) for first in self.slot_runs]
-        self._holds: list[int | None] = [None] * len(self.slot_runs)  # layer whose bytes a slot holds
-        self._tickets: list[Ticket | None] = [None] * len(self.slot_runs)
+        self._slot_bytes = [data for _, data in slots]  # uint8 over the slot's pages
+        self._holds: list[int | None] = [None] * len(slots)  # layer whose bytes a slot holds
+        self._tickets: list[Ticket | None] = [None] * len(slots)
         self._order: list[int] = []  # remapped layers of this pass, forward order
         self._next = 0  # index in _order of the next layer to copy
         self.num_copies = 0  # layer copies issued (reuse of a still-valid slot is not a copy)
@@ -51,11 +49,11 @@ class StagingRing:
 
     @property
     def num_slots(self) -> int:
-        return len(self.slot_runs)
+        return len(self.slot_pages)
 
     @property
     def pages(self) -> list[PageId]:
-        return [PageId(f + i) for f in self.slot_runs for i in range(self.slot_pages)]
+        return [p for pages in self.slot_pages for p in pages]
 
     def begin_pass(self, layers: Sequence[int]) -> None:
         """Start a forward pass over these remapped layers (ascending); prefetch the first slots."""

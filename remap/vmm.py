@@ -42,7 +42,7 @@ import ctypes
 import mmap
 import os
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +50,7 @@ import torch
 from remap.backend import ArenaBackend, Backend, FlatBackend, check_page_size
 from remap.types import IntegrityError, ModelId, PageId, RemapError
 
-SlabKey = tuple[ModelId, int]
+SlabKey = Hashable  # (model, layer) for a slab, (model, "staging", slot) for a staging slot
 
 
 class _Mappings:

@@ -143,8 +143,9 @@ def test_staging_ring_streams_reclaimed_layers_with_exact_bytes(threaded, backen
         kv.free(SeqId(seq))
     assert mem.pool.find_free_run(3, homed_ok=True) is None and mem.pool.num_free == 7
     ring = mem.open_stream(ModelId("m0"), num_slots=2)
-    assert ring is not None  # carved by migrating KV blocks out of two runs
-    assert mem.num_blocks_migrated > 0
+    assert ring is not None
+    # the arena carves contiguous runs by migrating KV blocks out; vmm maps any 6 free pages, moving nothing
+    assert (mem.num_blocks_migrated > 0) == (backend == "arena")
     mem.check_integrity()
     for _ in range(2):  # two forward passes
         ring.begin_pass([1, 3, 5])
