@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -135,6 +136,7 @@ def _serve(args) -> int:
           "(Ctrl-C stops)", flush=True)
     print(f'  try: curl {base}/completions -H "Content-Type: application/json" '
           f"-d '{{\"model\": \"{config.models[0].name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a service manager: stop as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
@@ -144,6 +146,10 @@ def _serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _status(args) -> int:

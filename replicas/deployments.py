@@ -218,7 +218,8 @@ def build_app(config: OneirosConfig):
         graceful_shutdown_timeout_s=5.0,
     )
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4 * r.max_pending_requests)
+                               ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4 * r.max_pending_requests,
+                               graceful_shutdown_timeout_s=5.0)
     plain = config.model_dump(mode="json")
     return ingress.bind(engine.bind(plain), plain)
 
