@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from replicas.cli import main as oneiros  # noqa: E402
+from replicas.cli import main as oneiros
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 

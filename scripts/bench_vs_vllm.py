@@ -36,10 +36,10 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from replicas.bench import report  # noqa: E402
-from replicas.bench import workload as wl  # noqa: E402
-from replicas.bench.client import make_client, run_workload  # noqa: E402
-from replicas.config import TINY_MODELS, default_config  # noqa: E402
+from replicas.bench import report
+from replicas.bench import workload as wl
+from replicas.bench.client import make_client, run_workload
+from replicas.config import TINY_MODELS, default_config
 
 BLOCK_TOKENS = 128  # vLLM's block size here; our 256 KiB page holds 128 tokens of tiny-llama/qwen KV
 MAX_MODEL_LEN = 256  # prompts <= 128 + outputs <= 128 fit; vLLM checks one sequence fits its KV share
@@ -49,9 +49,9 @@ WARMUP_PER_TENANT = 4
 
 def pool_facts(config) -> dict[str, dict[str, int]]:
     """Per model: the pages its parameters take in our pool, and its KV bytes per token."""
+    from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
     from replicas.engine.models import ModelConfig, dummy_weights
-    from remap import DeviceMemory
 
     out = {}
     for spec in config.models:
@@ -79,11 +79,12 @@ class VllmServers:
     """One `vllm serve` process per model, started together, killed on exit."""
 
     def __init__(self, python: str, work: pathlib.Path) -> None:
-        self.python, self.work, self.procs, self.urls = python, work, {}, {}
+        self.python, self.work, self.procs, self.urls, self.logs = python, work, {}, {}, []
 
     def start(self, name: str, folder: pathlib.Path, port: int, num_blocks: int) -> None:
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
-        log = open(self.work / f"vllm-{name}.log", "w")
+        log = open(self.work / f"vllm-{name}.log", "w")  # noqa: SIM115 - the server writes it until stop()
+        self.logs.append(log)
         self.procs[name] = subprocess.Popen(
             [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
              "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
@@ -115,6 +116,8 @@ class VllmServers:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for log in self.logs:
+            log.close()
 
 
 async def drive(endpoints, warmup, work, mapping, seed):

@@ -14,7 +14,8 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence as Seq
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -404,7 +405,6 @@ class LLMEngine:
 
     def close(self) -> None:
         self.memory.close()
-
 
 
 def _ema(average: float, sample: float) -> float:

@@ -303,6 +303,29 @@ def test_logprobs_of_greedy_tokens_match_the_reference_distribution():
             assert abs(lp - float(ref[t])) < 1e-4
 
 
+def test_a_second_staging_slot_is_worth_a_preemption(reference):
+    # room for one slot only: one slot would serialize copies with compute, so the engine preempts
+    # (recompute) to open two, and the outputs stay exact
+    engine = make_engine(mode="recompute")  # no plans: the two reclaimed layers stay lent
+    state = add_tenant(engine, "m", LLAMA, seed=3)
+    ids = [engine.add_request("m", p, PARAMS) for p in PROMPTS]
+    engine.step()
+    m = ModelId("m")
+    for layer in (1, 2):
+        engine.memory.reclaim(m, layer)
+    slot = engine.memory.params.max_layer_pages(m)
+    latest = max(engine.scheduler.running[m], key=lambda s: s.arrival_s)
+    engine.memory.kv[m].alloc(latest.seq_id, engine.memory.pool.num_free - slot)  # one slot's pages left
+    engine.step()
+    ring = engine.memory.ring(m)
+    assert ring is not None and ring.num_slots == 2 and engine.scheduler.num_preemptions == 1
+    while engine.has_unfinished():
+        engine.step()
+    for prompt, i in zip(PROMPTS, ids):
+        assert engine.sequence(i).output_token_ids == reference(LLAMA, state, 3, prompt)
+    engine.memory.check_integrity()
+
+
 def test_no_room_for_a_staging_slot_preempts_instead_of_failing(reference):
     engine = make_engine(mode="recompute")
     state = add_tenant(engine, "m", LLAMA, seed=3)

@@ -11,8 +11,19 @@ from replicas.engine.engine import EngineConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import SchedulerConfig
 from replicas.sim import (
-    GH200, H100_FIT, H100_SXM, BatchShape, CostModel, VirtualClock, cpu_profile, fit_vidur, layer_param_bytes,
-    llama3_8b, make_sim_engine, meta_weights, opt_6_7b,
+    GH200,
+    H100_FIT,
+    H100_SXM,
+    BatchShape,
+    CostModel,
+    VirtualClock,
+    cpu_profile,
+    fit_vidur,
+    layer_param_bytes,
+    llama3_8b,
+    make_sim_engine,
+    meta_weights,
+    opt_6_7b,
 )
 
 VIDUR_H100 = Path(__file__).resolve().parents[3] / "shared/vidur-profiles/profiling/compute/h100"
@@ -127,3 +138,21 @@ def test_virtual_clock_never_goes_back():
     assert clock() == 5.0 and clock.advance(0.5) == 5.5 and clock.advance_to(1.0) == 5.5
     with pytest.raises(ValueError):
         clock.advance(-1e-3)
+
+
+def test_alpha_is_budgeted_on_decode_steps_unless_prefill_aware():
+    # after one long prefill step and a few decode steps, the decode-only budget predicts a short
+    # step (what the next decode takes); the paper's prefill-aware budget still remembers the prefill
+    predicted = {}
+    for on_decode in (True, False):
+        engine, sim = make_sim_engine(GH200, EngineConfig(remap=RemapConfig(budget_on_decode=on_decode)),
+                                      num_pages=8000)
+        config = opt_6_7b()
+        engine.add_model("m", config, meta_weights(config))
+        engine.add_request("m", [7] * 1500, SamplingParams(max_tokens=8, ignore_eos=True))
+        for _ in range(4):
+            engine.step()
+        (tenant,) = engine._snapshot(sim.clock()).tenants
+        predicted[on_decode] = tenant.predicted_compute_s
+    decode_step = sim.stats.steps[-1][1].compute_s
+    assert predicted[True] == pytest.approx(decode_step) and predicted[False] > 1.5 * decode_step
