@@ -98,8 +98,7 @@ def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Re
     i, n, steps, turn = 0, len(requests), 0, 0
     stalled: set[int] = set()  # engines whose last step could not run, since the clock last moved
     while i < n or any(e.has_unfinished() for e in distinct):
-        busy = [e for e in distinct if e.has_unfinished()]
-        if not busy:
+        if not any(e.has_unfinished() for e in distinct):
             clock.advance_to(requests[i].arrival_s)  # idle: jump
         while i < n and requests[i].arrival_s <= clock.now():
             r = requests[i]
