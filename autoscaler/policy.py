@@ -41,7 +41,7 @@ class ClusterLoad:
     num_replicas: int  # replicas asked for (running or starting): the count a decision changes
     kv_pages_demanded: int  # KV pages that running and waiting requests need, summed over replicas
     spare_pages: int  # free + reclaimable pages, summed over replicas
-    pages_per_replica: int  # what one more replica would add (its pool minus resident parameters)
+    pages_per_replica: int  # what one more replica would add: the KV pages its pool could hold (Capacity.max_kv_pages)
     queue_delay_s: float = 0.0  # age of the oldest waiting request anywhere
     ttft_slo_misses: int = 0  # requests over the TTFT SLO in the last window
     pinned_replicas: int = 0  # replicas holding the only copy of a warm model: never removed

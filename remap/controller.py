@@ -77,7 +77,10 @@ class TenantSnapshot:
     num_waiting: int  # sequences waiting for admission
     kv_pages_needed: int  # extra KV pages this tenant needs now, beyond the pages it holds
     last_active_s: float  # time of its last request or step, seconds on the snapshot's clock
-    predicted_compute_s: float  # predicted compute time of its next step, seconds; 0 when inactive
+    # Predicted compute time of its next step, seconds; 0 when inactive. None: active but never
+    # measured (a model that has not run a step yet): its alpha budget is the cap until it has run,
+    # so a zero estimate never freezes the budget of a tenant that has only waited.
+    predicted_compute_s: float | None
     cold: bool = False  # idle cluster-wide (a cluster order): an idle tenant that lends before any other
     warming: bool = False  # traffic expected soon (a cluster order): lends last, gets its layers back first
 
@@ -92,7 +95,8 @@ class TenantSnapshot:
         if len(self.remapped_layers) >= self.num_layers:
             raise ValueError(f"tenant {self.model!r}: {len(self.remapped_layers)} of {self.num_layers} "
                              "layers remapped; at least one must stay resident")
-        if not (math.isfinite(self.predicted_compute_s) and self.predicted_compute_s >= 0):
+        c = self.predicted_compute_s
+        if c is not None and not (math.isfinite(c) and c >= 0):
             raise ValueError(f"tenant {self.model!r}: predicted_compute_s={self.predicted_compute_s}")
         if not math.isfinite(self.last_active_s):
             raise ValueError(f"tenant {self.model!r}: last_active_s={self.last_active_s}")
@@ -108,6 +112,11 @@ class MemorySnapshot:
     num_free_pages: int  # pages owned by no parameter slab and no KV block (staging rings count as free)
     link_bytes_per_s: float  # measured host->device bandwidth, bytes per second
     tenants: tuple[TenantSnapshot, ...]  # every model on the device
+    # The tenant served next whose oldest request must run now (the engine's progress guarantee),
+    # or None. Then every other tenant lends like an idle one, up to its cap with no staging charged
+    # (the engine closes their rings: one tenant computes per step), and the urgent tenant's own
+    # budget is its cap: progress first, hiding copies second.
+    urgent: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenants", tuple(self.tenants))
@@ -120,6 +129,8 @@ class MemorySnapshot:
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate model names {dups} among {len(names)} tenants")
+        if self.urgent is not None and self.urgent not in names:
+            raise ValueError(f"urgent tenant {self.urgent!r} is not among the tenants {sorted(names)}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +219,7 @@ class _Tenant:
     cap: int
     budget: int
     count: int  # remapped layers after the decisions so far
+    streams: bool  # computes while the plan stands: charged staging slots, budgeted on its compute
     why: list[str] = field(default_factory=list)  # reasons of this tenant's reclaims or restores
 
     @property
@@ -226,19 +238,18 @@ class RemapController:
     def alpha_budget(self, tenant: TenantSnapshot, link_bytes_per_s: float) -> int:
         """Layers whose host->device copies hide under the next step's compute; the cap if inactive."""
         cap = self.cap(tenant)
-        if not tenant.is_active:
+        if not tenant.is_active or tenant.predicted_compute_s is None:
             return cap
         hidden = tenant.predicted_compute_s * link_bytes_per_s / tenant.layer_bytes
         return cap if hidden >= cap else math.floor(hidden + _EPS)
 
     def plan(self, snapshot: MemorySnapshot) -> RemapPlan:
-        tenants = [_Tenant(t, self.cap(t), self.alpha_budget(t, snapshot.link_bytes_per_s), len(t.remapped_layers))
-                   for t in sorted(snapshot.tenants, key=lambda t: t.model)]
+        tenants = [self._working(t, snapshot) for t in sorted(snapshot.tenants, key=lambda t: t.model)]
         spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
                  - sum(self._staging_pages(t, t.count) for t in tenants))
         # Over-budget models are first put at their budget, so reclaims also fund their restores; if
         # reclaims fall short, restores are backed off until no other tenant's pages are taken.
-        over = sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.snap.is_active, t.snap.model))
+        over = sorted((t for t in tenants if t.count > t.budget), key=lambda t: (not t.streams, t.snap.model))
         for t in over:
             spare, t.count = spare + self._gain(t, t.budget), t.budget
         spare, reclaimed = self._reclaim(tenants, spare)
@@ -250,10 +261,15 @@ class RemapController:
             spare = self._revert(tenants, spare, restored)
         return self._build(snapshot, tenants, reclaimed, restored, spare)
 
+    def _working(self, t: TenantSnapshot, snapshot: MemorySnapshot) -> _Tenant:
+        streams = t.is_active and snapshot.urgent in (None, t.model)
+        budget = self.alpha_budget(t, snapshot.link_bytes_per_s) if streams and snapshot.urgent is None else self.cap(t)
+        return _Tenant(t, self.cap(t), budget, len(t.remapped_layers), streams)
+
     # -- the ledger ----------------------------------------------------------------------------
 
     def _staging_pages(self, t: _Tenant, count: int) -> int:
-        return num_staging_slots(count, self.config) * t.snap.layer_pages if t.snap.is_active else 0
+        return num_staging_slots(count, self.config) * t.snap.layer_pages if t.streams else 0
 
     def _delta(self, t: _Tenant, from_count: int, to_count: int) -> int:
         """Change in spare pages when t's remapped count moves between these (reclaims add pages)."""
@@ -266,16 +282,18 @@ class RemapController:
     # -- the phases ----------------------------------------------------------------------------
 
     def _victims(self, tenants: list[_Tenant]) -> list[_Tenant]:
-        """Inactive tenants in victim order: cluster-cold ones first, warming ones last, MRU/LRU in
-        between; ties broken by model name."""
+        """Tenants that do not stream, in victim order: inactive ones before active ones that wait for
+        an urgent tenant's step, cluster-cold ones first, warming ones last, MRU/LRU in between;
+        ties broken by model name."""
         sign = -1 if self.config.victim_order is VictimOrder.MRU else 1
-        idle = [t for t in tenants if not t.snap.is_active]
-        return sorted(idle, key=lambda t: (not t.snap.cold, t.snap.warming, sign * t.snap.last_active_s, t.snap.model))
+        idle = [t for t in tenants if not t.streams]
+        return sorted(idle, key=lambda t: (t.snap.is_active, not t.snap.cold, t.snap.warming,
+                                           sign * t.snap.last_active_s, t.snap.model))
 
     def _reclaim(self, tenants: list[_Tenant], spare: int) -> tuple[int, list[_Tenant]]:
         """Cover a deficit: inactive tenants up to the cap, then active ones up to their alpha budget."""
         order = self.config.victim_order.value.upper()
-        active = sorted((t for t in tenants if t.snap.is_active and t.count < t.budget),
+        active = sorted((t for t in tenants if t.streams and t.count < t.budget),
                         key=lambda t: (t.count - t.budget, t.snap.model))  # most unused budget first
         reclaimed = []
         for rank, t in enumerate(self._victims(tenants) + active, start=1):
@@ -287,8 +305,11 @@ class RemapController:
                 continue
             spare, t.count = spare + gain, t.count + k
             reclaimed.append(t)
-            who = (f"{order} victim #{rank} (inactive, last_active_s={t.snap.last_active_s:g}, cap {t.cap})"
-                   if not t.snap.is_active else f"active, unused alpha budget {t.budget - start} of {t.budget}")
+            if t.streams:
+                who = f"active, unused alpha budget {t.budget - start} of {t.budget}"
+            else:
+                state = "inactive" if not t.snap.is_active else f"waits while {_urgent_name(tenants)} runs"
+                who = f"{order} victim #{rank} ({state}, last_active_s={t.snap.last_active_s:g}, cap {t.cap})"
             t.why.append(f"{who}: deficit {deficit} pages, {t.count - start} layer(s) x {t.snap.layer_pages} "
                          f"pages, remapped {start}->{t.count} of {t.snap.num_layers}")
         return spare, reclaimed
@@ -309,7 +330,7 @@ class RemapController:
 
     def _back_off(self, over: list[_Tenant], spare: int) -> int:
         """Undo target restores, inactive models first, until no other tenant's page is taken."""
-        for t in sorted(over, key=lambda t: (t.snap.is_active, t.snap.model)):
+        for t in sorted(over, key=lambda t: (t.streams, t.snap.model)):
             if spare >= 0:
                 break
             base = spare - self._delta(t, t.count0, t.count)  # spare without any of t's restores
@@ -322,7 +343,7 @@ class RemapController:
     def _revert(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
         """Give spare pages back to parameters: active models first, then inactive, reverse victim order."""
         headroom = self.config.revert_headroom_pages
-        active = sorted((t for t in tenants if t.snap.is_active and t.count > 0),
+        active = sorted((t for t in tenants if t.streams and t.count > 0),
                         key=lambda t: (-t.count * t.snap.layer_bytes, t.snap.model))  # costliest stream first
         for t in active + self._victims(tenants)[::-1]:
             lp, start, spare0 = t.snap.layer_pages, t.count, spare
@@ -351,7 +372,7 @@ class RemapController:
         for a in restore:
             after[a.model].discard(a.layer)
         stream = tuple(self._stream(t, tuple(sorted(after[t.snap.model])), snapshot.link_bytes_per_s)
-                       for t in tenants if t.snap.is_active and t.count > 0)
+                       for t in tenants if t.streams and t.count > 0)
         staging = sum(self._staging_pages(t, t.count) for t in tenants)
         kv = sum(t.snap.kv_pages_needed for t in tenants)
         reason = (f"ledger: free {snapshot.num_free_pages} + reclaimed {_pages(reclaim, tenants)} "
@@ -364,8 +385,9 @@ class RemapController:
     def _stream(self, t: _Tenant, layers: tuple[int, ...], link_bytes_per_s: float) -> StreamPlan:
         alpha, slots = len(layers), num_staging_slots(len(layers), self.config)
         transfer_ms = 1e3 * t.snap.layer_bytes / link_bytes_per_s if link_bytes_per_s > 0 else math.inf
-        timing = (f"{alpha} x {transfer_ms:.3g} ms transfer vs {1e3 * t.snap.predicted_compute_s:.3g} ms compute"
-                  f" (cap {t.cap})")
+        compute = t.snap.predicted_compute_s
+        compute_ms = "unmeasured" if compute is None else f"{1e3 * compute:.3g} ms"
+        timing = f"{alpha} x {transfer_ms:.3g} ms transfer vs {compute_ms} compute (cap {t.cap})"
         if alpha > t.budget:
             why = f"OVER BUDGET: alpha {alpha} > alpha_budget {t.budget}, not enough free pages to restore; {timing}"
         else:
@@ -379,12 +401,17 @@ def _check_int(name: str, value: object, minimum: int = 0) -> None:
 
 
 def _over_budget_reason(t: _Tenant, spare: int) -> str:
-    limit = "alpha_budget" if t.snap.is_active else "cap"
+    limit = "alpha_budget" if t.streams else "cap"
     why = (f"over budget: {t.count0} remapped > {limit} {t.budget}, restoring {t.count0 - t.count} "
            f"x {t.snap.layer_pages} pages")
     if t.count > t.budget:
         why += f", still {t.count} remapped: more would take other tenants' pages (spare {spare})"
     return why
+
+
+def _urgent_name(tenants: list[_Tenant]) -> str:
+    """The urgent tenant of a plan: the only active one that streams while others wait."""
+    return next((t.snap.model for t in tenants if t.streams), "another tenant")
 
 
 def _note(restored: list[_Tenant], t: _Tenant) -> None:

@@ -183,7 +183,7 @@ class DeviceMemory:
         num_waiting: int,
         kv_pages_needed: int,
         last_active_s: float,
-        predicted_compute_s: float,
+        predicted_compute_s: float | None,
         cold: bool = False,
         warming: bool = False,
     ) -> TenantSnapshot:

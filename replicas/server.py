@@ -191,8 +191,9 @@ class EngineServer:
                                         s.arrival_rate_per_s))
         device = engine.memory.device
         gpu = read_device(device.index or 0) if device.type == "cuda" else None
+        capacity = engine.capacity()
         return ReplicaReport(self.replica_id, self.node_id, time.time(), pool.num_pages, pool.page_size_bytes,
-                             pool.num_free, engine.reclaimable_pages(), engine.link_bytes_per_s, tuple(tenants),
+                             capacity.free_pages, capacity.reclaimable_pages, engine.link_bytes_per_s, tuple(tenants),
                              self.num_aborted, gpu and gpu.memory_used_bytes, gpu and gpu.memory_total_bytes,
                              gpu and gpu.utilization_pct)
 

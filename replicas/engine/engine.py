@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from remap import (
-    BASE_SLAB,
     DeviceMemory,
     MemorySnapshot,
     ModelId,
@@ -31,6 +30,8 @@ from remap import (
     StagingRing,
     measure_link_bytes_per_s,
 )
+from replicas.engine.capacity import Capacity
+from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
@@ -116,6 +117,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
         self.executor = executor or TorchExecutor(memory)
         self._ring_model: ModelId | None = None
+        self._urgent: ModelId | None = None  # this step's tenant when its plan is urgent (progress guarantee)
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
         self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
         self._warming: frozenset[ModelId] = frozenset()
@@ -139,16 +141,17 @@ class LLMEngine:
         self._cold = frozenset(ModelId(m) for m in cold if m in self._tenants)
         self._warming = frozenset(ModelId(m) for m in warming if m in self._tenants)
 
-    def reclaimable_pages(self) -> int:
-        """Parameter pages that idle tenants could lend now, within the cap (for cluster reports)."""
-        pages = 0
-        for model in self._tenants:
-            if self.scheduler.has_work(model):
-                continue
-            snap = self.memory.tenant_snapshot(model, num_running=0, num_waiting=0, kv_pages_needed=0,
-                                               last_active_s=0.0, predicted_compute_s=0.0)
-            pages += max(0, self.controller.cap(snap) - len(snap.remapped_layers)) * snap.layer_pages
-        return pages
+    def capacity(self) -> Capacity:
+        """What this engine's pool can give, in pages (replicas/engine/capacity.py): the one figure
+        for admission, load checks, cluster reports and the autoscaler."""
+        idle = {m for m in self._tenants if not self.scheduler.has_work(m)}
+        remaps = self.mode is PreemptionMode.REMAP
+        return measure_capacity(self.memory, self.controller if remaps else None, idle,
+                                self.config.remap.max_staging_slots)
+
+    def kv_pages_demanded(self) -> int:
+        """KV pages held plus those the next steps of every tenant need (the autoscaler's demand)."""
+        return sum(self.memory.kv[m].num_pages_used + self.scheduler.kv_pages_needed(m) for m in self._tenants)
 
     @property
     def models(self) -> list[ModelId]:
@@ -187,22 +190,12 @@ class LLMEngine:
                 f"{cfg.max_position_embeddings} of {model!r}"
             )
         need = self.memory.kv[ModelId(model)].num_blocks_for(len(ids) + params.max_tokens)
-        if need > self._max_kv_pages():
+        most = self.capacity().kv_pages_for(ModelId(model))
+        if need > most:
             raise InvalidRequest(
-                f"prompt + max_tokens need {need} KV pages; this device can hold at most {self._max_kv_pages()}"
+                f"prompt + max_tokens need {need} KV pages; this device can give one request of {model!r} "
+                f"at most {most}, even with every idle parameter page lent"
             )
-
-    def _max_kv_pages(self) -> int:
-        """Pages one sequence could ever get: all but the parameters that can never be lent."""
-        params = self.memory.params
-        fixed = 0
-        for m in params.models:
-            slabs = [params.slab(m, i).num_pages for i in range(params.num_layers(m))]
-            kept = len(slabs) if self.mode is not PreemptionMode.REMAP else len(slabs) - self.controller.cap(
-                self.memory.tenant_snapshot(m, num_running=0, num_waiting=0, kv_pages_needed=0,
-                                            last_active_s=0.0, predicted_compute_s=0.0))
-            fixed += sum(sorted(slabs)[:kept]) + params.slab(m, BASE_SLAB).num_pages
-        return self.memory.pool.num_pages - fixed
 
     def abort(self, seq_id: SeqId) -> bool:
         """Cancel an unfinished request and free its pages now; False if it is not running."""
@@ -226,16 +219,20 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         now = self._clock()
-        if self.mode is PreemptionMode.REMAP:
-            self._replan(now)
         model = self.scheduler.next_tenant()
+        head = self._head()
+        self._urgent = model if head is not None and head.model == model and self._is_short(head) else None
+        if self.mode is PreemptionMode.REMAP:
+            self._replan(now, self._urgent)
         if model is None:
             return []
-        ring = self._ring_for(model)
+        ring = self._ring_for(model, head)
         self._ring_model = model  # its layers cannot change until this step is done
         try:
-            output = self.scheduler.schedule(model)
+            output = self.scheduler.schedule(model, head)
             if not output.seqs:
+                if ring is not None:  # nothing ran: its slots go back to the pool for the others
+                    self.memory.close_stream(model)
                 return []
             start = self._step_timer()
             result = self.executor.execute(output, self._seqs, ring)
@@ -300,8 +297,29 @@ class LLMEngine:
             self._finished.popitem(last=False)
         return seq
 
+    # ---- the progress guarantee ----------------------------------------------------------
+    # The head is the oldest unfinished request. When its tenant is scheduled it runs first, later
+    # arrivals of any tenant yield their KV to it (Scheduler), and, when free pages fall short of
+    # what it may still need, the plan is urgent: every other tenant lends up to its cap like an
+    # idle one (their rings close: one tenant computes per step) and the head's whole remaining need
+    # is reserved. Admission only takes requests whose need fits `Capacity.kv_pages_for`, so the
+    # head runs on every step of its tenant until it ends; then the next oldest is the head.
+    def _head(self) -> Sequence | None:
+        return next(iter(self._seqs.values()), None)  # insertion order is arrival order
+
+    def _remaining_need(self, seq: Sequence) -> int:
+        """KV pages `seq` may still take: up to prompt + max_tokens, less the pages it holds."""
+        kv = self.memory.kv[seq.model]
+        held = 0 if kv.is_swapped(seq.seq_id) else len(kv.table(seq.seq_id))
+        return max(0, kv.num_blocks_for(seq.max_num_tokens) - held)
+
+    def _is_short(self, head: Sequence) -> bool:
+        ring = self.memory.ring(head.model)
+        return self.memory.pool.num_free + (len(ring.pages) if ring else 0) < self._remaining_need(head)
+
     # ---- memory plans --------------------------------------------------------------------
-    def _snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None) -> MemorySnapshot:
+    def _snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None,
+                  urgent: ModelId | None = None) -> MemorySnapshot:
         ring_pages = 0
         tenants = []
         for model, t in self._tenants.items():
@@ -319,15 +337,30 @@ class LLMEngine:
         for model in self._tenants:  # the controller charges staging itself: open rings count as free
             ring = self.memory.ring(model)
             ring_pages += len(ring.pages) if ring else 0
-        return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants))
+        return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
+                              urgent)
 
-    def _predicted_compute_s(self, t: _Tenant) -> float:
+    def _predicted_compute_s(self, t: _Tenant) -> float | None:
+        if t.step_s == 0:
+            return None  # never ran: the controller budgets it at the cap until it has
         if self.config.remap.budget_on_decode and t.decode_step_s > 0:
             return min(t.step_s, t.decode_step_s)
         return t.step_s
 
-    def _replan(self, now: float) -> None:
-        plan = self.controller.plan(self._snapshot(now))
+    def _replan(self, now: float, urgent: ModelId | None = None) -> None:
+        """The step's memory plan; `urgent`: the head's tenant is served and free pages fall short
+        of the head's remaining need (see the progress guarantee above)."""
+        extra = None
+        if urgent is not None:
+            for model in list(self._tenants):
+                if model != urgent and self.memory.ring(model) is not None:
+                    self.memory.close_stream(model)  # they do not compute this step; slots are caches
+            head = self._head()
+            extra = {urgent: self._remaining_need(head)}
+            logger.info("progress: %s's oldest request (seq %d) may still need %d KV pages and %d are free: "
+                        "every other tenant lends up to its cap", urgent, head.seq_id, extra[urgent],
+                        self.memory.pool.num_free)
+        plan = self.controller.plan(self._snapshot(now, extra, urgent))
         if not plan.is_noop:
             self._apply(plan)
 
@@ -337,7 +370,7 @@ class LLMEngine:
     def _make_room(self, model: ModelId, num_pages: int) -> bool:
         """Scheduler hook: lend parameter pages so `model` can grow by `num_pages`."""
         free_before = self.memory.pool.num_free
-        plan = self.controller.plan(self._snapshot(self._clock(), {model: num_pages}))
+        plan = self.controller.plan(self._snapshot(self._clock(), {model: num_pages}, self._urgent))
         if self._ring_model is not None:  # its layers cannot change while its ring is open
             plan = dataclasses.replace(
                 plan,
@@ -349,9 +382,10 @@ class LLMEngine:
             self._apply(plan)
         return self.memory.pool.num_free > free_before
 
-    def _ring_for(self, model: ModelId) -> StagingRing | None:
+    def _ring_for(self, model: ModelId, head: Sequence | None) -> StagingRing | None:
         """The staging ring of the model's remapped layers, kept across its steps (its slots still
-        hold the layers of the last pass); opened when missing, preempting by recompute if no room."""
+        hold the layers of the last pass); opened when missing, preempting later arrivals than the
+        head if there is no room."""
         num_remapped = self.memory.params.num_layers(model) - len(self.memory.params.resident_layers(model))
         ring = self.memory.ring(model)
         if num_remapped == 0 or ring is not None:
@@ -366,8 +400,9 @@ class LLMEngine:
                 ring = self.memory.open_stream(model, slots)
                 if ring is not None:
                     return ring
-            # KV fills every page: free some by recompute, the way the pool's last resort always is
-            if not self.scheduler.preempt_latest():
+            # KV fills every page: free some by recompute, the way the pool's last resort always is;
+            # the head yields only if it holds more than admission allowed it (tests force that)
+            if not self.scheduler.preempt_latest(keep=head) and not self.scheduler.preempt_latest():
                 ring = self.memory.open_stream(model, 1)
                 if ring is not None:
                     return ring

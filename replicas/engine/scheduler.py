@@ -7,9 +7,15 @@ sequences are admitted FIFO while the token budget, the running-sequence limit a
 
 When a running sequence needs a block and the pool is empty, `make_room` (the engine's remap hook,
 mode `remap`) may lend parameter pages; otherwise, or if that fails, the most recently arrived
-running sequence is preempted: its KV goes to host (`swap`) or is dropped and recomputed later
-(`recompute`). Admission never preempts. The scheduler handles integer ids only; tensors live in
-the executor.
+running sequence of any tenant is preempted: its KV goes to host (`swap`) or is dropped and
+recomputed later (`recompute`). Memory is first come, first served: a sequence never loses its
+pages to a later arrival, and queues stay in arrival order.
+
+Admission never preempts, except for the engine's `head` (its oldest unfinished request): when the
+head's tenant is scheduled, the head is admitted first and grows like a running sequence, so later
+arrivals of every tenant yield to it. That is the progress guarantee: the head runs on every step of
+its tenant until it finishes, and then the next oldest is the head. The scheduler handles integer
+ids only; tensors live in the executor.
 """
 
 from __future__ import annotations
@@ -107,14 +113,18 @@ class Scheduler:
         return min(busy, key=lambda m: (self._last_served[m], m)) if busy else None
 
     # ---- one step ------------------------------------------------------------------------
-    def schedule(self, model: ModelId) -> SchedulerOutput:
+    def schedule(self, model: ModelId, head: Sequence | None = None) -> SchedulerOutput:
+        """One step of `model`'s batch. `head`, when it is this tenant's, runs first (see above)."""
         kv, budget = self._kv[model], self.config.max_num_batched_tokens
         self._step += 1
         self._last_served[model] = self._step
         preempted_before = self.num_preemptions
+        if head is not None and head.model == model and head.status is not SeqStatus.RUNNING:
+            self._admit_head(head)
         swapped_in = self._swap_in(model)
         scheduled: list[ScheduledSeq] = []
         taken: set[SeqId] = set()
+        self.running[model].sort(key=_order)  # the oldest grows first and gets the token budget first
         for seq in list(self.running[model]):
             if budget == 0:
                 break
@@ -140,6 +150,24 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
 
+    def _admit_head(self, head: Sequence) -> None:
+        """Make the head running: back from host, or out of the queue (its blocks then come from
+        `_grow` like any running sequence's). Later arrivals of any tenant are preempted for it."""
+        model, kv = head.model, self._kv[head.model]
+        running = self.running[model]
+        if len(running) >= self.config.max_num_seqs:  # its seat: the latest of this tenant yields it
+            self._preempt(max(running, key=_order))
+        if head.status is SeqStatus.SWAPPED:
+            need = kv.num_swapped_blocks(head.seq_id)
+            while kv.swap_in(head.seq_id) is None:
+                if not (self._make_room is not None and self._make_room(model, need)) and not self._preempt_after(head):
+                    return  # nothing later holds device memory: it waits (admission said it fits alone)
+            self.swapped[model].remove(head)
+        else:
+            self.waiting[model].remove(head)
+        head.status = SeqStatus.RUNNING
+        running.insert(0, head)
+
     def _grow(self, seq: Sequence, n: int, taken: set[SeqId]) -> bool:
         """Blocks for n more tokens of a running sequence, preempting later arrivals if needed."""
         kv = self._kv[seq.model]
@@ -147,23 +175,31 @@ class Scheduler:
         while kv.alloc(seq.seq_id, need) is None:
             if self._make_room is not None and self._make_room(seq.model, need):
                 continue
-            victim = self._victim(seq.model, taken)
+            victim = self._victim(taken)
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    def _victim(self, model: ModelId, taken: set[SeqId]) -> Sequence:
-        """Latest arrival among this tenant's running sequences not yet in this step's batch."""
-        candidates = [s for s in self.running[model] if s.seq_id not in taken]
-        return max(candidates, key=lambda s: (s.arrival_s, s.seq_id))
+    def _victim(self, taken: set[SeqId]) -> Sequence:
+        """Latest arrival among every tenant's running sequences not yet in this step's batch."""
+        return max((s for seqs in self.running.values() for s in seqs if s.seq_id not in taken), key=_order)
 
-    def preempt_latest(self) -> bool:
-        """Preempt the latest-arriving running sequence of any tenant; False if none runs."""
-        running = [s for seqs in self.running.values() for s in seqs]
+    def _preempt_after(self, seq: Sequence) -> bool:
+        """Preempt the latest running sequence that arrived after `seq`; False if there is none."""
+        later = [s for seqs in self.running.values() for s in seqs if _order(s) > _order(seq)]
+        if not later:
+            return False
+        self._preempt(max(later, key=_order))
+        return True
+
+    def preempt_latest(self, keep: Sequence | None = None) -> bool:
+        """Preempt the latest-arriving running sequence of any tenant but `keep` (the engine's head);
+        False if none is left to preempt."""
+        running = [s for seqs in self.running.values() for s in seqs if s is not keep]
         if not running:
             return False
-        self._preempt(max(running, key=lambda s: (s.arrival_s, s.seq_id)))
+        self._preempt(max(running, key=_order))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -174,12 +210,12 @@ class Scheduler:
         if self.config.preemption_mode is PreemptionMode.SWAP:
             kv.swap_out(seq.seq_id)
             seq.status = SeqStatus.SWAPPED
-            self.swapped[seq.model].append(seq)
+            _requeue(self.swapped[seq.model], seq)
         else:
             kv.free(seq.seq_id)
             seq.num_computed_tokens = 0
             seq.status = SeqStatus.WAITING
-            self.waiting[seq.model].appendleft(seq)
+            _requeue(self.waiting[seq.model], seq)
         logger.debug("preempted seq %d of %s (%s)", seq.seq_id, seq.model, seq.status.value)
 
     def _swap_in(self, model: ModelId) -> int:
@@ -241,3 +277,13 @@ class Scheduler:
             need += kv.num_blocks_for(seq.num_computed_tokens + n)
             budget -= n
         return need
+
+
+def _order(seq: Sequence) -> tuple[float, SeqId]:
+    return seq.order
+
+
+def _requeue(queue: deque[Sequence], seq: Sequence) -> None:
+    """Put a preempted sequence back in arrival order (ahead of everything that came after it)."""
+    i = next((k for k, s in enumerate(queue) if s.order > seq.order), len(queue))
+    queue.insert(i, seq)

@@ -54,6 +54,16 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def max_num_tokens(self) -> int:
+        """Prompt plus every token it may generate: what its KV can grow to (admission's figure)."""
+        return len(self.prompt_token_ids) + self.params.max_tokens
+
+    @property
+    def order(self) -> tuple[float, SeqId]:
+        """Its place in first-come-first-served order: earlier arrivals keep memory, later ones yield."""
+        return (self.arrival_s, self.seq_id)
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 

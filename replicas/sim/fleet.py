@@ -149,10 +149,9 @@ def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttf
     recent_ttft[:] = [(t, x) for t, x in recent_ttft if t >= now - fleet.tick_s]
     load = ClusterLoad(
         now_s=now, num_replicas=n,
-        kv_pages_demanded=sum(e.memory.kv[m].num_pages_used + e.scheduler.kv_pages_needed(m)
-                              for e in engines for m in e.models),
-        spare_pages=sum(e.memory.pool.num_free + e.reclaimable_pages() for e in engines),
-        pages_per_replica=max((e.memory.pool.num_free + e.reclaimable_pages() for e in engines), default=1),
+        kv_pages_demanded=sum(e.kv_pages_demanded() for e in engines),
+        spare_pages=sum(e.capacity().spare_pages for e in engines),
+        pages_per_replica=max((e.capacity().max_kv_pages for e in engines), default=1),
         queue_delay_s=max(waiting, default=0.0),
         ttft_slo_misses=sum(1 for _, x in recent_ttft if x > fleet.ttft_slo_s),
         num_starting=starting,
