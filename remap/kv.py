@@ -66,6 +66,11 @@ class KVBlocks:
         return sum(len(t) for t in self._tables.values())
 
     @property
+    def num_free_pages(self) -> int:
+        """Free pages of the pool its blocks come from (shared with every other owner)."""
+        return self._pool.num_free
+
+    @property
     def sequences(self) -> list[SeqId]:
         return list(self._tables)
 

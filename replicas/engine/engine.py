@@ -118,6 +118,7 @@ class LLMEngine:
         self.executor = executor or TorchExecutor(memory)
         self._ring_model: ModelId | None = None
         self._urgent: ModelId | None = None  # this step's tenant when its plan is urgent (progress guarantee)
+        self._reserved: dict[ModelId, int] = {}  # the head's tenant -> KV pages the head may still need
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
         self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
         self._warming: frozenset[ModelId] = frozenset()
@@ -219,17 +220,18 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         now = self._clock()
-        model = self.scheduler.next_tenant()
         head = self._head()
-        self._urgent = model if head is not None and head.model == model and self._is_short(head) else None
-        if self.mode is PreemptionMode.REMAP:
-            self._replan(now, self._urgent)
+        reserve = self._remaining_need(head) if head is not None else 0
+        self._reserved = {head.model: reserve} if reserve else {}
+        model = self.scheduler.next_tenant()
+        self._urgent = self._replan(now, model, head) if self.mode is PreemptionMode.REMAP else None
+        model = self._urgent or model
         if model is None:
             return []
         ring = self._ring_for(model, head)
         self._ring_model = model  # its layers cannot change until this step is done
         try:
-            output = self.scheduler.schedule(model, head)
+            output = self.scheduler.schedule(model, head, reserve)
             if not output.seqs:
                 if ring is not None:  # nothing ran: its slots go back to the pool for the others
                     self.memory.close_stream(model)
@@ -298,12 +300,13 @@ class LLMEngine:
         return seq
 
     # ---- the progress guarantee ----------------------------------------------------------
-    # The head is the oldest unfinished request. When its tenant is scheduled it runs first, later
-    # arrivals of any tenant yield their KV to it (Scheduler), and, when free pages fall short of
-    # what it may still need, the plan is urgent: every other tenant lends up to its cap like an
-    # idle one (their rings close: one tenant computes per step) and the head's whole remaining need
-    # is reserved. Admission only takes requests whose need fits `Capacity.kv_pages_for`, so the
-    # head runs on every step of its tenant until it ends; then the next oldest is the head.
+    # The head is the oldest unfinished request. What it may still need is reserved: every plan
+    # counts it as demand, and no later request is admitted into it. When its tenant is scheduled
+    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler); when free
+    # pages fall short of its reservation the plan is urgent: every other tenant lends up to its cap
+    # like an idle one (their rings close: one tenant computes per step). Admission only takes
+    # requests whose need fits `Capacity.kv_pages_for`, so the head runs on every step of its
+    # tenant until it ends; then the next oldest is the head.
     def _head(self) -> Sequence | None:
         return next(iter(self._seqs.values()), None)  # insertion order is arrival order
 
@@ -313,9 +316,9 @@ class LLMEngine:
         held = 0 if kv.is_swapped(seq.seq_id) else len(kv.table(seq.seq_id))
         return max(0, kv.num_blocks_for(seq.max_num_tokens) - held)
 
-    def _is_short(self, head: Sequence) -> bool:
-        ring = self.memory.ring(head.model)
-        return self.memory.pool.num_free + (len(ring.pages) if ring else 0) < self._remaining_need(head)
+    def _ring_pages(self, model: ModelId | None) -> int:
+        ring = self.memory.ring(model) if model is not None else None
+        return len(ring.pages) if ring else 0
 
     # ---- memory plans --------------------------------------------------------------------
     def _snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None,
@@ -328,7 +331,8 @@ class LLMEngine:
                 model,
                 num_running=len(sched.running[model]),
                 num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
-                kv_pages_needed=sched.kv_pages_needed(model) + (extra or {}).get(model, 0),
+                kv_pages_needed=(sched.kv_pages_needed(model) + (extra or {}).get(model, 0)
+                                 + self._reserved.get(model, 0)),  # the head's reservation
                 last_active_s=t.last_active_s,
                 predicted_compute_s=self._predicted_compute_s(t) if sched.has_work(model) else 0.0,
                 cold=model in self._cold,
@@ -347,22 +351,25 @@ class LLMEngine:
             return min(t.step_s, t.decode_step_s)
         return t.step_s
 
-    def _replan(self, now: float, urgent: ModelId | None = None) -> None:
-        """The step's memory plan; `urgent`: the head's tenant is served and free pages fall short
-        of the head's remaining need (see the progress guarantee above)."""
-        extra = None
-        if urgent is not None:
-            for model in list(self._tenants):
-                if model != urgent and self.memory.ring(model) is not None:
-                    self.memory.close_stream(model)  # they do not compute this step; slots are caches
-            head = self._head()
-            extra = {urgent: self._remaining_need(head)}
-            logger.info("progress: %s's oldest request (seq %d) may still need %d KV pages and %d are free: "
-                        "every other tenant lends up to its cap", urgent, head.seq_id, extra[urgent],
-                        self.memory.pool.num_free)
-        plan = self.controller.plan(self._snapshot(now, extra, urgent))
+    def _replan(self, now: float, model: ModelId | None, head: Sequence | None) -> ModelId | None:
+        """The step's memory plan. Under pressure for the head (the plan is short, or free pages are
+        short of its reservation) the head's tenant is served instead and its plan is urgent (see
+        the progress guarantee above): another tenant's step would take back, as its ring or as
+        restores, the layers the head's plan lends. Returns the urgent tenant, or None."""
+        plan = self.controller.plan(self._snapshot(now))
+        urgent = None
+        if head is not None and (plan.num_pages_short > 0 or
+                                 self.memory.pool.num_free + self._ring_pages(head.model) < self._reserved.get(head.model, 0)):
+            urgent = head.model
+            for other in list(self._tenants):
+                if other != urgent and self.memory.ring(other) is not None:
+                    self.memory.close_stream(other)  # they do not compute this step; slots are caches
+            logger.debug("progress: %s's oldest request may still need %d KV pages, %d are free: every other tenant "
+                         "lends up to its cap", urgent, self._reserved.get(urgent, 0), self.memory.pool.num_free)
+            plan = self.controller.plan(self._snapshot(now, None, urgent))
         if not plan.is_noop:
             self._apply(plan)
+        return urgent
 
     def _apply(self, plan) -> None:
         self.memory.apply(plan)  # rings of the models whose layers move close first (DeviceMemory)

@@ -113,15 +113,17 @@ class Scheduler:
         return min(busy, key=lambda m: (self._last_served[m], m)) if busy else None
 
     # ---- one step ------------------------------------------------------------------------
-    def schedule(self, model: ModelId, head: Sequence | None = None) -> SchedulerOutput:
-        """One step of `model`'s batch. `head`, when it is this tenant's, runs first (see above)."""
+    def schedule(self, model: ModelId, head: Sequence | None = None, reserve_pages: int = 0) -> SchedulerOutput:
+        """One step of `model`'s batch. `head`, when it is this tenant's, runs first (see above);
+        other sequences are admitted or swapped in only while `reserve_pages` (what the head may
+        still need) stay free."""
         kv, budget = self._kv[model], self.config.max_num_batched_tokens
         self._step += 1
         self._last_served[model] = self._step
         preempted_before = self.num_preemptions
         if head is not None and head.model == model and head.status is not SeqStatus.RUNNING:
             self._admit_head(head)
-        swapped_in = self._swap_in(model)
+        swapped_in = self._swap_in(model, reserve_pages)
         scheduled: list[ScheduledSeq] = []
         taken: set[SeqId] = set()
         self.running[model].sort(key=_order)  # the oldest grows first and gets the token budget first
@@ -141,7 +143,7 @@ class Scheduler:
             seq = waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
             need = kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id))
-            if kv.alloc(seq.seq_id, need) is None:
+            if kv.num_free_pages - need < reserve_pages or kv.alloc(seq.seq_id, need) is None:
                 break
             waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -218,11 +220,11 @@ class Scheduler:
             _requeue(self.waiting[seq.model], seq)
         logger.debug("preempted seq %d of %s (%s)", seq.seq_id, seq.model, seq.status.value)
 
-    def _swap_in(self, model: ModelId) -> int:
-        n, swapped = 0, self.swapped[model]
+    def _swap_in(self, model: ModelId, reserve_pages: int) -> int:
+        n, swapped, kv = 0, self.swapped[model], self._kv[model]
         while swapped and len(self.running[model]) < self.config.max_num_seqs:
             seq = swapped[0]
-            if self._kv[model].swap_in(seq.seq_id) is None:
+            if kv.num_free_pages - kv.num_swapped_blocks(seq.seq_id) < reserve_pages or kv.swap_in(seq.seq_id) is None:
                 break
             swapped.popleft()
             seq.status = SeqStatus.RUNNING
