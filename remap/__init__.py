@@ -16,7 +16,7 @@ from remap.controller import (
     uniform_layers,
 )
 from remap.memory import DEFAULT_PAGE_SIZE_BYTES, AppliedPlan, DeviceMemory, RestoreOutcome
-from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_views
+from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_num_pages, slab_views
 from remap.pool import PagePool
 from remap.staging import StagingRing
 from remap.transfer import (
@@ -47,6 +47,6 @@ __all__ = [
     "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",
     "PagePool", "ParamStore", "RemapError", "RestoreOutcome", "SeqId", "Slab", "StagingRing",
     "SyncTransferEngine", "TensorSpec", "ThreadTransferEngine", "TransferEngine", "make_transfer_engine",
-    "measure_link_bytes_per_s", "pack_layout", "slab_views",
+    "measure_link_bytes_per_s", "pack_layout", "slab_num_pages", "slab_views",
     "BACKEND_KINDS", "CudaVmmBackend", "HostVmmBackend", "VmmBackend", "make_backend",
 ]

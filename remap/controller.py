@@ -117,9 +117,11 @@ class MemorySnapshot:
     # (the engine closes their rings: one tenant computes per step), and the urgent tenant's own
     # budget is its cap: progress first, hiding copies second.
     urgent: str | None = None
+    reserved_pages: int = 0  # pages wanted outside every tenant's KV: the parameters of a model being loaded
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenants", tuple(self.tenants))
+        _check_int("reserved_pages", self.reserved_pages)
         _check_int("num_free_pages", self.num_free_pages)
         if not (math.isfinite(self.link_bytes_per_s) and self.link_bytes_per_s >= 0):
             raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s}: expected finite and >= 0")
@@ -233,7 +235,10 @@ class RemapController:
 
     def cap(self, tenant: TenantSnapshot) -> int:
         """Most layers of this model any plan may leave remapped."""
-        return min(math.floor(self.config.max_remapped_fraction * tenant.num_layers + _EPS), tenant.num_layers - 1)
+        return self.cap_for(tenant.num_layers)
+
+    def cap_for(self, num_layers: int) -> int:
+        return min(math.floor(self.config.max_remapped_fraction * num_layers + _EPS), num_layers - 1)
 
     def alpha_budget(self, tenant: TenantSnapshot, link_bytes_per_s: float) -> int:
         """Layers whose host->device copies hide under the next step's compute; the cap if inactive."""
@@ -245,7 +250,7 @@ class RemapController:
 
     def plan(self, snapshot: MemorySnapshot) -> RemapPlan:
         tenants = [self._working(t, snapshot) for t in sorted(snapshot.tenants, key=lambda t: t.model)]
-        spare = (snapshot.num_free_pages - sum(t.snap.kv_pages_needed for t in tenants)
+        spare = (snapshot.num_free_pages - snapshot.reserved_pages - sum(t.snap.kv_pages_needed for t in tenants)
                  - sum(self._staging_pages(t, t.count) for t in tenants))
         # Over-budget models are first put at their budget, so reclaims also fund their restores; if
         # reclaims fall short, restores are backed off until no other tenant's pages are taken.

@@ -90,7 +90,7 @@ class DeviceMemory:
     ) -> KVBlocks:
         """Place a model's parameters in pages and set up its KV blocks. All or nothing."""
         kv = KVBlocks(model, kv_geometry, self.pool, self.backend)  # validates geometry first
-        self.params.register(model, layers, base)
+        self.params.register(model, layers, base, self._clear_run if self.backend.needs_home_runs else None)
         self.kv[model] = kv
         return kv
 
@@ -112,6 +112,12 @@ class DeviceMemory:
         self._retire_ring(model)
         if not self.backend.needs_home_runs:
             return self._restore_anywhere(model, layer)
+        if self.params.is_homeless(model, layer):  # another model was loaded onto its old home
+            first = self._clear_run(self.params.slab(model, layer).num_pages)
+            if first is None:
+                return RestoreOutcome(False, 0, "its home went to a model loaded since, and no run of "
+                                      f"{self.params.slab(model, layer).num_pages} pages can be cleared for a new one")
+            self.params.rehome(model, layer, first)
         moved: list[int] = []
 
         def evict(pages: list[PageId]) -> bool:
@@ -285,6 +291,26 @@ class DeviceMemory:
         if ring.in_pass:
             raise RemapError(f"{model!r}'s staging ring is in a forward pass: its layers cannot change now")
         self.close_stream(model)
+
+    def _clear_run(self, num_pages: int) -> PageId | None:
+        """A run of free pages for a parameter slab (arena): plain free pages first, then free pages
+        that reclaimed layers call home (those layers lose it and get a new one when restored), then
+        a run cleared of KV blocks by migration (compaction). None if no run can be had."""
+        first = self.pool.find_free_run(num_pages)
+        if first is None:
+            first = self.pool.find_free_run(num_pages, homed_ok=True)
+        if first is None:
+            first = self._cheapest_run(num_pages)
+            if first is None:
+                return None
+            run = [PageId(p) for p in range(first, first + num_pages)]
+            busy = [p for p in run if self.pool.owner(p).kind is not OwnerKind.FREE]
+            if self._evict(busy, run) < 0:
+                return None
+        for model, layer in self.params.unhome([PageId(p) for p in range(first, first + num_pages)]):
+            logger.info("remap: %s layer %d (reclaimed) loses its home run to a new slab; it gets another when "
+                        "restored", model, layer)
+        return first
 
     def _make_run(self, num_pages: int, owner: Owner) -> PageId | None:
         """A contiguous run of pages for `owner`: free if possible, else cleared of KV blocks."""

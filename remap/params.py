@@ -77,6 +77,11 @@ def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorSpec, 
     return tuple(specs), offset
 
 
+def slab_num_pages(tensors: Mapping[str, torch.Tensor], page_size_bytes: int) -> int:
+    """Pages one slab of these tensors occupies."""
+    return -(-pack_layout(tensors)[1] // page_size_bytes)
+
+
 def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> dict[str, torch.Tensor]:
     """Tensor views of a slab's packed bytes `data` (device pages, a staging slot, or the host)."""
     return {
@@ -97,9 +102,14 @@ class ParamStore:
 
     # ---- registration --------------------------------------------------------------------
     def register(
-        self, model: ModelId, layers: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor]
+        self, model: ModelId, layers: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
+        find_run: Callable[[int], PageId | None] | None = None,
     ) -> None:
-        """Pack a model's tensors into pages (all of them resident). All or nothing."""
+        """Pack a model's tensors into pages (all of them resident). All or nothing.
+
+        Home-run backends: `find_run(num_pages)` returns the first page of a run of free pages for
+        each slab (DeviceMemory clears one of KV blocks, or takes reclaimed layers' homes); by
+        default the first run of free pages that is nobody's home."""
         if model in self._num_layers:
             raise RemapError(f"model {model!r} is already registered")
         if not layers or any(not layer for layer in layers) or not base:
@@ -114,7 +124,7 @@ class ParamStore:
             )
         placed: list[Slab] = []
         for (i, tensors), (_, specs, nbytes) in zip(parts, layouts):
-            slab = self._place(model, i, specs, nbytes)
+            slab = self._place(model, i, specs, nbytes, find_run or self._pool.find_free_run)
             if slab is None:
                 for s in placed:
                     self._unplace(s)
@@ -134,11 +144,12 @@ class ParamStore:
         self._max_layer_pages[model] = max(self._slabs[(model, i)].num_pages for i in range(len(layers)))
         self._max_layer_bytes[model] = max(self._slabs[(model, i)].num_bytes for i in range(len(layers)))
 
-    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int) -> Slab | None:
+    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int,
+               find_run: Callable[[int], PageId | None]) -> Slab | None:
         num_pages = -(-nbytes // self._pool.page_size_bytes)
         owner = Owner(OwnerKind.PARAM, model, index)
         if self._backend.needs_home_runs:
-            first = self._pool.find_free_run(num_pages)
+            first = find_run(num_pages)
             if first is None:
                 return None
             pages = [PageId(p) for p in range(first, first + num_pages)]
@@ -204,6 +215,33 @@ class ParamStore:
     def max_layer_bytes(self, model: ModelId) -> int:
         self.num_layers(model)
         return self._max_layer_bytes[model]
+
+    # ---- homes (home-run backends) --------------------------------------------------------
+    def unhome(self, pages: Sequence[PageId]) -> list[tuple[ModelId, int]]:
+        """Reclaimed slabs whose home run meets `pages` lose their home (another slab is placed
+        there); each gets a new one when restored (`rehome`). Returns them."""
+        wanted = set(pages)
+        moved = []
+        for key, slab in self._slabs.items():
+            if not slab.resident and slab.pages and wanted.intersection(slab.pages):
+                self._pool.set_homed(slab.pages, False)
+                slab.pages = []
+                moved.append(key)
+        return moved
+
+    def is_homeless(self, model: ModelId, layer: int) -> bool:
+        return self._backend.needs_home_runs and not self.slab(model, layer).pages
+
+    def rehome(self, model: ModelId, layer: int, first: PageId) -> None:
+        """Give a homeless reclaimed slab the free run at `first` as its new home (views move too)."""
+        slab, key = self.slab(model, layer), (model, layer)
+        if slab.resident or slab.pages:
+            raise RemapError(f"slab {model}/{layer} has a home already (resident={slab.resident})")
+        pages = [PageId(p) for p in range(first, first + slab.num_pages)]
+        self._pool.set_homed(pages, True)
+        slab.pages = pages
+        self._bytes[key] = self._backend.map_slab(key, pages)[: slab.num_bytes]
+        self._views[key] = slab_views(slab.specs, self._bytes[key])
 
     # ---- reclaim / restore ---------------------------------------------------------------
     def reclaim(self, model: ModelId, layer: int) -> int:
@@ -272,11 +310,20 @@ class ParamStore:
             if self._backend.needs_home_runs:
                 if any(not self._pool.is_homed(p) for p in slab.pages):
                     raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
+                if slab.resident and len(slab.pages) != slab.num_pages:
+                    raise IntegrityError(f"resident slab {model}/{index} has {len(slab.pages)} of {slab.num_pages} pages")
             else:
                 self._check_mapped(slab)
             if index != BASE_SLAB and slab.resident == (index in self._remapped[model]):
                 raise IntegrityError(f"slab {model}/{index} resident={slab.resident} but remapped set says otherwise")
 
+
+        if self._backend.needs_home_runs:
+            homes = [p for slab in self._slabs.values() for p in slab.pages]
+            marked = sum(self._pool.is_homed(PageId(p)) for p in range(self._pool.num_pages))
+            if len(set(homes)) != len(homes) or marked != len(homes):
+                raise IntegrityError(f"home runs overlap or marks disagree: {len(homes)} home pages, "
+                                     f"{len(set(homes))} distinct, {marked} marked homed")
 
     def _check_mapped(self, slab: Slab) -> None:
         """Virtual-memory backends: the slab's range maps exactly its pages iff it is resident."""

@@ -23,7 +23,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from remap import BASE_SLAB, DeviceMemory, ModelId, RemapController
+from remap import BASE_SLAB, DeviceMemory, ModelId, RemapController, RemapError
+
+
+class LoadRefused(RemapError):
+    """A model cannot be loaded here. `permanent`: never on this device, even with every lendable
+    parameter page lent and no KV; otherwise not now (KV in use, busy tenants): try again later."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from remap import (
     SeqId,
     StagingRing,
     measure_link_bytes_per_s,
+    slab_num_pages,
 )
-from replicas.engine.capacity import Capacity
+from replicas.engine.capacity import Capacity, LoadRefused
 from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
@@ -129,12 +130,42 @@ class LLMEngine:
                   eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
+        if model not in self._tenants:  # a second registration fails in DeviceMemory, as it should
+            self._make_room_for_load(model, layers, base)
         self.memory.register_model(model, layers, base, config.kv_geometry())
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer, last_active_s=self._clock())  # loading counts
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
+
+    def _make_room_for_load(self, model: ModelId, layers, base) -> None:
+        """Lend idle tenants' layers (cold first, then MRU, within the cap) until the new model's
+        pages are free. Refuses, with the numbers, a load that cannot fit now or ever, and one that
+        would leave an admitted request unable to finish (its need must stay within capacity)."""
+        page = self.memory.page_size_bytes
+        slabs = sorted(slab_num_pages(t, page) for t in layers)
+        need = sum(slabs) + slab_num_pages(base, page)
+        cap = self.controller.cap_for(len(slabs)) if self.mode is PreemptionMode.REMAP else 0
+        fixed = need - sum(slabs[:cap])  # what the new model takes from every request's capacity for good
+        capacity = self.capacity()
+        if need > capacity.spare_pages:
+            permanent = need > capacity.max_kv_pages
+            raise LoadRefused(
+                f"model {model!r} needs {need} pages; this replica has {capacity.free_pages} free + "
+                f"{capacity.reclaimable_pages} that idle tenants can lend now, of {capacity.num_pages} "
+                + (f"(at most {capacity.max_kv_pages} with every lendable page lent and no KV: it never fits here)"
+                   if permanent else "(the rest holds KV of requests in flight or busy tenants' layers)"), permanent)
+        for seq in self._seqs.values():
+            kv = self.memory.kv[seq.model]
+            if kv.num_blocks_for(seq.max_num_tokens) > capacity.kv_pages_for(seq.model) - fixed:
+                raise LoadRefused(f"loading {model!r} ({fixed} pages it never lends) would leave request "
+                                  f"{seq.seq_id} of {seq.model!r} unable to finish; load it when that ends", False)
+        if self.mode is PreemptionMode.REMAP and self.memory.pool.num_free < need:
+            plan = self.controller.plan(dataclasses.replace(self._snapshot(self._clock()), reserved_pages=need))
+            logger.info("loading %s (%d pages, %d free): lending idle tenants' layers", model, need,
+                        self.memory.pool.num_free)
+            self._apply(dataclasses.replace(plan, restore=()))
 
     def set_cluster_hints(self, cold: frozenset[str], warming: frozenset[str]) -> None:
         """The cluster controller's view: tenants idle everywhere lend first; warming ones lend last

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from remap import DeviceMemory, make_backend
+from replicas.engine.capacity import LoadRefused
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
 from replicas.engine.sampling import SamplingParams
@@ -143,3 +144,62 @@ def test_four_tenants_in_a_pool_of_only_their_parameters_all_finish(backend):
     got, _ = run(engine, requests, check=True)
     want, _ = run(probe, requests, check=False)
     assert got == want and all(len(out) == 8 for out in got)
+
+
+def add_tenant(engine: LLMEngine, name: str, arch: str, layers: int, seed: int) -> None:
+    config = ModelConfig.from_hf(make_config(arch, num_hidden_layers=layers))
+    engine.add_model(name, config, dummy_weights(config, seed=seed), eos_token_ids=())
+
+
+def param_pages(engine: LLMEngine) -> int:
+    return engine.memory.pool.num_pages - engine.memory.pool.num_free
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_that_fits_only_by_lending_is_loaded_and_every_tenant_stays_exact(backend):
+    """Two tenants fill the pool; the third loads onto their lent layers (arena: onto their homes,
+    which they get back elsewhere, compacting KV, when restored). Outputs equal an ample pool's.
+    On the arena a slab needs a contiguous run, so the tenants' layers are of one size there."""
+    archs = ["llama_gqa", "opt", "qwen2_tied"] if backend == "vmm" else ["llama_gqa", "llama3_rope", "llama_gqa"]
+    tenants = [(name, arch, 4, seed) for name, arch, seed in zip("abc", archs, (1, 2, 3))]
+    ample = make_engine([], AMPLE_PAGES, "remap", backend, 64, 64)
+    for t in tenants:
+        add_tenant(ample, *t)
+    engine = make_engine([], param_pages(ample) - 20, "remap", backend, 64, 64)
+    for t in tenants[:2]:
+        add_tenant(engine, *t)
+    assert engine.capacity().spare_pages >= param_pages(ample) - param_pages(engine)
+    add_tenant(engine, *tenants[2])  # fits only because a and b lend layers
+    engine.memory.check_integrity()
+    assert engine.memory.num_reclaims > 0
+    requests = [(t, [7, 8, 9 + t, 10, 11], 12, 0) for t in range(3)] * 2
+    named = [(t, p, n, at) for t, p, n, at in requests]
+    ids = {}
+    for k, (t, p, n, _) in enumerate(named):
+        ids[k] = engine.add_request("abc"[t], p, SamplingParams(max_tokens=n, ignore_eos=True))
+        ample_id = ample.add_request("abc"[t], p, SamplingParams(max_tokens=n, ignore_eos=True))
+        ids[k] = (ids[k], ample_id)
+    while engine.has_unfinished() or ample.has_unfinished():
+        engine.step()
+        ample.step()
+        engine.memory.check_integrity()
+    for mine, theirs in ids.values():
+        assert engine.sequence(mine).output_token_ids == ample.sequence(theirs).output_token_ids
+
+
+def test_a_load_that_never_fits_or_not_now_is_refused_with_the_numbers():
+    engine = make_engine([], 80, "remap", "arena", 64, 64)
+    add_tenant(engine, "a", "llama_gqa", 4, 1)
+    config = ModelConfig.from_hf(make_config("opt", num_hidden_layers=4, ffn_dim=2048))
+    with pytest.raises(LoadRefused, match="never fits here") as info:
+        engine.add_model("huge", config, dummy_weights(config, seed=0), eos_token_ids=())
+    assert info.value.permanent
+    engine.add_request("a", [5] * 100, SamplingParams(max_tokens=28))  # busy: "a" lends nothing now
+    with pytest.raises(LoadRefused, match="unable to finish|can lend now") as info:
+        add_tenant(engine, "b", "llama_gqa", 4, 2)
+    assert not info.value.permanent
+    engine.memory.check_integrity()
+    while engine.has_unfinished():
+        engine.step()
+    add_tenant(engine, "b", "llama_gqa", 4, 2)  # idle now: "a" lends, and "b" fits
+    engine.memory.check_integrity()
