@@ -39,6 +39,7 @@ class ReplicaReport:
     device_memory_used_bytes: int | None = None  # from NVML on GPUs; None elsewhere
     device_memory_total_bytes: int | None = None
     device_utilization_pct: int | None = None
+    failed_loads: tuple[tuple[str, str], ...] = ()  # (model, why) of load orders this replica could not carry out
 
     def tenant(self, model: str) -> TenantReport | None:
         return next((t for t in self.tenants if t.model == model), None)

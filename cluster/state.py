@@ -168,11 +168,12 @@ class ClusterState:
     # ---- placement
 
     def _settle_loads(self, live: dict[str, _Received], now_s: float) -> None:
-        """Forget loads that landed (the replica reports the model), died or timed out."""
+        """Forget loads that landed (the replica reports the model), failed (the replica says why),
+        died or timed out."""
         self._loading = {
             (rid, model): since for (rid, model), since in self._loading.items()
             if rid in live and live[rid].report.tenant(model) is None
-            and now_s - since <= self.config.load_timeout_s}
+            and model not in _failed(live[rid].report) and now_s - since <= self.config.load_timeout_s}
 
     def _placements(self, live: dict[str, _Received], now_s: float) -> list[_Line]:
         """Re-issue loads in flight, then give each model that needs one at most ONE new host.
@@ -185,8 +186,11 @@ class ClusterState:
         for model, why in self._needs(live):
             rid = self._best_new_host(live, model)
             if rid is None:
+                refusals = "; ".join(f"{r} refused: {_failed(rec.report)[model]}" for r, rec in live.items()
+                                     if model in _failed(rec.report))
                 lines.append(_Line("load", None, model, f"load: {model} needs a host ({why}) but no live replica "
-                                                        f"without it has spare pages and no load in flight"))
+                                                        f"without it has spare pages and no load in flight"
+                                                        + (f" ({refusals})" if refusals else "")))
                 continue
             report = live[rid].report
             self._loading[(rid, model)] = now_s
@@ -222,7 +226,8 @@ class ClusterState:
     def _best_new_host(self, live: dict[str, _Received], model: str) -> str | None:
         busy = {rid for (rid, _) in self._loading}
         fits = [(-spare_pages(rec.report), rid) for rid, rec in live.items()
-                if rec.report.tenant(model) is None and rid not in busy and spare_pages(rec.report) > 0]
+                if rec.report.tenant(model) is None and rid not in busy and spare_pages(rec.report) > 0
+                and model not in _failed(rec.report)]  # it just said why it cannot: ask another
         return min(fits)[1] if fits else None
 
     # ---- helpers and status
@@ -263,6 +268,11 @@ def _sole_warm_hosts(live: dict[str, _Received], lines: list[_Line]) -> set[str]
         for t in rec.report.tenants:
             hosts.setdefault(t.model, set()).add(rid)
     return {next(iter(h)) for model, h in hosts.items() if len(h) == 1 and model not in cold}
+
+
+def _failed(report: ReplicaReport) -> dict[str, str]:
+    """model -> why, for the load orders the replica reports it could not carry out lately."""
+    return dict(report.failed_loads)
 
 
 def _active_at(rec: _Received, t: TenantReport) -> float:

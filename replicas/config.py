@@ -104,6 +104,10 @@ class ReplicaSettings(BaseModel):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica.")
     max_pending_requests: int = Field(256, ge=1, description="Unfinished requests per replica before 429.")
     report_period_s: float = Field(0.5, gt=0, description="How often a replica reports to the controller.")
+    placement_timeout_s: float = Field(
+        30.0, ge=0, description="How long a request for a model its replica does not host yet waits for the model "
+                                "to be loaded there (idle tenants lend layers for it; KV of requests in flight "
+                                "frees as they end) before a 503. A model that can never fit gets a 503 at once.")
     autoscaling: AutoscalingSettings | None = Field(None, description="Scale on memory pressure; null = fixed.")
 
 

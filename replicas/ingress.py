@@ -9,6 +9,7 @@ an OpenAI error body; errors after it end the event stream with an error event a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import pathlib
@@ -24,6 +25,8 @@ from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.tokenizer import Tokenizer
+
+PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +100,23 @@ class OpenAIFrontend:
         tokenizer = self.catalog.tokenizers[req.model]
         prompt = api.chat_prompt_ids(req, tokenizer) if kind == "chat" else api.completion_prompt_ids(req, tokenizer)
         params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
-        stream = self._generate(req.model, prompt, params)
-        return req, prompt, params, tokenizer, await _first_item(stream), stream
+        stream, first = await self._place(req.model, prompt, params)
+        return req, prompt, params, tokenizer, first, stream
+
+    async def _place(self, model: str, prompt: list[int], params: SamplingParams):
+        """(stream, first item) of the request on a replica. A replica that cannot load the model
+        (not now, or never beside its tenants) is answered by asking again until placement_timeout_s:
+        the router then picks another replica, or the model's host once the controller placed it. A
+        model larger than a whole pool gets its 503 at once."""
+        deadline = time.monotonic() + self.config.replicas.placement_timeout_s
+        while True:
+            stream = self._generate(model, prompt, params)
+            try:
+                return stream, await _first_item(stream)
+            except api.ApiError as exc:
+                if exc.code != "model_not_loaded" or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(PLACEMENT_RETRY_S)
 
     # ---- the token stream ----------------------------------------------------------------
     async def _respond(self, kind: str, req, prompt: list[int], params: SamplingParams,
@@ -210,7 +228,7 @@ async def _first_item(stream: AsyncIterator[dict]) -> dict:
         if err["status"] == 404:
             raise api.ApiError(404, "not_found_error", err["message"], "model", "model_not_found")
         if err["status"] >= 500:
-            raise api.ApiError(err["status"], "server_error", err["message"])
+            raise api.ApiError(err["status"], "server_error", err["message"], None, err.get("code"))
         raise api.ApiError(err["status"], "invalid_request_error", err["message"])
     return item
 

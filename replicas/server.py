@@ -27,6 +27,7 @@ import torch
 from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
 from remap import DeviceMemory, RemapError, SeqId, make_backend
 from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
+from replicas.engine.capacity import LoadRefused
 from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.25  # step period while idle: lets the controller give lent pages back
 QUEUE_WAIT_TIMEOUT_S = 600.0  # a request that sees no token for this long is a hung engine
+PLACEMENT_POLL_S = 0.25  # a request waiting for its model to fit retries the load this often
+FAILED_LOAD_MEMORY_S = 30.0  # a failed load order is reported this long (the controller places it elsewhere)
 
 
 def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
@@ -53,8 +56,8 @@ def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     return config, dummy_weights(config, spec.seed, std=spec.weight_std), Tokenizer.byte_level()
 
 
-def error_item(status: int, message: str, retry_after_s: float | None = None) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, "retry_after_s": retry_after_s}}
+def error_item(status: int, message: str, retry_after_s: float | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "retry_after_s": retry_after_s, "code": code}}
 
 
 class EngineServer:
@@ -71,6 +74,7 @@ class EngineServer:
         self._orders_version = -1
         self.num_aborted = 0  # requests whose consumer went away before the end
         self.last_orders: ReplicaOrders | None = None
+        self._failed_loads: dict[str, tuple[float, str]] = {}  # model -> (monotonic time, why) of a failed load order
         for name in models if models is not None else [m.name for m in config.models]:
             self._worker.submit(self._load, name).result()
         logger.info("replica %s: %d pages x %d B on %s, models %s", replica_id, mem.num_pages,
@@ -107,10 +111,9 @@ class EngineServer:
             if self.config.model(model) is None:
                 yield error_item(404, f"The model '{model}' does not exist")
                 return
-            try:
-                await self._run(self._load, model)  # load on demand: the router found no host
-            except RemapError as exc:  # no room for its parameters right now
-                yield error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id} now: {exc}")
+            refused = await self._load_on_demand(model)  # the router found no host
+            if refused is not None:
+                yield refused
                 return
         try:
             seq_id = await self._run(self.engine.add_request, model, prompt_ids, params)
@@ -135,6 +138,25 @@ class EngineServer:
             if not finished:  # cancelled (client gone) or failed: free its pages now
                 self.num_aborted += 1
                 await self._run(self.engine.abort, seq_id)
+
+    async def _load_on_demand(self, model: str) -> dict | None:
+        """Load `model` here, waiting up to placement_timeout_s for room (idle tenants lend layers at
+        once; KV of requests in flight frees as they end). An error item (503) if it never fits
+        here or the wait runs out, else None."""
+        timeout_s = self.config.replicas.placement_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self._run(self._load, model)
+                return None
+            except RemapError as exc:  # LoadRefused, or no contiguous run on the arena
+                permanent = isinstance(exc, LoadRefused) and exc.permanent
+                if permanent or time.monotonic() >= deadline:  # the ingress may ask another replica
+                    waited = "" if permanent else f" (waited {timeout_s:g} s for room)"
+                    code = "model_too_large" if isinstance(exc, LoadRefused) and exc.too_large else "model_not_loaded"
+                    return error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id}: {exc}{waited}",
+                                      None if permanent else 1.0, code)
+            await asyncio.sleep(PLACEMENT_POLL_S)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -195,7 +217,14 @@ class EngineServer:
         return ReplicaReport(self.replica_id, self.node_id, time.time(), pool.num_pages, pool.page_size_bytes,
                              capacity.free_pages, capacity.reclaimable_pages, engine.link_bytes_per_s, tuple(tenants),
                              self.num_aborted, gpu and gpu.memory_used_bytes, gpu and gpu.memory_total_bytes,
-                             gpu and gpu.utilization_pct)
+                             gpu and gpu.utilization_pct, self._recent_failed_loads())
+
+    def _recent_failed_loads(self) -> tuple[tuple[str, str], ...]:
+        """Load orders that failed here lately and whose model is still not hosted."""
+        now = time.monotonic()
+        self._failed_loads = {m: (at, why) for m, (at, why) in self._failed_loads.items()
+                              if now - at < FAILED_LOAD_MEMORY_S and m not in self.tokenizers}
+        return tuple(sorted((m, why) for m, (_, why) in self._failed_loads.items()))
 
     async def apply_orders(self, orders: ReplicaOrders) -> None:
         """Between engine steps (on the engine thread): hints for the remap controller, new models."""
@@ -206,7 +235,8 @@ class EngineServer:
         for model in sorted(orders.load - set(self.tokenizers)):
             try:
                 await self._run(self._load, model)
-            except RemapError as exc:  # the controller re-places it after its load timeout
+            except RemapError as exc:  # reported: the controller places it elsewhere, and says why
+                self._failed_loads[model] = (time.monotonic(), str(exc))
                 logger.info("replica %s cannot load %s now: %s", self.replica_id, model, exc)
         for reason in orders.reasons:
             logger.info("replica %s order: %s", self.replica_id, reason)

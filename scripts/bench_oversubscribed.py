@@ -132,7 +132,8 @@ def point_result(records: list, statuses: Counter) -> dict[str, Any]:
     summary = report.summarize(records, SLO_TTFT_S, SLO_TBT_S)
     overall = summary["overall"]
     sec = (lambda ms: None if ms is None else ms / 1e3)
-    kinds = Counter(r.error.split(" - ")[0][:120] for r in records if not r.ok)
+    failed = [r for r in records if not r.ok]
+    kinds = Counter(r.error.split(" - ")[0][:120] for r in failed)
     return {
         "num_requests": len(records), "num_ok": overall["num_ok"],
         "completed_fraction": overall["num_ok"] / len(records) if records else None,
@@ -142,7 +143,8 @@ def point_result(records: list, statuses: Counter) -> dict[str, Any]:
         "p50_ttft_s": sec(overall["p50_ttft_ms"]), "p99_ttft_s": sec(overall["p99_ttft_ms"]),
         "p50_tbt_s": sec(overall["p50_tbt_ms"]), "p99_tbt_s": sec(overall["p99_tbt_ms"]),
         "throughput_tok_s": overall["output_tok_s"], "wall_s": summary["wall_s"],
-        "error_kinds": dict(kinds.most_common()), "summary": summary,
+        "error_kinds": dict(kinds.most_common()), "failed_by_model": dict(Counter(r.model for r in failed)),
+        "first_error": failed[0].error if failed else None, "summary": summary,
     }
 
 
@@ -189,6 +191,13 @@ def format_table(points: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def print_failures(points: list[dict[str, Any]]) -> None:
+    for p in points:
+        if p.get("failed_by_model"):
+            print(f"  {p['oversubscription']:.2f}x: failed by model {p['failed_by_model']}; "
+                  f"kinds {p['error_kinds']}; first: {p['first_error'][:300]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path, required=True)
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         points.append(run_point(sizing, specs, work, args))
     print()
     print(format_table(points))
+    print_failures(points)
     print(f"note: {os.cpu_count()} cores shared by Ray, {NUM_REPLICAS} replicas and the client; "
           f"p99s over completed requests only")
     args.json.parent.mkdir(parents=True, exist_ok=True)

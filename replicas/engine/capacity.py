@@ -30,9 +30,10 @@ class LoadRefused(RemapError):
     """A model cannot be loaded here. `permanent`: never on this device, even with every lendable
     parameter page lent and no KV; otherwise not now (KV in use, busy tenants): try again later."""
 
-    def __init__(self, message: str, permanent: bool) -> None:
+    def __init__(self, message: str, permanent: bool, too_large: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.too_large = too_large  # larger than the whole pool: no replica of this size can ever host it
 
 
 @dataclass(frozen=True)

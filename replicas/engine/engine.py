@@ -149,6 +149,10 @@ class LLMEngine:
         cap = self.controller.cap_for(len(slabs)) if self.mode is PreemptionMode.REMAP else 0
         fixed = need - sum(slabs[:cap])  # what the new model takes from every request's capacity for good
         capacity = self.capacity()
+        if need > capacity.num_pages:
+            raise LoadRefused(f"model {model!r} needs {need} pages, more than this replica's whole pool of "
+                              f"{capacity.num_pages}: it never fits here, nor on any replica of this size", True,
+                              too_large=True)
         if need > capacity.spare_pages:
             permanent = need > capacity.max_kv_pages
             raise LoadRefused(
