@@ -62,10 +62,11 @@ class NullBackend(Backend):
 class SimParamStore(ParamStore):
     """ParamStore whose host master copies are meta tensors (a 13B model's would be 26 GB)."""
 
-    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int) -> Slab | None:
+    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int,
+               find_run) -> Slab | None:
         # The parent allocates an uninitialized host buffer (never touched, so never committed) and
         # we swap it for a meta one at once.
-        slab = super()._place(model, index, specs, nbytes)
+        slab = super()._place(model, index, specs, nbytes, find_run)
         if slab is not None:
             slab.host = torch.empty(nbytes, dtype=torch.uint8, device=META)
         return slab

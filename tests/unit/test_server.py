@@ -67,7 +67,8 @@ def test_bad_and_unknown_requests_get_error_items(server):
         return bad, unknown
 
     bad, unknown = asyncio.run(main())
-    assert bad == [{"error": {"status": 400, "message": bad[0]["error"]["message"], "retry_after_s": None}}]
+    assert bad == [{"error": {"status": 400, "message": bad[0]["error"]["message"], "retry_after_s": None,
+                              "code": None}}]
     assert "outside the vocabulary" in bad[0]["error"]["message"]
     assert unknown[0]["error"]["status"] == 404
 
