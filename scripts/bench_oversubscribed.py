@@ -144,7 +144,9 @@ def point_result(records: list, statuses: Counter) -> dict[str, Any]:
         "p50_tbt_s": sec(overall["p50_tbt_ms"]), "p99_tbt_s": sec(overall["p99_tbt_ms"]),
         "throughput_tok_s": overall["output_tok_s"], "wall_s": summary["wall_s"],
         "error_kinds": dict(kinds.most_common()), "failed_by_model": dict(Counter(r.model for r in failed)),
-        "first_error": failed[0].error if failed else None, "summary": summary,
+        "first_error": failed[0].error if failed else None,
+        "max_failed_e2e_s": max((r.e2e_s for r in failed), default=None),  # how long a refusal took
+        "summary": summary, "records": [report.record_json(r) for r in records],
     }
 
 
@@ -194,8 +196,8 @@ def format_table(points: list[dict[str, Any]]) -> str:
 def print_failures(points: list[dict[str, Any]]) -> None:
     for p in points:
         if p.get("failed_by_model"):
-            print(f"  {p['oversubscription']:.2f}x: failed by model {p['failed_by_model']}; "
-                  f"kinds {p['error_kinds']}; first: {p['first_error'][:300]}")
+            print(f"  {p['oversubscription']:.2f}x: failed by model {p['failed_by_model']} (slowest after "
+                  f"{p['max_failed_e2e_s']:.1f} s); kinds {p['error_kinds']}; first: {p['first_error'][:300]}")
 
 
 def main(argv: list[str] | None = None) -> int:
