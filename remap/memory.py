@@ -87,10 +87,13 @@ class DeviceMemory:
         layers: Sequence[Mapping[str, torch.Tensor]],
         base: Mapping[str, torch.Tensor],
         kv_geometry: KVGeometry,
+        max_lent: int = 0,
     ) -> KVBlocks:
-        """Place a model's parameters in pages and set up its KV blocks. All or nothing."""
+        """Place a model's parameters in pages and set up its KV blocks. All or nothing. Up to
+        `max_lent` of its layers may start lent (ParamStore.register) when that is the only way in."""
         kv = KVBlocks(model, kv_geometry, self.pool, self.backend)  # validates geometry first
-        self.params.register(model, layers, base, self._clear_run if self.backend.needs_home_runs else None)
+        self.params.register(model, layers, base, self._clear_run if self.backend.needs_home_runs else None,
+                             max_lent)
         self.kv[model] = kv
         return kv
 

@@ -103,10 +103,13 @@ class ParamStore:
     # ---- registration --------------------------------------------------------------------
     def register(
         self, model: ModelId, layers: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
-        find_run: Callable[[int], PageId | None] | None = None,
+        find_run: Callable[[int], PageId | None] | None = None, max_lent: int = 0,
     ) -> None:
-        """Pack a model's tensors into pages (all of them resident). All or nothing.
+        """Pack a model's tensors into pages: the base first, then layer by layer. All or nothing.
 
+        When a layer finds no room, up to `max_lent` of the model's own placed layers are lent at
+        once (reclaimed: their host copy is the truth) to make it: a model that fits only by lending
+        its own layers loads that way, and gets them back when the controller restores them.
         Home-run backends: `find_run(num_pages)` returns the first page of a run of free pages for
         each slab (DeviceMemory clears one of KV blocks, or takes reclaimed layers' homes); by
         default the first run of free pages that is nobody's home."""
@@ -114,35 +117,61 @@ class ParamStore:
             raise RemapError(f"model {model!r} is already registered")
         if not layers or any(not layer for layer in layers) or not base:
             raise RemapError(f"model {model!r} needs >= 1 non-empty layer and non-empty base tensors")
-        parts = [(i, layer) for i, layer in enumerate(layers)] + [(BASE_SLAB, base)]
-        layouts = [(i, *pack_layout(t)) for i, t in parts]
+        parts = [(BASE_SLAB, base)] + [(i, layer) for i, layer in enumerate(layers)]
+        layouts = [pack_layout(t) for _, t in parts]
         page = self._pool.page_size_bytes
-        need = sum(-(-nbytes // page) for _, _, nbytes in layouts)
+        need = sum(-(-nbytes // page) for _, nbytes in layouts)
         if need > self._pool.num_pages:
             raise RemapError(
                 f"model {model!r} needs {need} pages of {page} B but the pool has only {self._pool.num_pages}"
             )
-        placed: list[Slab] = []
-        for (i, tensors), (_, specs, nbytes) in zip(parts, layouts):
-            slab = self._place(model, i, specs, nbytes, find_run or self._pool.find_free_run)
-            if slab is None:
-                for s in placed:
-                    self._unplace(s)
-                runs = (f" in contiguous runs of up to {max(-(-n // page) for _, _, n in layouts)}"
-                        if self._backend.needs_home_runs else "")
-                raise RemapError(f"model {model!r} needs {need} pages{runs}; only {self._pool.num_free} pages are free")
-            _fill_host(slab, tensors)
-            placed.append(slab)
-        for slab in placed:
-            key = (model, slab.index)
-            self._slabs[key] = slab
-            self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
-            self._views[key] = slab_views(slab.specs, self._bytes[key])
-            self._copy_in(slab)
+        free = self._pool.num_free
         self._num_layers[model] = len(layers)
         self._remapped[model] = set()
+        try:
+            for (i, tensors), (specs, nbytes) in zip(parts, layouts):
+                while (slab := self._place(model, i, specs, nbytes, find_run or self._pool.find_free_run)) is None:
+                    if len(self._remapped[model]) >= max_lent or not self._lend_own(model, i):
+                        runs = (f" in contiguous runs of up to {max(-(-n // page) for _, n in layouts)}"
+                                if self._backend.needs_home_runs else "")
+                        lent = f" ({max_lent} of its layers may start lent)" if max_lent else ""
+                        raise RemapError(f"model {model!r} needs {need} pages{runs}{lent}; only {free} pages are free")
+                _fill_host(slab, tensors)
+                key = (model, i)
+                self._slabs[key] = slab
+                self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
+                self._views[key] = slab_views(slab.specs, self._bytes[key])
+                self._copy_in(slab)
+        except BaseException:
+            self._unregister(model)
+            raise
         self._max_layer_pages[model] = max(self._slabs[(model, i)].num_pages for i in range(len(layers)))
         self._max_layer_bytes[model] = max(self._slabs[(model, i)].num_bytes for i in range(len(layers)))
+
+    def _lend_own(self, model: ModelId, below: int) -> bool:
+        """Lend one of the model's placed layers (those before `below`), the farthest from the ones
+        already lent; False if none is left."""
+        lent = self._remapped[model]
+        resident = [i for i in range(max(below, 0)) if i not in lent]
+        if not resident:
+            return False
+        layer = max(resident, key=lambda i: (min((abs(i - j) for j in lent), default=below), i))
+        self._lend(self._slabs[(model, layer)])
+        lent.add(layer)
+        return True
+
+    def _unregister(self, model: ModelId) -> None:
+        """Undo a failed registration: resident slabs give their pages back, homes are dropped."""
+        for key in [k for k in self._slabs if k[0] == model]:
+            slab = self._slabs.pop(key)
+            if slab.resident:
+                self._lend(slab)
+            if self._backend.needs_home_runs and slab.pages:
+                self._pool.set_homed(slab.pages, False)
+            self._bytes.pop(key, None)
+            self._views.pop(key, None)
+        for table in (self._num_layers, self._remapped):
+            table.pop(model, None)
 
     def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int,
                find_run: Callable[[int], PageId | None]) -> Slab | None:
@@ -164,10 +193,6 @@ class ParamStore:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         return Slab(model, index, specs, nbytes, num_pages, pages, host)
 
-    def _unplace(self, slab: Slab) -> None:
-        if self._backend.needs_home_runs:
-            self._pool.set_homed(slab.pages, False)
-        self._pool.free(slab.pages)
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -251,14 +276,18 @@ class ParamStore:
             raise RemapError(f"the base slab of {model!r} (embeddings, norm, lm_head) is never reclaimed")
         if not slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
+        self._lend(slab)
+        self._remapped[model].add(layer)
+        return slab.num_pages
+
+    def _lend(self, slab: Slab) -> None:
+        """Free a resident slab's pages (no copy); on a home-run backend it keeps its home."""
         pages = slab.pages
         if not self._backend.needs_home_runs:
-            self._backend.unmap_slab((model, layer))  # before anyone else can own the pages
+            self._backend.unmap_slab((slab.model, slab.index))  # before anyone else can own the pages
             slab.pages = []
         slab.resident = False
-        self._remapped[model].add(layer)
         self._pool.free(pages)
-        return slab.num_pages
 
     def restore(self, model: ModelId, layer: int, evict: Callable[[list[PageId]], bool] | None = None) -> bool:
         """Bring a reclaimed layer back and copy its bytes from the host; False (nothing changes)

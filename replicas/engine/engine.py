@@ -130,33 +130,40 @@ class LLMEngine:
                   eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
+        max_lent = 0
         if model not in self._tenants:  # a second registration fails in DeviceMemory, as it should
-            self._make_room_for_load(model, layers, base)
-        self.memory.register_model(model, layers, base, config.kv_geometry())
+            max_lent = self._make_room_for_load(model, layers, base)
+        self.memory.register_model(model, layers, base, config.kv_geometry(), max_lent)
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer, last_active_s=self._clock())  # loading counts
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
 
-    def _make_room_for_load(self, model: ModelId, layers, base) -> None:
+    def _make_room_for_load(self, model: ModelId, layers, base) -> int:
         """Lend idle tenants' layers (cold first, then MRU, within the cap) until the new model's
-        pages are free. Refuses, with the numbers, a load that cannot fit now or ever, and one that
-        would leave an admitted request unable to finish (its need must stay within capacity)."""
+        pages are free, or at least the pages it never lends (the rest of its layers then start
+        lent: the controller restores them when pages allow). Refuses, with the numbers, a load that
+        cannot fit now or ever, and one that would leave an admitted request unable to finish (its
+        need must stay within capacity). Returns how many of its layers may start lent."""
         page = self.memory.page_size_bytes
         slabs = sorted(slab_num_pages(t, page) for t in layers)
         need = sum(slabs) + slab_num_pages(base, page)
         cap = self.controller.cap_for(len(slabs)) if self.mode is PreemptionMode.REMAP else 0
         fixed = need - sum(slabs[:cap])  # what the new model takes from every request's capacity for good
         capacity = self.capacity()
-        if need > capacity.num_pages:
-            raise LoadRefused(f"model {model!r} needs {need} pages, more than this replica's whole pool of "
+        slots = min(cap, self.config.remap.max_staging_slots or cap)
+        least = fixed + slots * slabs[-1] + 1  # its fixed pages, its staging slots, one KV page
+        if least > capacity.num_pages:
+            raise LoadRefused(f"model {model!r} needs {least} pages to serve anything ({fixed} it never lends, "
+                              f"{slots} staging slots, a KV page), more than this replica's whole pool of "
                               f"{capacity.num_pages}: it never fits here, nor on any replica of this size", True,
                               too_large=True)
-        if need > capacity.spare_pages:
-            permanent = need > capacity.max_kv_pages
+        if fixed > capacity.spare_pages:
+            permanent = fixed > capacity.max_kv_pages
             raise LoadRefused(
-                f"model {model!r} needs {need} pages; this replica has {capacity.free_pages} free + "
+                f"model {model!r} needs {fixed} pages it never lends ({need} with every layer resident); this "
+                f"replica has {capacity.free_pages} free + "
                 f"{capacity.reclaimable_pages} that idle tenants can lend now, of {capacity.num_pages} "
                 + (f"(at most {capacity.max_kv_pages} with every lendable page lent and no KV: it never fits here)"
                    if permanent else "(the rest holds KV of requests in flight or busy tenants' layers)"), permanent)
@@ -170,6 +177,7 @@ class LLMEngine:
             logger.info("loading %s (%d pages, %d free): lending idle tenants' layers", model, need,
                         self.memory.pool.num_free)
             self._apply(dataclasses.replace(plan, restore=()))
+        return cap
 
     def set_cluster_hints(self, cold: frozenset[str], warming: frozenset[str]) -> None:
         """The cluster controller's view: tenants idle everywhere lend first; warming ones lend last

@@ -187,10 +187,13 @@ def test_a_model_that_fits_only_by_lending_is_loaded_and_every_tenant_stays_exac
         assert engine.sequence(mine).output_token_ids == ample.sequence(theirs).output_token_ids
 
 
-def test_a_load_that_never_fits_or_not_now_is_refused_with_the_numbers():
-    engine = make_engine([], 80, "remap", "arena", 64, 64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_load_that_never_fits_or_not_now_is_refused_with_the_numbers(backend):
+    probe = make_engine([], AMPLE_PAGES, "remap", backend, 64, 64)
+    add_tenant(probe, "a", "llama_gqa", 4, 1)
+    engine = make_engine([], param_pages(probe) + 10, "remap", backend, 64, 64)  # 10 free pages after "a"
     add_tenant(engine, "a", "llama_gqa", 4, 1)
-    config = ModelConfig.from_hf(make_config("opt", num_hidden_layers=4, ffn_dim=2048))
+    config = ModelConfig.from_hf(make_config("opt", num_hidden_layers=4, ffn_dim=8192))  # one layer > the pool
     with pytest.raises(LoadRefused, match="never fits here") as info:
         engine.add_model("huge", config, dummy_weights(config, seed=0), eos_token_ids=())
     assert info.value.permanent
@@ -201,5 +204,12 @@ def test_a_load_that_never_fits_or_not_now_is_refused_with_the_numbers():
     engine.memory.check_integrity()
     while engine.has_unfinished():
         engine.step()
-    add_tenant(engine, "b", "llama_gqa", 4, 2)  # idle now: "a" lends, and "b" fits
+    add_tenant(engine, "b", "llama_gqa", 4, 2)  # idle now: "a" lends, and "b" fits with some layers lent
     engine.memory.check_integrity()
+    assert engine.memory.params.remapped_layers("b")  # it started with layers lent: the pool is too small for all
+    want = probe.generate("a", [[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
+    add_tenant(probe, "b", "llama_gqa", 4, 2)
+    for name in "ab":
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        assert engine.generate(name, [[5, 6, 7]], params) == probe.generate(name, [[5, 6, 7]], params)
+    assert want == engine.generate("a", [[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
