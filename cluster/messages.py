@@ -72,9 +72,13 @@ class RoutingView:
     version: int  # increases with every publication
     made_at_s: float  # wall clock of publication; routers treat an old view as stale
     entries: tuple[RouteEntry, ...] = field(default=())
+    # Replicas ordered to load a model and not hosting it yet (chosen for their spare pages): its
+    # requests go there meanwhile, after every replica that hosts it already.
+    loading: tuple[RouteEntry, ...] = field(default=())
 
     def hosts(self, model: str) -> list[RouteEntry]:
         """Replicas hosting `model`, best first: most resident layers, then most spare pages, then
-        the shortest queue."""
+        the shortest queue; then those loading it."""
         found = [e for e in self.entries if e.model == model]
-        return sorted(found, key=lambda e: (-e.resident_fraction, -e.spare_pages, e.queue, e.replica_id))
+        ranked = sorted(found, key=lambda e: (-e.resident_fraction, -e.spare_pages, e.queue, e.replica_id))
+        return ranked + [e for e in self.loading if e.model == model]

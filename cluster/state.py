@@ -115,8 +115,10 @@ class ClusterState:
         lines = self._cold(live, now_s) + self._warming(live) + self._placements(live, now_s)
         orders = {rid: self._orders_for(rid, lines, rid in _sole_warm_hosts(live, lines)) for rid in live}
         entries = tuple(_route_entry(rid, rec.report, t) for rid, rec in live.items() for t in rec.report.tenants)
+        loading = tuple(RouteEntry(rid, model, 0.0, spare_pages(live[rid].report), 0)
+                        for (rid, model) in sorted(self._loading) if rid in live)
         view = RoutingView(version=self._version, made_at_s=now_s,
-                           entries=tuple(sorted(entries, key=lambda e: (e.model, e.replica_id))))
+                           entries=tuple(sorted(entries, key=lambda e: (e.model, e.replica_id))), loading=loading)
         self._last = Decision(orders=orders, view=view, reasons=tuple(line.reason for line in lines))
         return self._last
 

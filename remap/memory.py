@@ -71,6 +71,7 @@ class DeviceMemory:
         self.num_blocks_migrated = 0  # totals since start, for stats and metrics
         self.num_reclaims = 0
         self.num_restores = 0
+        self.num_compactions = 0
         logger.info(
             "device memory: %d pages x %d B = %.1f MiB on %s", num_pages, page_size_bytes,
             num_pages * page_size_bytes / 2**20, self.device,
@@ -304,16 +305,50 @@ class DeviceMemory:
             first = self.pool.find_free_run(num_pages, homed_ok=True)
         if first is None:
             first = self._cheapest_run(num_pages)
-            if first is None:
-                return None
-            run = [PageId(p) for p in range(first, first + num_pages)]
+            run = [PageId(p) for p in range(first, first + num_pages)] if first is not None else []
             busy = [p for p in run if self.pool.owner(p).kind is not OwnerKind.FREE]
-            if self._evict(busy, run) < 0:
-                return None
+            if first is None or self._evict(busy, run) < 0:
+                if self.pool.num_free < num_pages or any(r.in_pass for r in self._rings.values()):
+                    return None
+                self.compact()  # resident slabs fragment the pool: slide everything down
+                first = self.pool.find_free_run(num_pages)
+                if first is None:
+                    raise IntegrityError(f"{self.pool.num_free} pages free after compaction but no run of {num_pages}")
         for model, layer in self.params.unhome([PageId(p) for p in range(first, first + num_pages)]):
             logger.info("remap: %s layer %d (reclaimed) loses its home run to a new slab; it gets another when "
                         "restored", model, layer)
         return first
+
+    def compact(self) -> int:
+        """Arena: slide every KV block and resident slab to the lowest pages, so the free pages form
+        one run at the top. Reclaimed layers give up their homes (they get new ones when restored)
+        and staging rings close (their slots are caches). Resident slabs are copied again from their
+        host copies. Returns the pages moved."""
+        for model in list(self._rings):
+            self._retire_ring(model)
+        self.params.unhome([PageId(p) for p in range(self.pool.num_pages)])
+        moved = write = page = 0
+        while page < self.pool.num_pages:
+            owner = self.pool.owner(PageId(page))
+            if owner.kind is OwnerKind.FREE:
+                page += 1
+                continue
+            if owner.kind is OwnerKind.KV:
+                size = 1
+                if page != write:
+                    self.pool.claim([PageId(write)], Owner(OwnerKind.KV, owner.model, 0))
+                    self.kv[owner.model].migrate([PageId(page)], [PageId(write)])
+            elif owner.kind is OwnerKind.PARAM:
+                size = self.params.slab(owner.model, owner.index).num_pages
+                if page != write:
+                    self.params.move(owner.model, owner.index, PageId(write))
+            else:
+                raise IntegrityError(f"page {page} is {owner} during compaction (rings were closed)")
+            moved += size if page != write else 0
+            write, page = write + size, page + size
+        self.num_compactions += 1
+        logger.info("remap: compacted the arena: %d pages moved, %d free pages in one run", moved, self.pool.num_free)
+        return moved
 
     def _make_run(self, num_pages: int, owner: Owner) -> PageId | None:
         """A contiguous run of pages for `owner`: free if possible, else cleared of KV blocks."""

@@ -254,6 +254,23 @@ class ParamStore:
                 moved.append(key)
         return moved
 
+    def move(self, model: ModelId, layer: int, first: PageId) -> None:
+        """Move a resident slab (home-run backends) to the run at `first`, which must be free once
+        the slab's own pages are: compaction. Its bytes come again from the host copy."""
+        slab, key = self.slab(model, layer), (model, layer)
+        if not slab.resident or not self._backend.needs_home_runs:
+            raise RemapError(f"only a resident slab on a home-run backend moves, not {model}/{layer}")
+        self._pool.set_homed(slab.pages, False)
+        self._pool.free(slab.pages)
+        pages = [PageId(p) for p in range(first, first + slab.num_pages)]
+        if not self._pool.claim(pages, Owner(OwnerKind.PARAM, model, layer)):
+            raise IntegrityError(f"slab {model}/{layer} cannot move to {first}: the run is not free")
+        self._pool.set_homed(pages, True)
+        slab.pages = pages
+        self._bytes[key] = self._backend.map_slab(key, pages)[: slab.num_bytes]
+        self._views[key] = slab_views(slab.specs, self._bytes[key])
+        self._copy_in(slab)
+
     def is_homeless(self, model: ModelId, layer: int) -> bool:
         return self._backend.needs_home_runs and not self.slab(model, layer).pages
 

@@ -158,8 +158,8 @@ class OpenAIIngress:
         self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate)
         self._grpc = GrpcService(self.frontend)
 
-    def _generate(self, model, prompt_ids, params):
-        return self._engine.options(stream=True).generate.remote(model, prompt_ids, params)
+    def _generate(self, model, prompt_ids, params, avoid=()):
+        return self._engine.options(stream=True).generate.remote(model, prompt_ids, params, avoid=avoid)
 
     def __serve_build_asgi_app__(self):
         return make_app(self.frontend)

@@ -104,17 +104,25 @@ class OpenAIFrontend:
         return req, prompt, params, tokenizer, first, stream
 
     async def _place(self, model: str, prompt: list[int], params: SamplingParams):
-        """(stream, first item) of the request on a replica. A replica that cannot load the model
-        (not now, or never beside its tenants) is answered by asking again until placement_timeout_s:
-        the router then picks another replica, or the model's host once the controller placed it. A
-        model larger than a whole pool gets its 503 at once."""
+        """(stream, first item) of the request on a replica. A replica that cannot load the model is
+        answered by asking again until placement_timeout_s: the router then picks the model's host
+        once the controller placed it, or another replica. Replicas that can never load it beside
+        their tenants are avoided; when the router has none left but them (one refuses twice), and
+        for a model larger than a whole pool, the 503 comes at once."""
         deadline = time.monotonic() + self.config.replicas.placement_timeout_s
+        avoid: set[str] = set()
         while True:
-            stream = self._generate(model, prompt, params)
+            stream = self._generate(model, prompt, params, tuple(sorted(avoid)))
             try:
                 return stream, await _first_item(stream)
-            except api.ApiError as exc:
-                if exc.code != "model_not_loaded" or time.monotonic() >= deadline:
+            except NotPlaced as exc:
+                if exc.code == "model_not_here":
+                    if exc.replica_id in avoid:
+                        raise api.ApiError(503, "server_error", f"{exc.message}; no replica can load it beside the "
+                                           "models it hosts", None, exc.code) from None
+                    avoid.add(exc.replica_id)
+                    continue
+                if time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(PLACEMENT_RETRY_S)
 
@@ -206,6 +214,15 @@ async def text_pieces(first: dict, stream, tokenizer: Tokenizer, stops) -> Async
         await _close(stream)
 
 
+class NotPlaced(api.ApiError):
+    """A replica could not load the request's model: not now (`model_not_loaded`), or never beside
+    the models it hosts (`model_not_here`). The ingress asks again (see `_place`)."""
+
+    def __init__(self, message: str, code: str, replica_id: str) -> None:
+        super().__init__(503, "server_error", message, None, code)
+        self.replica_id = replica_id
+
+
 async def _first_item(stream: AsyncIterator[dict]) -> dict:
     """The stream's first item; an error item becomes an ApiError (so the HTTP status is right)."""
     try:
@@ -227,6 +244,8 @@ async def _first_item(stream: AsyncIterator[dict]) -> dict:
             raise api.too_many_requests(err.get("retry_after_s") or 1.0)
         if err["status"] == 404:
             raise api.ApiError(404, "not_found_error", err["message"], "model", "model_not_found")
+        if err.get("code") in ("model_not_here", "model_not_loaded"):
+            raise NotPlaced(err["message"], err["code"], err.get("replica_id", ""))
         if err["status"] >= 500:
             raise api.ApiError(err["status"], "server_error", err["message"], None, err.get("code"))
         raise api.ApiError(err["status"], "invalid_request_error", err["message"])

@@ -38,6 +38,13 @@ def model_of(pending_request: PendingRequest | None) -> str | None:
     return first if isinstance(first, str) else None
 
 
+def avoided_by(pending_request: PendingRequest | None) -> frozenset[str]:
+    """Replica ids that told the ingress they can never load this request's model (`avoid=`)."""
+    if pending_request is None:
+        return frozenset()
+    return frozenset(pending_request.kwargs.get("avoid", ()))
+
+
 def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
     by_id = {r.replica_id.unique_id: r for r in candidates}
     hosts = [by_id[e.replica_id] for e in view.hosts(model) if e.replica_id in by_id]
@@ -65,12 +72,18 @@ class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
         if self._view is None and self._refreshing is not None:  # the very first requests: wait for a view
             await asyncio.wait([self._refreshing], timeout=FIRST_VIEW_WAIT_S)
         model = model_of(pending_request)
+        avoid = avoided_by(pending_request)
+        usable = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
+        last = [[r for r in candidate_replicas if r.replica_id.unique_id in avoid]] if len(usable) < len(
+            candidate_replicas) else []
+        if not usable:  # every replica refused for good: one of them answers again, and the ingress stops
+            return last
         view = self._view if time.monotonic() - self._view_at <= self._stale_after_s else None
         if view is not None and model is not None:
-            ranks = rank_replicas(view, model, candidate_replicas)
+            ranks = rank_replicas(view, model, usable)
             if ranks:
-                return ranks
-        return await super().choose_replicas(candidate_replicas, pending_request)
+                return ranks + last
+        return await super().choose_replicas(usable, pending_request) + last
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()

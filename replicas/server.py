@@ -103,7 +103,9 @@ class EngineServer:
         return sorted(self.tokenizers)
 
     # ---- requests ------------------------------------------------------------------------
-    async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+    async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
+                       avoid: tuple[str, ...] = ()) -> AsyncIterator[dict]:
+        """`avoid`: replicas that said they can never load `model`; read by the router, not here."""
         if len(self._queues) >= self.config.replicas.max_pending_requests:
             yield error_item(429, f"replica {self.replica_id} has {len(self._queues)} unfinished requests", 1.0)
             return
@@ -153,9 +155,13 @@ class EngineServer:
                 permanent = isinstance(exc, LoadRefused) and exc.permanent
                 if permanent or time.monotonic() >= deadline:  # the ingress may ask another replica
                     waited = "" if permanent else f" (waited {timeout_s:g} s for room)"
-                    code = "model_too_large" if isinstance(exc, LoadRefused) and exc.too_large else "model_not_loaded"
-                    return error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id}: {exc}{waited}",
-                                      None if permanent else 1.0, code)
+                    code = "model_not_here" if permanent else "model_not_loaded"
+                    if isinstance(exc, LoadRefused) and exc.too_large:
+                        code = "model_too_large"
+                    item = error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id}: "
+                                           f"{exc}{waited}", None if permanent else 1.0, code)
+                    item["error"]["replica_id"] = self.replica_id
+                    return item
             await asyncio.sleep(PLACEMENT_POLL_S)
 
     async def _run(self, fn, *args):

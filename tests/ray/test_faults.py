@@ -45,12 +45,17 @@ def converged(config) -> bool:
     view = ray.get(find_controller(config.app_name).routing_view.remote(), timeout=10)
     live = {r["replica_id"] for r in s["replicas"]}
     return (len(live) == config.replicas.num_replicas and view is not None
-            and all(view.hosts(m.name) for m in config.models) and {e.replica_id for e in view.entries} <= live)
+            and all(hosts_of(view, m.name) for m in config.models) and {e.replica_id for e in view.entries} <= live)
 
 
-def host_of(config, model: str) -> str:
+def hosts_of(view, model: str) -> frozenset[str]:
+    """Replicas that host the model (not those only loading it)."""
+    return frozenset(e.replica_id for e in view.entries if e.model == model)
+
+
+def placement(config) -> dict[str, frozenset[str]]:
     view = ray.get(find_controller(config.app_name).routing_view.remote(), timeout=10)
-    return view.hosts(model)[0].replica_id
+    return {m: hosts_of(view, m) for m in ("llama", "qwen", "opt")}
 
 
 def test_a_replica_killed_mid_stream_fails_its_streams_clearly_and_loses_nothing_else(cluster):
@@ -92,14 +97,16 @@ def test_a_replica_killed_mid_stream_fails_its_streams_clearly_and_loses_nothing
 def test_routing_survives_a_controller_kill_and_the_restart_rebuilds_state(cluster):
     config, base = cluster
     wait_until(lambda: converged(config), what="a converged cluster")
-    before = {m: host_of(config, m) for m in ("llama", "qwen", "opt")}
+    before = placement(config)  # which replicas host each model (the first-ranked one moves with spare pages)
     ray.kill(find_controller(config.app_name), no_restart=False)  # Ray restarts it (max_restarts=-1)
     c = client(base)
     for model in before:  # routing keeps working on the routers' last view meanwhile
         assert c.completions.create(model=model, prompt=[1, 2], max_tokens=3, temperature=0).usage.completion_tokens
     wait_until(lambda: converged(config), what="the restarted controller's rebuilt state")
-    after = {m: host_of(config, m) for m in before}
-    assert after == before  # rebuilt from reports alone: the same placement, nothing reloaded
+    after = placement(config)
+    # Rebuilt from reports alone: every host is still a host, nothing was reloaded. A request sent
+    # while the routers' view was stale (the controller restarting) may have added a host on demand.
+    assert all(before[m] <= after[m] for m in before), (before, after)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_pages(cluster):

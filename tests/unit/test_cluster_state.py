@@ -102,8 +102,9 @@ def test_stale_replicas_are_forgotten_and_their_tenants_lose_a_host():
     assert state.forget_stale(NOW + 11) == ["r1"]
     decision = state.decide(NOW + 11)
     assert set(decision.orders) == {"r2"}
-    assert [e.replica_id for e in decision.view.hosts("a")] == []
+    assert [e.replica_id for e in decision.view.entries if e.model == "a"] == []
     assert loads(decision) == {"r2": {"a"}}
+    assert [(e.replica_id, e.resident_fraction) for e in decision.view.hosts("a")] == [("r2", 0.0)]  # loading it
     assert state.forget_stale(NOW + 11) == []
 
 
