@@ -159,6 +159,13 @@ class LLMEngine:
                               f"{slots} staging slots, a KV page), more than this replica's whole pool of "
                               f"{capacity.num_pages}: it never fits here, nor on any replica of this size", True,
                               too_large=True)
+        starved = [m for m in self._tenants if capacity.kv_pages_for(m) - fixed < 1]
+        if capacity.max_kv_pages - fixed - slots * slabs[-1] < 1:
+            starved.append(model)
+        if starved:  # the pages a model never lends stay: this does not change while these tenants stay
+            raise LoadRefused(f"model {model!r} would take {fixed} pages for good and leave {sorted(starved)} no KV "
+                              f"page (this replica can hold {capacity.max_kv_pages} KV pages beside its tenants): it "
+                              "never fits here", True)
         if fixed > capacity.spare_pages:
             permanent = fixed > capacity.max_kv_pages
             raise LoadRefused(
