@@ -299,7 +299,8 @@ class DeviceMemory:
     def _clear_run(self, num_pages: int) -> PageId | None:
         """A run of free pages for a parameter slab (arena): plain free pages first, then free pages
         that reclaimed layers call home (those layers lose it and get a new one when restored), then
-        a run cleared of KV blocks by migration (compaction). None if no run can be had."""
+        a run cleared of KV blocks by migration, then the whole arena compacted. None if too few
+        pages are free (or a forward pass reads a staging ring now)."""
         first = self.pool.find_free_run(num_pages)
         if first is None:
             first = self.pool.find_free_run(num_pages, homed_ok=True)

@@ -4,6 +4,12 @@
 with the field named, never inside a replica. `default_config()` is the built-in demo: three tiny
 random-weight tenants (a Llama, a Qwen2 and an OPT) on CPU in a pool small enough that remapping
 happens under load.
+
+Memory may be oversubscribed: the models' parameters may add up to more than `memory.num_pages`
+(per replica) holds. Idle tenants then lend layers (up to `remap.max_remapped_fraction` of each
+model's layers) to the KV cache and to models being loaded; every admitted request finishes (the
+oldest one runs first); a request whose model is not placed yet waits up to
+`replicas.placement_timeout_s` for it. The README's "More models than memory" says the rest.
 """
 
 from __future__ import annotations

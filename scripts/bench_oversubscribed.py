@@ -6,8 +6,8 @@
 Owns the sizing of one point per oversubscription ratio and its measurement; the client, workload and
 statistics are `oneiros bench`'s (replicas/bench), the local cluster is scripts/bench_serve.py's.
 
-  tenants   `--models` tiny random-weight tenants cycling Llama / OPT / Qwen2 (distinct seeds). Each
-            one's parameter pages are counted once in-process (LLMEngine.add_model on a big pool).
+  tenants   `--models` tiny random-weight tenants cycling Llama / OPT / Qwen2 (distinct seeds), `--layers`
+            deep. Each one's parameter pages are counted once in-process (LLMEngine.add_model).
   a point   2 replicas whose `memory.num_pages` make sum(parameter pages) / (2 * num_pages) ~ ratio,
             so the cluster can only host every tenant by lending idle tenants' layers. Every replica
             still holds the largest tenant plus the KV of the longest request (checked at start).
@@ -42,7 +42,7 @@ from bench_serve import LocalCluster, free_port  # noqa: E402 - the script folde
 from replicas.bench import report  # noqa: E402
 from replicas.bench import workload as wl  # noqa: E402
 from replicas.bench.client import make_client, run_workload  # noqa: E402
-from replicas.config import ModelSpec, OneirosConfig  # noqa: E402
+from replicas.config import TINY_MODELS, ModelSpec, OneirosConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,12 @@ PLACEMENT_WAIT_S = 45.0  # placement may stop short when oversubscribed: that is
 SLO_TTFT_S, SLO_TBT_S = 1.0, 0.1  # report.summarize's goodput (kept in the JSON, not in the table)
 
 
-def tenant_specs(num_models: int) -> list[ModelSpec]:
-    return [ModelSpec(name=f"{ARCHITECTURES[i % len(ARCHITECTURES)].removeprefix('tiny-')}-{i}",
-                      architecture=ARCHITECTURES[i % len(ARCHITECTURES)], seed=i + 1) for i in range(num_models)]
+def tenant_specs(num_models: int, num_layers: int) -> list[ModelSpec]:
+    """Tiny architectures made `num_layers` deep: like real models (30-80 layers), a tenant's layers
+    then outweigh its embeddings, which are never lent."""
+    return [ModelSpec(name=f"{arch.removeprefix('tiny-')}-{i}", seed=i + 1,
+                      hf_config=dict(TINY_MODELS[arch], num_hidden_layers=num_layers))
+            for i, arch in ((i, ARCHITECTURES[i % len(ARCHITECTURES)]) for i in range(num_models))]
 
 
 def measure_pages(specs: list[ModelSpec], max_request_tokens: int) -> dict[str, dict[str, int]]:
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path, required=True)
     ap.add_argument("--ratios", default="1.5,2.0", help="sum(parameter pages) / cluster pages, one point each")
-    ap.add_argument("--models", type=int, default=8, help="tenants (cycling llama, opt, qwen2)")
+    ap.add_argument("--models", type=int, default=6, help="tenants (cycling llama, opt, qwen2)")
+    ap.add_argument("--layers", type=int, default=12, help="transformer layers of each tenant")
     ap.add_argument("--rate", type=float, default=3.0, help="requests per second, all tenants")
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per point")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (exactly: ignore_eos)")
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    specs = tenant_specs(args.models)
+    specs = tenant_specs(args.models, args.layers)
     pages = measure_pages(specs, PROMPT_LEN.high + args.max_tokens)
     try:
         sizings = [size_point(float(r), pages) for r in args.ratios.split(",")]

@@ -20,7 +20,7 @@ streams, so `max_kv_pages` is the pool minus every parameter page.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from remap import BASE_SLAB, DeviceMemory, ModelId, RemapController, RemapError
@@ -81,3 +81,45 @@ def measure(memory: DeviceMemory, controller: RemapController | None, idle: set[
             lent = sum(params.slab(model, i).num_pages for i in params.remapped_layers(model))
             reclaimable += max(0, lendable - lent)
     return Capacity(pool.num_pages, pool.num_free, reclaimable, fixed, staging)
+
+
+@dataclass(frozen=True)
+class NewModel:
+    """A model about to be loaded, in pages."""
+    name: ModelId
+    num_pages: int  # every slab resident
+    fixed_pages: int  # what it never lends: its base and the layers beyond its cap
+    staging_pages: int  # its staging slots with every lendable layer lent
+
+
+def check_load(capacity: Capacity, new: NewModel, tenants: Collection[ModelId],
+               pending: Iterable[tuple[int, ModelId, int]]) -> None:
+    """Raise LoadRefused, with the numbers, unless `new` can be loaded now: its fixed pages must be
+    free or lendable by idle tenants, and afterwards it and every tenant keep a KV page and every
+    pending request (seq id, model, KV pages it may need) still fits `kv_pages_for`. Permanent
+    refusals hold as long as the same tenants are hosted; `too_large` ones on any replica this size."""
+    fixed, name = new.fixed_pages, new.name
+    least = fixed + new.staging_pages + 1
+    if least > capacity.num_pages:
+        raise LoadRefused(f"model {name!r} needs {least} pages to serve anything ({fixed} it never lends, "
+                          f"{new.staging_pages} of staging slots, a KV page), more than this replica's whole pool of "
+                          f"{capacity.num_pages}: it never fits here, nor on any replica of this size", True,
+                          too_large=True)
+    starved = [m for m in tenants if capacity.kv_pages_for(m) - fixed < 1]
+    starved += [name] if capacity.max_kv_pages - fixed - new.staging_pages < 1 else []
+    if starved:
+        raise LoadRefused(f"model {name!r} would take {fixed} pages for good and leave {sorted(starved)} no KV page "
+                          f"(this replica can hold {capacity.max_kv_pages} KV pages beside its tenants): it never "
+                          "fits here", True)
+    if fixed > capacity.spare_pages:
+        permanent = fixed > capacity.max_kv_pages
+        raise LoadRefused(
+            f"model {name!r} needs {fixed} pages it never lends ({new.num_pages} with every layer resident); this "
+            f"replica has {capacity.free_pages} free + {capacity.reclaimable_pages} that idle tenants can lend now, "
+            f"of {capacity.num_pages} "
+            + (f"(at most {capacity.max_kv_pages} with every lendable page lent and no KV: it never fits here)"
+               if permanent else "(the rest holds KV of requests in flight or busy tenants' layers)"), permanent)
+    for seq_id, model, need in pending:
+        if need > capacity.kv_pages_for(model) - fixed:
+            raise LoadRefused(f"loading {name!r} ({fixed} pages it never lends) would leave request {seq_id} of "
+                              f"{model!r} unable to finish; load it when that ends", False)

@@ -31,7 +31,7 @@ from remap import (
     measure_link_bytes_per_s,
     slab_num_pages,
 )
-from replicas.engine.capacity import Capacity, LoadRefused
+from replicas.engine.capacity import Capacity, NewModel, check_load
 from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
@@ -150,35 +150,11 @@ class LLMEngine:
         slabs = sorted(slab_num_pages(t, page) for t in layers)
         need = sum(slabs) + slab_num_pages(base, page)
         cap = self.controller.cap_for(len(slabs)) if self.mode is PreemptionMode.REMAP else 0
-        fixed = need - sum(slabs[:cap])  # what the new model takes from every request's capacity for good
-        capacity = self.capacity()
-        slots = min(cap, self.config.remap.max_staging_slots or cap)
-        least = fixed + slots * slabs[-1] + 1  # its fixed pages, its staging slots, one KV page
-        if least > capacity.num_pages:
-            raise LoadRefused(f"model {model!r} needs {least} pages to serve anything ({fixed} it never lends, "
-                              f"{slots} staging slots, a KV page), more than this replica's whole pool of "
-                              f"{capacity.num_pages}: it never fits here, nor on any replica of this size", True,
-                              too_large=True)
-        starved = [m for m in self._tenants if capacity.kv_pages_for(m) - fixed < 1]
-        if capacity.max_kv_pages - fixed - slots * slabs[-1] < 1:
-            starved.append(model)
-        if starved:  # the pages a model never lends stay: this does not change while these tenants stay
-            raise LoadRefused(f"model {model!r} would take {fixed} pages for good and leave {sorted(starved)} no KV "
-                              f"page (this replica can hold {capacity.max_kv_pages} KV pages beside its tenants): it "
-                              "never fits here", True)
-        if fixed > capacity.spare_pages:
-            permanent = fixed > capacity.max_kv_pages
-            raise LoadRefused(
-                f"model {model!r} needs {fixed} pages it never lends ({need} with every layer resident); this "
-                f"replica has {capacity.free_pages} free + "
-                f"{capacity.reclaimable_pages} that idle tenants can lend now, of {capacity.num_pages} "
-                + (f"(at most {capacity.max_kv_pages} with every lendable page lent and no KV: it never fits here)"
-                   if permanent else "(the rest holds KV of requests in flight or busy tenants' layers)"), permanent)
-        for seq in self._seqs.values():
-            kv = self.memory.kv[seq.model]
-            if kv.num_blocks_for(seq.max_num_tokens) > capacity.kv_pages_for(seq.model) - fixed:
-                raise LoadRefused(f"loading {model!r} ({fixed} pages it never lends) would leave request "
-                                  f"{seq.seq_id} of {seq.model!r} unable to finish; load it when that ends", False)
+        load = NewModel(model, need, need - sum(slabs[:cap]), min(cap, self.config.remap.max_staging_slots or cap)
+                        * slabs[-1])
+        pending = [(s.seq_id, s.model, self.memory.kv[s.model].num_blocks_for(s.max_num_tokens))
+                   for s in self._seqs.values()]
+        check_load(self.capacity(), load, self._tenants, pending)
         if self.mode is PreemptionMode.REMAP and self.memory.pool.num_free < need:
             plan = self.controller.plan(dataclasses.replace(self._snapshot(self._clock()), reserved_pages=need))
             logger.info("loading %s (%d pages, %d free): lending idle tenants' layers", model, need,
@@ -352,11 +328,11 @@ class LLMEngine:
     # ---- the progress guarantee ----------------------------------------------------------
     # The head is the oldest unfinished request. What it may still need is reserved: every plan
     # counts it as demand, and no later request is admitted into it. When its tenant is scheduled
-    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler); when free
-    # pages fall short of its reservation the plan is urgent: every other tenant lends up to its cap
-    # like an idle one (their rings close: one tenant computes per step). Admission only takes
-    # requests whose need fits `Capacity.kv_pages_for`, so the head runs on every step of its
-    # tenant until it ends; then the next oldest is the head.
+    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler). Under
+    # pressure (the plan is short, or free pages are short of the reservation) only its tenant
+    # computes and the plan is urgent: every other tenant lends up to its cap like an idle one
+    # (their rings close). Admission only takes requests whose need fits `Capacity.kv_pages_for`,
+    # so the head runs on every step of its tenant until it ends; then the next oldest is the head.
     def _head(self) -> Sequence | None:
         return next(iter(self._seqs.values()), None)  # insertion order is arrival order
 

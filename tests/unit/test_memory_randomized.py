@@ -138,6 +138,15 @@ class MemoryMachine(RuleBasedStateMachine):
         self.mem.close_stream(ModelId(m))
         self.staging_pages = 0
 
+    @precondition(lambda self: self.BACKEND == "arena")
+    @rule()
+    def compact(self):
+        """Every slab and block slides down, contents kept; reclaimed layers lose their homes and
+        get new ones when restored (the restore rule then re-homes them)."""
+        self.mem.compact()
+        free = self.mem.pool.num_free
+        assert free == 0 or self.mem.pool.find_free_run(free, homed_ok=True) == NUM_PAGES - free
+
     # ---- the comparison after every step -----------------------------------------------
     @invariant()
     def check(self):
