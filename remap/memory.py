@@ -237,6 +237,19 @@ class DeviceMemory:
         if model in self._rings:
             raise RemapError(f"{model!r} already has a staging ring; close it first")
         slot_pages = -(-self.params.max_layer_bytes(model) // self.page_size_bytes)
+        slots = self._make_slots(model, num_slots, slot_pages)
+        if (slots is None and self.backend.needs_home_runs and self.pool.num_free >= num_slots * slot_pages
+                and not any(r.in_pass for r in self._rings.values())):
+            self.compact()  # enough free pages, but resident slabs fragment them: one run at the top
+            slots = self._make_slots(model, num_slots, slot_pages)
+        if slots is None:
+            return None
+        ring = StagingRing(model, slots, self.params, self.transfer)
+        self._rings[model] = ring
+        return ring
+
+    def _make_slots(self, model: ModelId, num_slots: int, slot_pages: int) -> list[tuple[list[PageId], torch.Tensor]] | None:
+        """Every slot of a ring, or None (and nothing held) if one cannot be made."""
         slots: list[tuple[list[PageId], torch.Tensor]] = []
         for slot in range(num_slots):
             got = self._make_slot(model, slot, slot_pages)
@@ -244,9 +257,7 @@ class DeviceMemory:
                 self._free_slots(model, [pages for pages, _ in slots])
                 return None
             slots.append(got)
-        ring = StagingRing(model, slots, self.params, self.transfer)
-        self._rings[model] = ring
-        return ring
+        return slots
 
     def _make_slot(self, model: ModelId, slot: int, num_pages: int) -> tuple[list[PageId], torch.Tensor] | None:
         """A slot's pages and bytes: a contiguous run (arena: KV migrates out of it if needed), or any

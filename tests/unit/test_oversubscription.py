@@ -95,14 +95,15 @@ def workloads(draw):
 
 
 def smallest_pool(w) -> int:
-    """Pages that hold every parameter and let the largest request fit with every permitted reclaim."""
+    """The fewest pages that let the largest request fit with every permitted reclaim, and every
+    tenant load and keep a KV page. Without remapping that holds every parameter; with it, often
+    fewer pages than the parameters: tenants then load with layers lent (and the arena compacts)."""
     probe = make_engine(w["tenants"], AMPLE_PAGES, w["mode"], "arena", w["budget"], w["max_seqs"])
     capacity = probe.capacity()
-    params = probe.memory.pool.num_pages - probe.memory.pool.num_free
-    need = max(probe.memory.kv[f"t{t}"].num_blocks_for(len(p) + n) + (capacity.num_pages - capacity.kv_pages_for(f"t{t}"))
-               for t, p, n, _ in w["requests"])
+    overhead = {m: capacity.num_pages - capacity.kv_pages_for(m) for m in probe.models}  # fixed + own staging
+    need = max(probe.memory.kv[f"t{t}"].num_blocks_for(len(p) + n) + overhead[f"t{t}"] for t, p, n, _ in w["requests"])
     probe.close()
-    return max(params, need)
+    return max(need, max(overhead.values()) + 1)
 
 
 # Found by hand before the guarantee existed: two measured tenants whose alpha budgets are 0 (a
