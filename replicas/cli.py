@@ -17,9 +17,24 @@ import json
 import logging
 import math
 import os
+import random
 import signal
+import socket
 import sys
 import time
+
+
+def free_port() -> int:
+    """A free loopback port below Linux's ephemeral range (32768+), where the ports Ray's own
+    processes bind at random cannot take it between this check and the server's bind."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,11 +37,12 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_serve import LocalCluster, free_port  # noqa: E402 - the script folder is not a package
+from bench_serve import LocalCluster  # noqa: E402 - the script folder is not a package
 
 from replicas.bench import report  # noqa: E402
 from replicas.bench import workload as wl  # noqa: E402
 from replicas.bench.client import make_client, run_workload  # noqa: E402
+from replicas.cli import free_port  # noqa: E402
 from replicas.config import TINY_MODELS, ModelSpec, OneirosConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,6 @@ import math
 import os
 import pathlib
 import random
-import socket
 import sys
 import time
 from collections import Counter
@@ -61,6 +60,7 @@ from replicas.bench.client import (
     stream_completion,
 )
 from replicas.bench.report import percentile
+from replicas.cli import free_port
 
 POPULARITY = (0.6, 0.3, 0.1)  # share of requests per tenant, in the config's model order
 PROMPT_LEN_RANGE = (16, 128)  # prompt length in tokens, both ends included
@@ -224,10 +224,6 @@ class DirectEngines:
 
 # ---- the local cluster -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import time
 
 import pytest
+
+from replicas.cli import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -24,10 +25,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
