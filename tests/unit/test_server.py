@@ -99,3 +99,35 @@ def test_orders_load_models_and_set_hints_and_old_versions_are_ignored(server):
     report = server.report()
     assert report.replica_id == "r0" and {t.model for t in report.tenants} == {"llama", "opt", "qwen"}
     assert report.free_pages + report.reclaimable_pages > 0
+
+
+def test_a_request_for_a_model_that_fits_only_later_waits_for_room_instead_of_a_503():
+    """"llama" is busy with a request that may need every KV page it can get, so loading "qwen"
+    (whose embeddings and kept layers would stay) must wait: the request for it waits
+    (replicas.placement_timeout_s) and is served, exactly, once llama's request ends."""
+    probe = EngineServer(default_config(memory={"num_pages": 256}), replica_id="probe", models=["llama"])
+    capacity = probe.engine.capacity()
+    overhead = capacity.num_pages - capacity.kv_pages_for("llama")  # its fixed pages and staging slots
+    long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)  # a second or more of decoding
+    kv = probe.engine.memory.kv["llama"].num_blocks_for(20 + long.max_tokens)  # within its context of 1024
+    srv = EngineServer(default_config(memory={"num_pages": overhead + kv}), replica_id="r1", models=["llama"])
+
+    async def main():
+        busy = srv.generate("llama", [5] * 20, long)
+        first = await busy.__anext__()
+        assert "error" not in first  # running
+        waiting = asyncio.ensure_future(collect(srv, "qwen", [5, 6, 7]))
+        await asyncio.sleep(0.3)
+        assert "qwen" not in srv.models and not waiting.done()  # no room yet: it waits, no 503
+        items = [first] + [item async for item in busy]
+        return items, await waiting
+
+    items, got = asyncio.run(main())
+    assert items[-1]["finished"] and "error" not in items[-1]
+    assert all("error" not in item for item in got), got
+    alone = EngineServer(default_config(memory={"num_pages": 256}), replica_id="alone", models=["qwen"])
+    assert [t for item in got for t in item["token_ids"]] == alone.engine.generate("qwen", [[5, 6, 7]], GREEDY)[0]
+    assert srv.engine.memory.params.remapped_layers("llama")  # llama lent layers for qwen's load
+    srv.engine.memory.check_integrity()
+    for s in (probe, srv, alone):
+        s.close()
