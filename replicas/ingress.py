@@ -144,7 +144,7 @@ class OpenAIFrontend:
         ids = [t for item in items for t in item["token_ids"]]
         lps = [lp for item in items for lp in item["logprobs"]]
         reason = items[-1]["finish_reason"]
-        _raise_if_failed(reason)
+        _raise_if_failed(items[-1])
         text = api.trim_stop(tokenizer.decode(ids), params.stop)
         logprobs = self._logprobs(kind, ids, lps, params, tokenizer) if params.logprobs is not None else None
         build = api.chat_response if kind == "chat" else api.completion_response
@@ -200,7 +200,7 @@ async def text_pieces(first: dict, stream, tokenizer: Tokenizer, stops) -> Async
                 delta, sent = text[len(sent):], text
             piece = trimmer.push(delta)
             if item["finished"]:
-                _raise_if_failed(item["finish_reason"])
+                _raise_if_failed(item)
                 yield piece + trimmer.flush(), item
                 return
             yield piece, item
@@ -252,9 +252,9 @@ async def _first_item(stream: AsyncIterator[dict]) -> dict:
     return item
 
 
-def _raise_if_failed(finish_reason: str | None) -> None:
-    if finish_reason == "error":
-        raise api.server_error("the engine failed this request")
+def _raise_if_failed(item: dict) -> None:
+    if item["finish_reason"] == "error":
+        raise api.server_error(f"the engine failed this request: {item.get('error_message') or 'no reason given'}")
 
 
 def _fingerprint(item: dict) -> str:

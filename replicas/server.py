@@ -134,7 +134,8 @@ class EngineServer:
                 finished = outs[-1].finished
                 yield {"token_ids": [t for o in outs for t in o.new_token_ids],
                        "logprobs": [dict(lp) for o in outs for lp in o.logprobs],
-                       "finished": finished, "finish_reason": outs[-1].finish_reason, "replica_id": self.replica_id}
+                       "finished": finished, "finish_reason": outs[-1].finish_reason, "replica_id": self.replica_id,
+                       "error_message": outs[-1].error}
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now

@@ -37,7 +37,7 @@ from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
 from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig
-from replicas.engine.sequence import Sequence
+from replicas.engine.sequence import FinishReason, Sequence
 from replicas.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort"
     logprobs: tuple[dict[int, float], ...] = ()  # per new token, {token id: logprob}, if requested
+    error: str | None = None  # why it failed (finish_reason "error"): this request's failure alone
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,10 @@ class LLMEngine:
                     self.memory.close_stream(model)
                 return []
             start = self._step_timer()
-            result = self.executor.execute(output, self._seqs, ring)
+            try:
+                result = self.executor.execute(output, self._seqs, ring)
+            except Exception as exc:  # noqa: BLE001 - the shared step failed: its batch alone fails
+                return self._fail_batch(output, ring, exc)
             elapsed = self._step_timer() - start
         finally:
             self._ring_model = None
@@ -280,7 +284,8 @@ class LLMEngine:
         before = {s.seq_id: len(self._seqs[s.seq_id].output_token_ids) for s in output.seqs}
         for seq_id, entry in result.logprobs.items():
             self._seqs[seq_id].output_logprobs.append(entry)
-        finished = {s.seq_id for s in self.scheduler.postprocess(output, self._seqs, result.sampled, now)}
+        finished = {s.seq_id for s in self.scheduler.postprocess(output, self._seqs, result.sampled, now,
+                                                                 result.failed)}
         if ring is not None and not self.scheduler.has_work(model):
             self.memory.close_stream(model)  # idle now: its slots go back to the pool
         outputs = []
@@ -291,7 +296,25 @@ class LLMEngine:
             if new or s.seq_id in finished:
                 logprobs = tuple(seq.output_logprobs[before[s.seq_id]:]) if seq.params.logprobs is not None else ()
                 outputs.append(RequestOutput(s.seq_id, model, new, s.seq_id in finished,
-                                             seq.finish_reason.value if seq.finish_reason else None, logprobs))
+                                             seq.finish_reason.value if seq.finish_reason else None, logprobs,
+                                             seq.error))
+        return outputs
+
+    def _fail_batch(self, output, ring: StagingRing | None, exc: Exception) -> list[RequestOutput]:
+        """The shared step raised: fail the requests of its batch (theirs alone), give their pages
+        back, prove the pool is whole, and go on with every other request."""
+        logger.exception("engine step of %s failed; failing its %d requests", output.model, len(output.seqs))
+        if ring is not None:
+            ring.finish()  # the pass may have stopped half way: wait for its copies
+            self.memory.close_stream(output.model)
+        why = f"the engine step failed: {type(exc).__name__}: {exc}"
+        outputs = []
+        for s in output.seqs:
+            seq = self._seqs[s.seq_id]
+            self.scheduler.fail(seq, why)
+            self._retire(s.seq_id)
+            outputs.append(RequestOutput(s.seq_id, output.model, (), True, FinishReason.ERROR.value, (), why))
+        self.memory.check_integrity()  # a broken pool is not one batch's failure: that raises
         return outputs
 
     def _record_latency(self, tenant: _Tenant, seq: Sequence, num_new: int) -> None:

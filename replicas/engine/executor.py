@@ -9,7 +9,7 @@ implements the same `Executor` interface without tensors.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +27,7 @@ class ExecutorResult:
     logprobs: dict[SeqId, dict[int, float]]  # chosen token (and top-N) logprobs, where requested
     num_streamed_layers: int  # remapped layers computed from staging slots in this step
     transfer_wait_s: float = 0.0  # of the step's time, spent waiting for streamed layers' copies
+    failed: dict[SeqId, str] = field(default_factory=dict)  # requests whose own part of the step failed, and why
 
 
 class Executor(Protocol):
@@ -93,15 +94,25 @@ class TorchExecutor:
         if not sampling:
             return ExecutorResult({}, {}, source.num_streamed, ring.wait_s if ring else 0.0)
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
-        tokens, logprobs = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
-        sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist())}
+        tokens, logprobs, failed_rows = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
+        failed = {chosen[row].seq_id: why for row, why in failed_rows.items()}
+        sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist()) if s.seq_id not in failed}
         lp = {}
-        if logprobs is not None:
-            for row, s in enumerate(chosen):
-                if s.params.logprobs is not None:
-                    top = torch.topk(logprobs[row], s.params.logprobs) if s.params.logprobs else None
-                    entry = {sampled[s.seq_id]: float(logprobs[row, sampled[s.seq_id]])}
-                    if top is not None:
-                        entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
-                    lp[s.seq_id] = entry
-        return ExecutorResult(sampled, lp, source.num_streamed, ring.wait_s if ring else 0.0)
+        for row, s in enumerate(chosen):
+            if logprobs is None or s.params.logprobs is None or s.seq_id in failed:
+                continue
+            try:
+                lp[s.seq_id] = _logprobs_entry(logprobs[row], sampled[s.seq_id], s.params.logprobs)
+            except Exception as exc:  # noqa: BLE001 - this request's logprobs, nobody else's
+                failed[s.seq_id] = f"logprobs failed: {type(exc).__name__}: {exc}"
+                del sampled[s.seq_id]
+        return ExecutorResult(sampled, lp, source.num_streamed, ring.wait_s if ring else 0.0, failed)
+
+
+def _logprobs_entry(logprobs: torch.Tensor, token: int, top_n: int) -> dict[int, float]:
+    """{token id: logprob}: the chosen token's, and the top `top_n` (0: the chosen only)."""
+    entry = {token: float(logprobs[token])}
+    if top_n:
+        top = torch.topk(logprobs, top_n)
+        entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
+    return entry

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperature under which sampling is greedy
+
+
 class InvalidRequest(ValueError):
     """Bad user input for one request; the edge turns it into a 4xx, nothing else is affected."""
 
@@ -45,7 +48,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW sample greedily (vLLM's rule): dividing by them
+        overflows float32 and the distribution is a point mass anyway."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _check(ok: bool, message: str) -> None:
@@ -63,22 +68,38 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
-    """Token ids [B] (and log-softmax [B, V] when any request wants logprobs) for float32 logits [B, V]."""
+    """Token ids [B] (and log-softmax [B, V] when any request wants logprobs) for float32 logits [B, V],
+    and the rows that failed: {row: why}. A failure of one row (non-finite logits, a sampler error)
+    is that request's alone; the other rows keep their tokens."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
+    failed: dict[int, str] = {}
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     for i, p in enumerate(params):
+        if not finite[i]:
+            failed[i] = "the model produced non-finite logits for this request"
+            continue
         if p.greedy:
             continue
-        row = logits[i] / p.temperature
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, -math.inf)
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-        probs = row.softmax(-1)
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i]).item()
+        try:
+            tokens[i] = _sample_row(logits[i], p, generators[i])
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
+            failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
     logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
-    return tokens, logprobs
+    return tokens, logprobs, failed
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from finite float32 logits [V]: scaled after subtracting the max, so no temperature
+    >= GREEDY_BELOW can overflow, then top-k, top-p and a draw from the row's generator."""
+    row = (logits - logits.max()) / p.temperature
+    if p.top_k:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, -math.inf)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+    probs = row.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

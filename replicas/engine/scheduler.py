@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from remap import KVBlocks, ModelId, SeqId
@@ -242,21 +242,35 @@ class Scheduler:
 
     # ---- after the step ------------------------------------------------------------------
     def postprocess(self, output: SchedulerOutput, seqs: dict[SeqId, Sequence], sampled: dict[SeqId, int],
-                    now_s: float) -> list[Sequence]:
-        """Advance computed tokens, append sampled ones, finish what stops. Returns finished sequences."""
+                    now_s: float, failed: Mapping[SeqId, str] | None = None) -> list[Sequence]:
+        """Advance computed tokens, append sampled ones, finish what stops and what `failed` (this
+        request's part of the step, or its stop check, raised: it alone ends, with ERROR). Returns
+        finished sequences."""
         finished = []
         for s in output.seqs:
             seq = seqs[s.seq_id]
-            seq.num_computed_tokens += len(s.token_ids)
-            if not s.samples:
-                continue
-            seq.append_token(sampled[s.seq_id], now_s)
-            reason = seq.check_stop()
+            why = (failed or {}).get(s.seq_id)
+            if why is None:
+                seq.num_computed_tokens += len(s.token_ids)
+                if not s.samples:
+                    continue
+                seq.append_token(sampled[s.seq_id], now_s)
+                try:
+                    reason = seq.check_stop()
+                except Exception as exc:  # noqa: BLE001 - a stop string's detokenizer, this request's alone
+                    why = f"the stop check failed: {type(exc).__name__}: {exc}"
+            if why is not None:
+                seq.error, reason = why, FinishReason.ERROR
             if reason is not None:
                 self.running[seq.model].remove(seq)
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def fail(self, seq: Sequence, why: str) -> None:
+        """End a sequence wherever it is with ERROR (its step failed) and free its pages."""
+        self.abort(seq)
+        seq.finish_reason, seq.error = FinishReason.ERROR, why
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason

@@ -28,6 +28,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached
     STOP = "stop"  # eos, a stop token id or a stop string
     ABORT = "abort"  # cancelled by the client
+    ERROR = "error"  # this request's part of a step failed (Sequence.error says why); nobody else's
 
 
 @dataclass(eq=False)
@@ -48,6 +49,7 @@ class Sequence:
     first_token_s: float | None = None  # engine clock of the first output token
     token_times_s: list[float] = field(default_factory=list)  # engine clock of every output token
     num_preemptions: int = 0
+    error: str | None = None  # why it failed, with finish_reason ERROR
 
     @property
     def num_tokens(self) -> int:
