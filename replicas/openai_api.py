@@ -38,8 +38,21 @@ FALLBACK_MAX_TOKENS = 256  # chat without max_tokens when the caller does not pa
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps to the same value
 SSE_DONE = b"data: [DONE]\n\n"
 
-# field -> values that mean "not used"; any other value is a 400 (the feature is not implemented)
-_UNSUPPORTED_COMMON = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+MAX_BODY_BYTES = 1 << 20  # a request body above this is a 413
+MAX_STOP_STRINGS = 16  # stop strings per request (OpenAI allows 4; vLLM has no limit)
+MAX_STOP_CHARS = 256  # characters per stop string
+
+# field -> values that mean "not used"; any other value is a 400 (the feature is not implemented).
+# The vLLM extensions listed here change the output; accepting and ignoring them would answer a
+# different request than the one sent (tests/unit/test_openai_api.py lists them).
+_UNSUPPORTED_COMMON = {
+    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
+    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
+}
 _UNSUPPORTED_COMPLETION = _UNSUPPORTED_COMMON | {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
 _UNSUPPORTED_CHAT = _UNSUPPORTED_COMMON | {"tools": (None, []), "functions": (None, []),
                                            "response_format": (None, {"type": "text"})}
@@ -210,10 +223,15 @@ def parse_chat(body: bytes | str | dict) -> ChatCompletionRequest:
 
 def _parse(body, model: type[BaseModel], unsupported: dict) -> Any:
     if isinstance(body, (bytes, bytearray, str)):
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "invalid_request_error", f"the request body has {len(body)} bytes; at most "
+                           f"{MAX_BODY_BYTES} are accepted")
         try:
             body = json.loads(body)
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise invalid(f"could not parse JSON body: {e}") from None
+        except RecursionError:
+            raise invalid("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
     for name, unused in unsupported.items():
@@ -238,6 +256,8 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_l
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
     if "" in stop:
         raise invalid("stop strings must not be empty", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stop):
+        raise invalid(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each", "stop")
     logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
     params = {"max_tokens": max_param, "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
               "logprobs": "top_logprobs" if chat else "logprobs"}

@@ -17,6 +17,9 @@ from remap import ModelId, SeqId
 from replicas.engine.sampling import SamplingParams
 
 
+STOP_TAIL_TOKENS_PER_CHAR = 4  # a character is at most 4 byte-level tokens (UTF-8)
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no KV blocks (new, or preempted by recompute)
     RUNNING = "running"  # holds KV blocks on device
@@ -95,9 +98,12 @@ class Sequence:
         if last in self.params.stop_token_ids:
             return FinishReason.STOP
         if self.params.stop and self.detokenize is not None:
-            # Decodes the whole output each token: O(n^2) chars, but microseconds for the
-            # lengths served here, and exact where a tail window could split a multi-byte char.
-            text = self.detokenize(self.output_token_ids)
+            # Only the tail the new token can complete: a stop string of L characters ending in it
+            # lies within the last L characters, and STOP_TAIL_TOKENS_PER_CHAR tokens per character
+            # cover even byte-level tokens of 4-byte characters. The cost per token does not grow
+            # with the output (decoding it all was quadratic).
+            longest = max(len(stop) for stop in self.params.stop)
+            text = self.detokenize(self.output_token_ids[-(STOP_TAIL_TOKENS_PER_CHAR * longest + 4):])
             if any(stop in text for stop in self.params.stop):
                 return FinishReason.STOP
         if len(self.output_token_ids) >= self.params.max_tokens:

@@ -279,3 +279,32 @@ def test_streamed_pieces_concatenate_to_the_non_streaming_trim(text, stops, cuts
     assert out == api.trim_stop(text, stops)
     assert trimmer.stopped == any(s and s in text for s in stops)  # empty stop strings are ignored
     assert not any(s and s in out for s in stops)
+
+
+# What vLLM users send that would change the output and is not implemented: a 400 naming it, never
+# a 200 answering another request than the one sent.
+REFUSED_FIELDS = {
+    "min_tokens": 4, "repetition_penalty": 1.2, "min_p": 0.1, "include_stop_str_in_output": True,
+    "logit_bias": {"5": 3}, "presence_penalty": 0.5, "frequency_penalty": 0.5, "allowed_token_ids": [5],
+    "bad_words": ["x"], "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
+    "guided_grammar": "root ::= 'a'", "structured_outputs": {"json": {}}, "use_beam_search": True,
+    "length_penalty": 2.0, "prompt_logprobs": 1, "truncate_prompt_tokens": 8, "logits_processors": ["x"],
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_FIELDS))
+@pytest.mark.parametrize("parse, body", [(api.parse_completion, completion), (api.parse_chat, chat)])
+def test_fields_that_would_change_the_output_and_are_not_implemented_are_400s(field, parse, body):
+    err = refused(parse, body(**{field: REFUSED_FIELDS[field]}))
+    assert (err.status, err.param) == (400, field) and "not supported" in err.message
+    parse(body(**{field: None}))  # null, like the default, is fine
+
+
+def test_request_size_nesting_and_stop_strings_are_bounded():
+    assert refused(api.parse_completion, b" " * (api.MAX_BODY_BYTES + 1)).status == 413
+    deep = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # 200 kB: under the size limit
+    err = refused(api.parse_completion, deep)
+    assert err.status == 400 and "nested too deeply" in err.message
+    for stop in (["x"] * (api.MAX_STOP_STRINGS + 1), ["y" * (api.MAX_STOP_CHARS + 1)]):
+        with pytest.raises(api.ApiError, match="stop strings"):
+            api.to_sampling_params(api.parse_completion(completion(stop=stop)))

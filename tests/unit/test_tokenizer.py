@@ -62,3 +62,24 @@ def test_stop_strings_without_a_tokenizer_are_refused():
     add_tenant(engine, "m", LLAMA, seed=3)
     with pytest.raises(InvalidRequest, match="stop strings need a tokenizer"):
         engine.add_request("m", PROMPTS[0], SamplingParams(stop=["w5"]))
+
+
+def test_stop_matching_decodes_only_the_tail_a_new_token_can_complete():
+    """Byte-level ids; a two-character stop split over tokens is still found, 500 tokens in, and no
+    decode call sees more than the tail (the old check decoded the whole output every token)."""
+    from replicas.engine.sequence import Sequence
+
+    seen = []
+
+    def decode(ids):
+        seen.append(len(ids))
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    seq = Sequence(0, "m", [1], SamplingParams(max_tokens=1000, stop=("é!",)), 0.0, (), None, decode)
+    text = ("abc" * 200).encode() + "xé!".encode()
+    reasons = []
+    for i, t in enumerate(text):
+        seq.append_token(t, float(i))
+        reasons.append(seq.check_stop())
+    assert reasons[-1] is not None and all(r is None for r in reasons[:-1])
+    assert max(seen) <= 4 * 2 + 4
