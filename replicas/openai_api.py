@@ -46,8 +46,6 @@ MAX_STOP_CHARS = 256  # characters per stop string
 # The vLLM extensions listed here change the output; accepting and ignoring them would answer a
 # different request than the one sent (tests/unit/test_openai_api.py lists them).
 _UNSUPPORTED_COMMON = {
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0),
     "include_stop_str_in_output": (None, False), "allowed_token_ids": (None, []), "bad_words": (None, []),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "structured_outputs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
@@ -141,6 +139,18 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, description="Stop strings; the output ends before the first one.")
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension: token ids that end generation.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the eos token.")
+    min_tokens: int | None = Field(None, description="vLLM extension: eos, stop ids and stop strings do not end "
+                                                     "generation before this many tokens.")
+    repetition_penalty: float | None = Field(None, description="vLLM extension, > 0: logits of tokens in the prompt "
+                                                               "or output are divided (if > 0) or multiplied by it.")
+    presence_penalty: float | None = Field(None, description="In [-2, 2]: subtracted from the logits of tokens "
+                                                             "already in the output.")
+    frequency_penalty: float | None = Field(None, description="In [-2, 2]: times each token's count in the output, "
+                                                              "subtracted from its logit.")
+    min_p: float | None = Field(None, description="vLLM extension, in [0, 1]: drop tokens less likely than min_p "
+                                                  "times the most likely one.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
+                                                                  "added to its logit.")
     n: int | None = Field(1, description="Number of choices; only 1 (or null) is supported.")
     stream: bool = Field(False, description="Send server-sent events as tokens are generated.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
@@ -260,7 +270,13 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_l
         raise invalid(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each", "stop")
     logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
     params = {"max_tokens": max_param, "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-              "logprobs": "top_logprobs" if chat else "logprobs"}
+              "logprobs": "top_logprobs" if chat else "logprobs", "min_tokens": "min_tokens",
+              "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+              "frequency_penalty": "frequency_penalty", "min_p": "min_p", "logit_bias": "logit_bias"}
+    try:
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise invalid("logit_bias keys must be token ids (integers, as strings)", "logit_bias") from None
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -272,6 +288,12 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_l
             stop=tuple(stop),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            min_tokens=req.min_tokens or 0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            min_p=req.min_p or 0.0,
+            logit_bias=tuple(bias.items()),
         )
     except InvalidRequest as e:  # engine messages start with the field name: "top_p must be in (0, 1], ..."
         message = str(e)

@@ -212,6 +212,11 @@ class LLMEngine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        named = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
+        bad = [t for t in named if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias / stop_token_ids name token ids {bad[:5]} outside the vocabulary "
+                                 f"[0, {cfg.vocab_size})")
         if len(ids) + params.max_tokens > cfg.max_position_embeddings:
             raise InvalidRequest(
                 f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context length "

@@ -16,7 +16,7 @@ import torch
 
 from remap import BASE_SLAB, DeviceMemory, ModelId, SeqId, StagingRing
 from replicas.engine.models import AttentionBatch, CausalLM
-from replicas.engine.sampling import sample
+from replicas.engine.sampling import History, adjust_logits, sample
 from replicas.engine.scheduler import SchedulerOutput
 from replicas.engine.sequence import Sequence
 
@@ -94,7 +94,11 @@ class TorchExecutor:
         if not sampling:
             return ExecutorResult({}, {}, source.num_streamed, ring.wait_s if ring else 0.0)
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
-        tokens, logprobs, failed_rows = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
+        params, raw = [s.params for s in chosen], logits.float()
+        adjusted = adjust_logits(raw, params, [_history(s) for s in chosen])
+        tokens, logprobs, failed_rows = sample(adjusted, params, [s.generator for s in chosen])
+        if logprobs is not None and adjusted is not raw:  # logprobs are the model's, before penalties (vLLM's)
+            logprobs = raw.log_softmax(-1)
         failed = {chosen[row].seq_id: why for row, why in failed_rows.items()}
         sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist()) if s.seq_id not in failed}
         lp = {}
@@ -116,3 +120,8 @@ def _logprobs_entry(logprobs: torch.Tensor, token: int, top_n: int) -> dict[int,
         top = torch.topk(logprobs, top_n)
         entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
     return entry
+
+
+def _history(seq: Sequence) -> History:
+    stop_ids = seq.params.stop_token_ids + (() if seq.params.ignore_eos else seq.eos_token_ids)
+    return History(seq.prompt_token_ids, seq.output_token_ids, stop_ids)

@@ -97,7 +97,7 @@ class Sequence:
             return FinishReason.STOP
         if last in self.params.stop_token_ids:
             return FinishReason.STOP
-        if self.params.stop and self.detokenize is not None:
+        if self.params.stop and self.detokenize is not None and len(self.output_token_ids) >= self.params.min_tokens:
             # Only the tail the new token can complete: a stop string of L characters ending in it
             # lies within the last L characters, and STOP_TAIL_TOKENS_PER_CHAR tokens per character
             # cover even byte-level tokens of 4-byte characters. The cost per token does not grow
