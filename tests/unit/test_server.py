@@ -131,3 +131,32 @@ def test_a_request_for_a_model_that_fits_only_later_waits_for_room_instead_of_a_
     srv.engine.memory.check_integrity()
     for s in (probe, srv, alone):
         s.close()
+
+
+def test_one_requests_failure_never_touches_another_stream_on_the_replica(server):
+    """The report that opened issue 12: a temperature of 1e-39 beside a long stream (now greedy),
+    and a request whose own step fails: the stream ends with exactly its tokens alone."""
+    long = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
+    alone = server.engine.generate("llama", [[5, 6, 7, 8]], long)[0]
+    real = server.engine.executor.execute
+
+    def execute(output, seqs, ring):  # qwen's batch fails inside the model, once
+        if output.model == "qwen":
+            server.engine.executor.execute = real
+            raise RuntimeError("forced failure of qwen's step")
+        return real(output, seqs, ring)
+
+    async def main():
+        stream = asyncio.ensure_future(collect(server, "llama", [5, 6, 7, 8], long))
+        await asyncio.sleep(0.05)
+        tiny = await collect(server, "llama", [9, 10], SamplingParams(max_tokens=8, temperature=1e-39))
+        server.engine.executor.execute = execute
+        failed = await collect(server, "qwen", [9, 10])
+        return await stream, tiny, failed
+
+    streamed, tiny, failed = asyncio.run(main())
+    assert [t for item in streamed for t in item["token_ids"]] == alone and streamed[-1]["finish_reason"] == "length"
+    assert [t for item in tiny for t in item["token_ids"]] == server.engine.generate("llama", [[9, 10]], GREEDY)[0]
+    assert failed[-1]["finish_reason"] == "error" and "forced failure" in failed[-1]["error_message"]
+    assert not server.engine.has_unfinished()
+    server.engine.memory.check_integrity()
