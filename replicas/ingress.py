@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from replicas import openai_api as api
+from replicas.openapi import install as install_openapi
 from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
@@ -303,4 +304,5 @@ def make_app(frontend: OpenAIFrontend) -> FastAPI:
         allowed = frontend.authorize(request.headers.get("authorization", ""))
         return await frontend.chat(await request.body(), allowed)
 
+    install_openapi(app)
     return app

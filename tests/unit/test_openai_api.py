@@ -306,3 +306,23 @@ def test_request_size_nesting_and_stop_strings_are_bounded():
     for stop in (["x"] * (api.MAX_STOP_STRINGS + 1), ["y" * (api.MAX_STOP_CHARS + 1)]):
         with pytest.raises(api.ApiError, match="stop strings"):
             api.to_sampling_params(api.parse_completion(completion(stop=stop)))
+
+
+def test_the_response_builders_conform_to_the_published_schema():
+    from replicas import openapi
+
+    lp = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [{"a": -0.5}], "text_offset": [0]}
+    openapi.CompletionResponse.model_validate(api.completion_response("m", "hi", "length", 3, 2, lp))
+    openapi.ChatCompletionResponse.model_validate(api.chat_response("m", "hi", "stop", 3, 2))
+    openapi.ErrorResponse.model_validate(api.invalid("bad", "stop").body())
+    doc = openapi.build(make_app_for_schema())
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert body.rsplit("/", 1)[1] in doc["components"]["schemas"]
+
+
+def make_app_for_schema():
+    from replicas.config import default_config
+    from replicas.ingress import OpenAIFrontend, make_app
+
+    return make_app(OpenAIFrontend(default_config(), lambda *args, **kwargs: None))
