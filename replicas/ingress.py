@@ -146,7 +146,7 @@ class OpenAIFrontend:
         lps = [lp for item in items for lp in item["logprobs"]]
         reason = items[-1]["finish_reason"]
         _raise_if_failed(items[-1])
-        text = api.trim_stop(tokenizer.decode(ids), params.stop)
+        text = api.trim_stop(tokenizer.decode(ids), params.stop, params.include_stop_str_in_output)
         logprobs = self._logprobs(kind, ids, lps, params, tokenizer) if params.logprobs is not None else None
         build = api.chat_response if kind == "chat" else api.completion_response
         body = build(req.model, text, reason, len(prompt), len(ids), logprobs)
@@ -158,7 +158,7 @@ class OpenAIFrontend:
         chunk = api.chat_chunk if kind == "chat" else api.completion_chunk
         extra = {"first": True} if kind == "chat" else {}
         try:
-            async for piece, item in text_pieces(first, stream, tokenizer, params.stop):
+            async for piece, item in text_pieces(first, stream, tokenizer, params):
                 new = item["token_ids"]
                 num_tokens += len(new)
                 logprobs = (self._logprobs(kind, new, item["logprobs"], params, tokenizer)
@@ -181,7 +181,8 @@ class OpenAIFrontend:
         return build(ids, lps, params.logprobs, tokenizer.decode)
 
 
-async def text_pieces(first: dict, stream, tokenizer: Tokenizer, stops) -> AsyncIterator[tuple[str, dict]]:
+async def text_pieces(first: dict, stream, tokenizer: Tokenizer,
+                      params: SamplingParams) -> AsyncIterator[tuple[str, dict]]:
     """(text to send, stream item) for every item of a token stream, starting with `first`.
 
     Decodes incrementally (an incomplete multi-byte character waits for its next byte) and trims
@@ -189,7 +190,7 @@ async def text_pieces(first: dict, stream, tokenizer: Tokenizer, stops) -> Async
     the engine stream (which frees the request's pages if it is still running).
     """
     ids, sent = [], ""
-    trimmer = api.StopTrimmer(stops)
+    trimmer = api.StopTrimmer(params.stop, params.include_stop_str_in_output)
     item = first
     try:
         while True:

@@ -46,7 +46,7 @@ MAX_STOP_CHARS = 256  # characters per stop string
 # The vLLM extensions listed here change the output; accepting and ignoring them would answer a
 # different request than the one sent (tests/unit/test_openai_api.py lists them).
 _UNSUPPORTED_COMMON = {
-    "include_stop_str_in_output": (None, False), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "allowed_token_ids": (None, []), "bad_words": (None, []),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "structured_outputs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
     "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
@@ -139,6 +139,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, description="Stop strings; the output ends before the first one.")
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension: token ids that end generation.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the eos token.")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extension: keep the stop string that ended "
+                                                                "the output (text after it is still dropped).")
     min_tokens: int | None = Field(None, description="vLLM extension: eos, stop ids and stop strings do not end "
                                                      "generation before this many tokens.")
     repetition_penalty: float | None = Field(None, description="vLLM extension, > 0: logits of tokens in the prompt "
@@ -287,6 +289,7 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_l
             stop_token_ids=tuple(req.stop_token_ids or ()),
             stop=tuple(stop),
             ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=logprobs,
             min_tokens=req.min_tokens or 0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
@@ -492,14 +495,15 @@ def _finite(lp: float) -> float:
 # Generation ends when a stop string is *completed*, so the cut is at the occurrence that ends first
 # (ties: the one that starts first), and neither it nor anything after it is returned.
 
-def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+def _first_stop(text: str, stops: Sequence[str], start: int = 0, include: bool = False) -> int | None:
+    """Where the output is cut: before the stop string that ends first, or after it with `include`."""
     hits = [(i + len(s), i) for s in stops if s and (i := text.find(s, start)) >= 0]
-    return min(hits)[1] if hits else None
+    return None if not hits else min(hits)[0 if include else 1]
 
 
-def trim_stop(text: str, stops: Sequence[str]) -> str:
+def trim_stop(text: str, stops: Sequence[str], include: bool = False) -> str:
     """The text OpenAI returns for the whole output `text` (non-streaming)."""
-    cut = _first_stop(text, stops)
+    cut = _first_stop(text, stops, include=include)
     return text if cut is None else text[:cut]
 
 
@@ -511,8 +515,9 @@ class StopTrimmer:
                                ^ every stop occurrence starts here or later
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self._stops = [s for s in stops if s]
+        self._include = include  # the stop string itself is emitted (include_stop_str_in_output)
         self._text = ""
         self._num_emitted = 0  # chars of _text already returned
         self.stopped = False  # a stop string was seen; everything after it is dropped
@@ -521,7 +526,7 @@ class StopTrimmer:
         if self.stopped:
             return ""
         self._text += delta
-        cut = _first_stop(self._text, self._stops, self._num_emitted)
+        cut = _first_stop(self._text, self._stops, self._num_emitted, self._include)
         if cut is not None:
             self.stopped = True
             return self._emit(cut)

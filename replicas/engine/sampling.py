@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these
     stop: tuple[str, ...] = ()  # stop strings, matched on detokenized output (needs a detokenizer)
     ignore_eos: bool = False  # keep going past the model's eos token
+    include_stop_str_in_output: bool = False  # the edge keeps the stop string in the text (the engine stops either way)
     logprobs: int | None = None  # return the top-N logprobs of each generated token (0 = the chosen only)
     min_tokens: int = 0  # eos and stop ids are masked, and stop strings not checked, until this many
     repetition_penalty: float = 1.0  # > 0; logits of tokens in prompt or output: / p if > 0, else * p

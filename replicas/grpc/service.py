@@ -64,7 +64,7 @@ class GrpcService:
             req, prompt, params, tokenizer, first, stream = await self.frontend.start(
                 kind, openai_body(kind, request, stream=False), allowed)
             text, ids, reason = "", [], None
-            async for piece, item in text_pieces(first, stream, tokenizer, params.stop):
+            async for piece, item in text_pieces(first, stream, tokenizer, params):
                 text, ids, reason = text + piece, ids + item["token_ids"], item["finish_reason"]
         except api.ApiError as exc:
             _fail(grpc_context, exc)
@@ -80,7 +80,7 @@ class GrpcService:
             allowed = self.frontend.authorize(_authorization(grpc_context))
             _, _, params, tokenizer, first, stream = await self.frontend.start(
                 kind, openai_body(kind, request, stream=True), allowed)
-            async for piece, item in text_pieces(first, stream, tokenizer, params.stop):
+            async for piece, item in text_pieces(first, stream, tokenizer, params):
                 reason = item["finish_reason"] if item["finished"] else ""
                 yield pb.CompletionChunk(text=piece, token_ids=item["token_ids"], finish_reason=reason or "")
         except api.ApiError as exc:

@@ -267,23 +267,29 @@ def test_streaming_holds_back_a_possible_stop_prefix_across_chunks():
     assert u.push("done </e") == "done " and u.flush() == "</e" and not u.stopped
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_drops_what_follows():
+    assert api.trim_stop("hello world!", ["wor"], include=True) == "hello wor"
+    assert api.trim_stop("abcd", ["abcd", "bc"], include=True) == "abc"
+
+
 @settings(max_examples=300, deadline=None)
 @given(text=st.text("abc", max_size=30), stops=st.lists(st.text("abc", max_size=4), max_size=3),
-       cuts=st.lists(st.integers(0, 30), max_size=8))
-def test_streamed_pieces_concatenate_to_the_non_streaming_trim(text, stops, cuts):
+       cuts=st.lists(st.integers(0, 30), max_size=8), include=st.booleans())
+def test_streamed_pieces_concatenate_to_the_non_streaming_trim(text, stops, cuts, include):
     bounds = [0, *sorted(cuts), len(text)]
-    trimmer = api.StopTrimmer(stops)
+    trimmer = api.StopTrimmer(stops, include)
     pieces = [trimmer.push(text[a:b]) for a, b in itertools.pairwise(bounds)]
     out = "".join(pieces) + trimmer.flush()
-    assert out == api.trim_stop(text, stops)
+    assert out == api.trim_stop(text, stops, include)
     assert trimmer.stopped == any(s and s in text for s in stops)  # empty stop strings are ignored
-    assert not any(s and s in out for s in stops)
+    if not include:
+        assert not any(s and s in out for s in stops)
 
 
 # What vLLM users send that would change the output and is not implemented: a 400 naming it, never
 # a 200 answering another request than the one sent.
 REFUSED_FIELDS = {
-    "include_stop_str_in_output": True, "allowed_token_ids": [5],
+    "allowed_token_ids": [5],
     "bad_words": ["x"], "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
     "guided_grammar": "root ::= 'a'", "structured_outputs": {"json": {}}, "use_beam_search": True,
     "length_penalty": 2.0, "prompt_logprobs": 1, "truncate_prompt_tokens": 8, "logits_processors": ["x"],
