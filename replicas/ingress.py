@@ -10,6 +10,7 @@ an OpenAI error body; errors after it end the event stream with an error event a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import pathlib
@@ -95,14 +96,26 @@ class OpenAIFrontend:
 
     async def start(self, kind: str, body: bytes | dict, allowed: set[str] | None):
         """Validate a request and start it: (request, prompt ids, params, tokenizer, first item, stream).
-        Every refusal before the first token is an ApiError (HTTP and gRPC map it to their codes)."""
+        Every refusal before the first token is an ApiError (HTTP and gRPC map it to their codes).
+        With n > 1 (HTTP only) the first item and stream are lists, one per choice."""
         req = api.parse_chat(body) if kind == "chat" else api.parse_completion(body)
         self.check_model(req.model, allowed)
         tokenizer = self.catalog.tokenizers[req.model]
         prompt = api.chat_prompt_ids(req, tokenizer) if kind == "chat" else api.completion_prompt_ids(req, tokenizer)
         params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
-        stream, first = await self._place(req.model, prompt, params)
-        return req, prompt, params, tokenizer, first, stream
+        if (req.n or 1) == 1:
+            stream, first = await self._place(req.model, prompt, params)
+            return req, prompt, params, tokenizer, first, stream
+        children = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                    for i in range(req.n)]  # independent samples; seeded ones reproducible per choice
+        placed = await asyncio.gather(*(self._place(req.model, prompt, p) for p in children), return_exceptions=True)
+        failed = [x for x in placed if isinstance(x, BaseException)]
+        if failed:
+            for x in placed:
+                if not isinstance(x, BaseException):
+                    await _close(x[0])
+            raise failed[0]
+        return req, prompt, params, tokenizer, [first for _, first in placed], [stream for stream, _ in placed]
 
     async def _place(self, model: str, prompt: list[int], params: SamplingParams):
         """(stream, first item) of the request on a replica. A replica that cannot load the model is
@@ -129,17 +142,19 @@ class OpenAIFrontend:
 
     # ---- the token stream ----------------------------------------------------------------
     async def _respond(self, kind: str, req, prompt: list[int], params: SamplingParams,
-                       tokenizer: Tokenizer, first: dict, stream) -> Response:
+                       tokenizer: Tokenizer, first, stream) -> Response:
+        firsts, streams = (first, stream) if isinstance(first, list) else ([first], [stream])
         if req.stream:
-            return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, first, stream),
+            return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, firsts, streams),
                                      media_type="text/event-stream")
-        try:
-            items = [first] + [item async for item in stream]
-        except Exception as exc:  # the replica died before finishing: a clean error, not a bare 500
-            logger.warning("request to %s failed: %r", req.model, exc)
-            raise api.ApiError(503, "server_error", f"the engine replica failed: {type(exc).__name__}; "
+        choices = await asyncio.gather(*(_drain(f, s) for f, s in zip(firsts, streams)), return_exceptions=True)
+        failed = next((c for c in choices if isinstance(c, BaseException)), None)
+        if failed is not None:  # the replica died before finishing: a clean error, not a bare 500
+            logger.warning("request to %s failed: %r", req.model, failed)
+            raise api.ApiError(503, "server_error", f"the engine replica failed: {type(failed).__name__}; "
                                "retry the request") from None
-        return JSONResponse(self._whole(kind, req, prompt, params, tokenizer, items))
+        bodies = [self._whole(kind, req, prompt, params, tokenizer, items) for items in choices]
+        return JSONResponse(api.merge_choices(bodies) if len(bodies) > 1 else bodies[0])
 
     def _whole(self, kind, req, prompt, params, tokenizer, items: list[dict]) -> dict:
         ids = [t for item in items for t in item["token_ids"]]
@@ -152,33 +167,71 @@ class OpenAIFrontend:
         body = build(req.model, text, reason, len(prompt), len(ids), logprobs)
         return body | {"system_fingerprint": _fingerprint(items[0])}
 
-    async def _events(self, kind, req, prompt, params, tokenizer, first, stream) -> AsyncIterator[bytes]:
+    async def _events(self, kind, req, prompt, params, tokenizer, firsts, streams) -> AsyncIterator[bytes]:
+        """Server-sent events of every choice, interleaved as their tokens come (each chunk names
+        its choice's index), then usage if asked for, then [DONE]."""
         rid = api.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
         created, num_tokens = int(time.time()), 0
         chunk = api.chat_chunk if kind == "chat" else api.completion_chunk
-        extra = {"first": True} if kind == "chat" else {}
+        fresh = set(range(len(firsts))) if kind == "chat" else set()  # choices whose role is not sent yet
+        pieces = [text_pieces(f, s, tokenizer, params) for f, s in zip(firsts, streams)]
+        merged = _interleave(pieces)
         try:
-            async for piece, item in text_pieces(first, stream, tokenizer, params):
+            async for index, (piece, item) in merged:
                 new = item["token_ids"]
                 num_tokens += len(new)
                 logprobs = (self._logprobs(kind, new, item["logprobs"], params, tokenizer)
                             if params.logprobs is not None and new else None)
                 reason = item["finish_reason"] if item["finished"] else None
-                if piece or reason or logprobs or extra:
+                if piece or reason or logprobs or index in fresh:
+                    extra = {"first": True} if index in fresh else {}
+                    fresh.discard(index)
                     out = chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
-                    yield api.sse(out | {"system_fingerprint": _fingerprint(first)})
-                    extra = {}
+                    out["choices"][0]["index"] = index
+                    yield api.sse(out | {"system_fingerprint": _fingerprint(firsts[0])})
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield api.sse(api.usage_chunk(kind, req.model, len(prompt), num_tokens, request_id=rid,
                                               created=created))
         except api.ApiError as exc:
             yield api.sse(exc.body())
+        finally:
+            await merged.aclose()
+            for p in pieces:
+                await p.aclose()  # the other choices stop too (their pages are freed)
         yield api.SSE_DONE
 
     @staticmethod
     def _logprobs(kind, ids, lps, params, tokenizer):
         build = api.chat_logprobs if kind == "chat" else api.completion_logprobs
         return build(ids, lps, params.logprobs, tokenizer.decode)
+
+
+async def _drain(first: dict, stream) -> list[dict]:
+    return [first] + [item async for item in stream]
+
+
+async def _interleave(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as each produces them; stops at the first error."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: pending[t]):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(iterators[i].__anext__())] = i
+                yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # their iterators are idle again
 
 
 async def text_pieces(first: dict, stream, tokenizer: Tokenizer,

@@ -41,6 +41,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 MAX_BODY_BYTES = 1 << 20  # a request body above this is a 413
 MAX_STOP_STRINGS = 16  # stop strings per request (OpenAI allows 4; vLLM has no limit)
 MAX_STOP_CHARS = 256  # characters per stop string
+MAX_CHOICES = 16  # n: choices per request
 
 # field -> values that mean "not used"; any other value is a 400 (the feature is not implemented).
 # The vLLM extensions listed here change the output; accepting and ignoring them would answer a
@@ -153,16 +154,17 @@ class _Request(BaseModel):
                                                   "times the most likely one.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
                                                                   "added to its logit.")
-    n: int | None = Field(1, description="Number of choices; only 1 (or null) is supported.")
+    n: int | None = Field(1, description=f"Number of choices, 1..{MAX_CHOICES}: independent samples of the prompt "
+                                          "(with a seed, choice i draws from seed + i).")
     stream: bool = Field(False, description="Send server-sent events as tokens are generated.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     user: str | None = Field(None, description="End-user id for abuse tracking; recorded, not used.")
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError(f"only n=1 is supported, got {n}")
+    def _choices(cls, n: int | None) -> int | None:
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {n}")
         return n
 
 
@@ -397,6 +399,16 @@ def new_request_id(kind: Literal["cmpl", "chatcmpl"]) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def merge_choices(bodies: list[dict]) -> dict:
+    """One response of n choices from n single-choice ones (choice i from body i): usage adds up
+    the completion tokens once per choice, the prompt's once."""
+    merged = dict(bodies[0])
+    merged["choices"] = [body["choices"][0] | {"index": i} for i, body in enumerate(bodies)]
+    completion = sum(body["usage"]["completion_tokens"] for body in bodies)
+    merged["usage"] = usage(bodies[0]["usage"]["prompt_tokens"], completion)
+    return merged
 
 
 def completion_response(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,

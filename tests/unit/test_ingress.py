@@ -137,3 +137,34 @@ def test_over_capacity_is_429_with_retry_after():
     server.close()
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_n_choices_are_independent_samples_streamed_and_not(stack):
+    """n=3 seeded: choice i is what the engine draws with seed + i; streamed chunks of every choice
+    reassemble to the same texts; usage counts the prompt once and every choice's tokens; chat's
+    first chunk of each choice carries the role."""
+    server, app = stack
+    prompt = [10, 20, 30, 40]
+
+    async def main():
+        c = client(app)
+        kw = dict(model="llama", prompt=prompt, max_tokens=10, temperature=1.0, seed=7, n=3,
+                  extra_body={"ignore_eos": True})
+        whole = await c.completions.create(**kw)
+        chunks = [ch async for ch in await c.completions.create(stream=True, **kw)]
+        chat = [ch async for ch in await c.chat.completions.create(
+            model="qwen", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2, stream=True)]
+        return whole, chunks, chat
+
+    whole, chunks, chat = run(main())
+    tok = server.tokenizers["llama"]
+    want = [tok.decode(server.engine.generate("llama", [prompt], SamplingParams(
+        max_tokens=10, temperature=1.0, seed=7 + i, ignore_eos=True))[0]) for i in range(3)]
+    assert [ch.text for ch in sorted(whole.choices, key=lambda ch: ch.index)] == want
+    assert len(set(want)) > 1  # they are different samples
+    streamed = ["".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == i) for i in range(3)]
+    assert streamed == want
+    assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 30
+    roles = [ch.choices[0].index for ch in chat if ch.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    assert not server.engine.has_unfinished()
