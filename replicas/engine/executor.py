@@ -95,11 +95,11 @@ class TorchExecutor:
             return ExecutorResult({}, {}, source.num_streamed, ring.wait_s if ring else 0.0)
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
         params, raw = [s.params for s in chosen], logits.float()
-        adjusted = adjust_logits(raw, params, [_history(s) for s in chosen])
+        adjusted, failed = _adjust(raw, chosen)
         tokens, logprobs, failed_rows = sample(adjusted, params, [s.generator for s in chosen])
         if logprobs is not None and adjusted is not raw:  # logprobs are the model's, before penalties (vLLM's)
             logprobs = raw.log_softmax(-1)
-        failed = {chosen[row].seq_id: why for row, why in failed_rows.items()}
+        failed |= {chosen[row].seq_id: why for row, why in failed_rows.items()}
         sampled = {s.seq_id: int(t) for s, t in zip(chosen, tokens.tolist()) if s.seq_id not in failed}
         lp = {}
         for row, s in enumerate(chosen):
@@ -120,6 +120,22 @@ def _logprobs_entry(logprobs: torch.Tensor, token: int, top_n: int) -> dict[int,
         top = torch.topk(logprobs, top_n)
         entry.update({int(i): float(v) for v, i in zip(top.values, top.indices)})
     return entry
+
+
+def _adjust(raw: torch.Tensor, chosen: list[Sequence]) -> tuple[torch.Tensor, dict[SeqId, str]]:
+    """Penalties, bias and min_tokens for the whole batch at once; if that raises, row by row, so
+    that the request whose adjustment fails is the only one that fails."""
+    params, histories = [s.params for s in chosen], [_history(s) for s in chosen]
+    try:
+        return adjust_logits(raw, params, histories), {}
+    except Exception:  # noqa: BLE001 - find whose it is
+        adjusted, failed = raw.clone(), {}
+        for row, seq in enumerate(chosen):
+            try:
+                adjusted[row] = adjust_logits(raw[row:row + 1], params[row:row + 1], histories[row:row + 1])[0]
+            except Exception as exc:  # noqa: BLE001 - this request's penalty, nobody else's
+                failed[seq.seq_id] = f"a logits adjustment (penalty, bias, min_tokens) failed: {type(exc).__name__}: {exc}"
+        return adjusted, failed
 
 
 def _history(seq: Sequence) -> History:

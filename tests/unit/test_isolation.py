@@ -44,26 +44,29 @@ def make_pair(bad_tokenizer=None):
     return engine, engine.memory.pool.num_free
 
 
-@pytest.mark.parametrize("kind", ["sampling", "logprobs", "stop check"])
+@pytest.mark.parametrize("kind", ["sampling", "logprobs", "stop check", "penalty"])
 def test_a_request_that_fails_on_its_own_fails_alone(kind, want):
     engine, free = make_pair(RaisingDecoder() if kind == "stop check" else None)
     stream_id = engine.add_request("stream", STREAM_PROMPT, LONG)
     engine.step()
     params = {"sampling": SamplingParams(max_tokens=20, temperature=0.8, seed=1),
               "logprobs": SamplingParams(max_tokens=20, logprobs=5),
-              "stop check": SamplingParams(max_tokens=20, stop=("never",))}[kind]
+              "stop check": SamplingParams(max_tokens=20, stop=("never",)),
+              "penalty": SamplingParams(max_tokens=20, logit_bias={3: 1.0})}[kind]
     bad_id = engine.add_request("bad", [8, 99, 3], params)
     seq = engine.sequence(bad_id)
     if kind == "sampling":
         seq.generator = "not a generator"  # torch.multinomial raises for this request only
     if kind == "logprobs":
         object.__setattr__(seq.params, "logprobs", 10_000)  # more than the vocabulary: topk raises
+    if kind == "penalty":
+        object.__setattr__(seq.params, "logit_bias", ((10_000, 1.0),))  # past the vocabulary: indexing raises
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()
         engine.memory.check_integrity()
     bad = engine.sequence(bad_id)
-    assert bad.finish_reason is FinishReason.ERROR and kind.split()[0] in bad.error
+    assert bad.finish_reason is FinishReason.ERROR and {"penalty": "adjustment"}.get(kind, kind.split()[0]) in bad.error
     assert [o.error for o in outputs if o.seq_id == bad_id and o.finished] == [bad.error]
     assert engine.sequence(stream_id).output_token_ids == want
     assert engine.memory.pool.num_free == free  # every page back
