@@ -22,17 +22,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from replicas import openai_api as api
-from replicas.openapi import install as install_openapi
 from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.tokenizer import Tokenizer
+from replicas.openapi import install as install_openapi
 
 PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
 
 logger = logging.getLogger(__name__)
 
-Generate = Callable[[str, list[int], SamplingParams], AsyncIterator[dict]]
+# (model, prompt ids, params, replicas to avoid) -> the engine's stream of items
+Generate = Callable[[str, list[int], SamplingParams, tuple[str, ...]], AsyncIterator[dict]]
 
 
 class _Catalog:
