@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from remap import RemapConfig, VictimOrder
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
+from replicas.engine.tokenizer import Tokenizer
+from replicas.openai_api import ROLE_TEMPLATE
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +61,26 @@ class ModelSpec(BaseModel):
     seed: int = Field(0, description="Seed of the random weights (dummy load).")
     weight_std: float = Field(0.2, gt=0, description="Spread of the random weights.")
     min_replicas: int = Field(1, ge=0, description="Replicas that host the model at least.")
+    chat_template: str | None = Field(None, description="Chat template (Jinja source, or the path of a .jinja file); "
+                                                        "overrides the folder's. Random-weight models default to a "
+                                                        "plain role-marker template; a folder with none and no "
+                                                        "template here answers chat with a 400.")
+
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (its folder's, else byte-level) with the chat template it is served with."""
+        if self.path is not None:
+            try:
+                tokenizer = Tokenizer.from_folder(self.path)
+            except FileNotFoundError:
+                tokenizer = Tokenizer.byte_level()
+        else:
+            tokenizer = Tokenizer.byte_level()
+            tokenizer.chat_template = ROLE_TEMPLATE
+        template = self.chat_template
+        if template is not None:
+            is_file = template.endswith(".jinja") and "{" not in template
+            tokenizer.chat_template = pathlib.Path(template).read_text(encoding="utf-8") if is_file else template
+        return tokenizer
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -45,13 +45,9 @@ class _Catalog:
         for spec in config.models:
             if spec.path is not None:
                 hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
-                try:
-                    self.tokenizers[spec.name] = Tokenizer.from_folder(spec.path)
-                except FileNotFoundError:
-                    self.tokenizers[spec.name] = Tokenizer.byte_level()
             else:
                 hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
-                self.tokenizers[spec.name] = Tokenizer.byte_level()
+            self.tokenizers[spec.name] = spec.tokenizer()
             self.context_len[spec.name] = ModelConfig.from_hf(hf).max_position_embeddings
 
 

@@ -5,18 +5,16 @@ Pure (pydantic + stdlib + the engine's SamplingParams/Tokenizer): the HTTP shell
 shapes the output with the builders below. Its invariant: every bad request leaves this module as an
 `ApiError` (status + OpenAI error body), never as another exception.
 
-Only one choice per request (n=1, a single prompt). Known OpenAI fields that change the output but
-are not implemented (echo, suffix, best_of > 1, logit_bias, penalties, tools, JSON response_format)
+A single prompt per request; `n` choices are independent samples (docs/api.md). Known fields that
+change the output but are not implemented (echo, suffix, best_of > 1, tools, guided decoding, ...)
 are refused with a 400 rather than silently ignored; other unknown fields are ignored.
 
-Chat prompts: with the tokenizer's `chat_template` (Jinja, rendered as Hugging Face does: `messages`,
-`add_generation_prompt=True`, `bos_token`, `eos_token`) the text is encoded without adding special
-tokens (the template places them). Without one, the default template is
-
-    <|system|>\\n{content}\\n<|user|>\\n{content}\\n ... <|assistant|>\\n
-
-i.e. "<|{role}|>\\n{content}\\n" per message then "<|assistant|>\\n", encoded with the tokenizer's
-special tokens (e.g. its BOS). Text content parts of one message are joined with "\\n".
+Chat prompts: the tokenizer's `chat_template` (Jinja, rendered as Hugging Face's apply_chat_template
+does: `messages`, `add_generation_prompt=True`, `bos_token`, `eos_token`, `raise_exception`, `tojson`),
+encoded without adding special tokens (the template places them). A model without a template gets a
+400 saying so; a config can name one (`ModelSpec.chat_template`), and random-weight models default
+to ROLE_TEMPLATE: "<|{role}|>" + newline + content + newline per message, then "<|assistant|>" and a
+newline. Text content parts of one message are joined with newlines.
 """
 
 from __future__ import annotations
@@ -338,23 +336,27 @@ def completion_prompt_ids(req: CompletionRequest, tokenizer: Tokenizer | None) -
     return ids
 
 
+ROLE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # random-weight models' default
+
+
 def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> list[int]:
     if tokenizer is None:
         raise invalid(f"model {req.model!r} has no tokenizer, which chat needs; use /v1/completions with "
                       "token ids", "messages")
-    messages = [{"role": m.role, "content": m.content} for m in req.messages]
     if tokenizer.chat_template is None:
-        return tokenizer.encode(render_chat(messages))
+        raise invalid(f"model {req.model!r} has no chat template (no chat_template.jinja and none in its "
+                      "tokenizer_config.json); name one with `chat_template` in its config entry, or use "
+                      "/v1/completions", "messages")
+    messages = [{"role": m.role, "content": m.content} for m in req.messages]
     bos, eos = (_special_text(tokenizer, tokenizer.bos_token_id), _special_text(tokenizer, tokenizer.eos_token_id))
     return tokenizer.encode(render_chat(messages, tokenizer.chat_template, bos, eos), add_special_tokens=False)
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], template: str | None = None,
+def render_chat(messages: Sequence[Mapping[str, str]], template: str = ROLE_TEMPLATE,
                 bos_token: str = "", eos_token: str = "") -> str:
-    """The prompt text: `template` (Jinja) if given, else the default template (module docstring)."""
-    if template is None:
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-    import jinja2  # lazy: only models with a chat template need it (it ships with torch)
+    """The prompt text of `template` (Jinja) for these messages, with the generation prompt."""
+    import jinja2  # lazy: only chat needs it (it ships with torch)
 
     compiled = _compile_template(template)
     try:

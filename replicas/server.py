@@ -46,14 +46,10 @@ def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     """Config, weights and tokenizer of one catalog entry (a local folder, or random weights)."""
     if spec.path is not None:
         config, state = load_hf_folder(spec.path)
-        try:
-            tokenizer = Tokenizer.from_folder(spec.path)
-        except FileNotFoundError:
-            tokenizer = Tokenizer.byte_level()
-        return config, state, tokenizer
+        return config, state, spec.tokenizer()
     hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
     config = ModelConfig.from_hf(hf)
-    return config, dummy_weights(config, spec.seed, std=spec.weight_std), Tokenizer.byte_level()
+    return config, dummy_weights(config, spec.seed, std=spec.weight_std), spec.tokenizer()
 
 
 def error_item(status: int, message: str, retry_after_s: float | None = None, code: str | None = None) -> dict[str, Any]:

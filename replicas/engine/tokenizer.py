@@ -38,7 +38,7 @@ class Tokenizer:
                 token = token.get("content")
             return backend.token_to_id(token) if isinstance(token, str) else None
 
-        return cls(backend, token_id("eos_token"), token_id("bos_token"), config.get("chat_template"))
+        return cls(backend, token_id("eos_token"), token_id("bos_token"), _chat_template(folder, config))
 
     @classmethod
     def byte_level(cls) -> Tokenizer:
@@ -66,3 +66,17 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def _chat_template(folder: pathlib.Path, config: dict) -> str | None:
+    """The folder's chat template, where Hugging Face looks: chat_template.jinja (how transformers
+    saves templates since 2024), else tokenizer_config.json's `chat_template`, a string or a list of
+    named templates (then the one named "default", or the only one)."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or (next(iter(named.values())) if len(named) == 1 else None)
+    return template if isinstance(template, str) else None

@@ -171,13 +171,15 @@ def test_completion_prompts_pass_ids_through_and_need_a_tokenizer_for_text():
     assert refused(api.completion_prompt_ids, api.parse_completion(completion(prompt=[])), None).param == "prompt"
 
 
-def test_chat_without_a_template_uses_the_default():
+def test_chat_without_a_template_is_a_400_and_random_models_get_the_role_template():
     req = api.parse_chat(chat(messages=[{"role": "system", "content": "you are kind"},
                                         {"role": "user", "content": "hi"}]))
-    text = api.render_chat([m.model_dump() for m in req.messages])
+    text = api.render_chat([m.model_dump() for m in req.messages])  # ROLE_TEMPLATE
     assert text == "<|system|>\nyou are kind\n<|user|>\nhi\n<|assistant|>\n"
-    assert api.chat_prompt_ids(req, make_tokenizer()) == ids("<|system|>", "you", "are", "kind", "<|user|>", "hi",
-                                                             "<|assistant|>")
+    assert api.chat_prompt_ids(req, make_tokenizer(api.ROLE_TEMPLATE)) == ids(
+        "<|system|>", "you", "are", "kind", "<|user|>", "hi", "<|assistant|>")
+    err = refused(api.chat_prompt_ids, req, make_tokenizer())
+    assert (err.status, err.param) == (400, "messages") and "has no chat template" in err.message
     assert refused(api.chat_prompt_ids, req, None).param == "messages"
 
 

@@ -83,3 +83,61 @@ def test_stop_matching_decodes_only_the_tail_a_new_token_can_complete():
         reasons.append(seq.check_stop())
     assert reasons[-1] is not None and all(r is None for r in reasons[:-1])
     assert max(seen) <= 4 * 2 + 4
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}w10 {{ m['content'] }}"
+            "{% else %}w11 {{ m['role'] }} {{ m['content'] | trim }}{% endif %} {{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}w12 assistant{% endif %}")
+MESSAGES = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content": "w30 w31 "},
+            {"role": "assistant", "content": "w40"}, {"role": "user", "content": "w50"}]
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json", "a list of named templates"])
+def test_chat_prompts_equal_hugging_faces_apply_chat_template(tmp_path, where):
+    transformers = pytest.importorskip("transformers")
+    from replicas import openai_api as api
+    from replicas.config import ModelSpec
+
+    write_word_tokenizer(tmp_path)
+    backend = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.add_special_tokens(["<s>"])  # as in real folders: bos is an added token of tokenizer.json
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"eos_token": "</s>", "bos_token": "<s>"}
+    if where == "chat_template.jinja":
+        (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    elif where == "tokenizer_config.json":
+        config["chat_template"] = TEMPLATE
+    else:
+        config["chat_template"] = [{"name": "tool_use", "template": "w99"}, {"name": "default", "template": TEMPLATE}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    ours = ModelSpec(name="m", path=str(tmp_path)).tokenizer()
+    req = api.parse_chat({"model": "m", "messages": MESSAGES})
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    want = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert api.chat_prompt_ids(req, ours) == list(want)
+
+
+def test_a_config_template_overrides_the_folder_and_a_folder_without_one_refuses_chat(tmp_path):
+    from replicas import openai_api as api
+    from replicas.config import ModelSpec
+
+    write_word_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    req = api.parse_chat({"model": "m", "messages": [{"role": "user", "content": "w5"}]})
+    with pytest.raises(api.ApiError, match="has no chat template"):
+        api.chat_prompt_ids(req, ModelSpec(name="m", path=str(tmp_path)).tokenizer())
+    (tmp_path / "mine.jinja").write_text("w7 {{ messages[0]['content'] }}")
+    for template in (str(tmp_path / "mine.jinja"), "w7 {{ messages[0]['content'] }}"):
+        spec = ModelSpec(name="m", path=str(tmp_path), chat_template=template)
+        assert api.chat_prompt_ids(req, spec.tokenizer()) == [7, 5]
+
+
+def test_a_config_without_architectures_is_read_from_its_model_type():
+    from replicas.engine.models import ModelConfig
+    from tests.unit.hf_reference import make_config
+
+    hf = make_config("qwen2_tied")
+    del hf["architectures"]
+    assert ModelConfig.from_hf(hf).architecture == "Qwen2ForCausalLM"

@@ -109,8 +109,13 @@ class ModelConfig:
             raise ValueError(f"{len(self.layer_windows)} layer attention types for {self.num_layers} layers")
 
 
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "opt": "OPTForCausalLM"}  # for config.json files that name no architecture (some converters)
+
+
 def _architecture(hf: Mapping[str, Any]) -> str:
-    archs = hf.get("architectures") or []
+    archs = hf.get("architectures") or ([_BY_MODEL_TYPE[hf["model_type"]]] if hf.get("model_type") in _BY_MODEL_TYPE
+                                        else [])
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ValueError(
             f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(ARCHITECTURES)}"
