@@ -1,6 +1,9 @@
 """The `oneiros` command line. Subcommands import their dependencies lazily, so `--help` is instant.
 
-    oneiros serve [--config FILE]   start a local Ray cluster and serve the OpenAI API (default: 3 tiny tenants)
+    oneiros serve [PATH ...] [--model NAME=PATH] [--host H] [--port P] [--api-key K] [--config FILE]
+                                    start a local Ray cluster and serve the OpenAI API (default: 3 tiny tenants;
+                                    each PATH, a Hugging Face folder, is a tenant named after it; flags override
+                                    the YAML config)
     oneiros status                  print the running cluster: replicas, tenants, pages, resident layers
     oneiros demo                    walk through parameter remapping on real memory (no Ray)
     oneiros bench --base-url URL    replay a seeded multi-tenant workload against an OpenAI endpoint (no Ray)
@@ -37,11 +40,19 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneiros", description="Oneiros cluster: multi-tenant LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="start a local Ray cluster and serve the OpenAI API")
+    serve_p.add_argument("paths", nargs="*", metavar="PATH", help="Hugging Face folders to serve, each a tenant "
+                                                                  "named after its folder (replaces the config's models)")
+    serve_p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                         help="a folder to serve under NAME (repeatable; with PATHs, replaces the config's models)")
+    serve_p.add_argument("--host", help="address the HTTP proxy binds (overrides the config)")
+    serve_p.add_argument("--port", type=int, help="HTTP port (overrides the config)")
+    serve_p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                         help="a bearer key clients must send (repeatable; adds to the config's keys)")
     serve_p.add_argument("--config", help="YAML config (default: the built-in three tiny tenants)")
     serve_p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     serve_p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray cluster")
@@ -52,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="walk through parameter remapping on real memory (CPU, ~2 s)")
     _add_bench_parser(sub)
     _add_sim_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -127,8 +142,44 @@ def _load_config(path: str | None):
         return None
 
 
-def _serve(args) -> int:
+def serve_config(args):
+    """The config `oneiros serve` runs: the YAML file (or the built-in default) with the flags applied;
+    None after printing why on stderr."""
+    import pathlib
+
+    from pydantic import ValidationError
+
     config = _load_config(args.config)
+    if config is None:
+        return None
+    models = [(pathlib.Path(p).resolve().name, p) for p in args.paths]
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"oneiros: --model {item!r}: expected NAME=PATH", file=sys.stderr)
+            return None
+        models.append((name, path))
+    for name, path in models:
+        if not (pathlib.Path(path) / "config.json").is_file():
+            print(f"oneiros: {path} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
+            return None
+    update = {}
+    if models:
+        update["models"] = [{"name": name, "path": str(pathlib.Path(path).resolve())} for name, path in models]
+    http = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if http:
+        update["http"] = config.http.model_dump() | http
+    if args.api_key:
+        update["api_keys"] = [k.model_dump() for k in config.api_keys] + [{"key": k} for k in args.api_key]
+    try:
+        return type(config).model_validate(config.model_dump() | update)
+    except ValidationError as exc:
+        print(f"oneiros: bad flags: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args) -> int:
+    config = serve_config(args)
     if config is None:
         return 2
     os.environ.setdefault("RAY_AUTH_MODE", "token")
