@@ -16,6 +16,10 @@ admission, the replica's load check, the cluster controller's spare pages and th
 
 Without remapping (preemption modes `swap` and `recompute`) nothing is lendable and no model
 streams, so `max_kv_pages` is the pool minus every parameter page.
+
+`check_load` applies the same figures to a model about to be loaded: its fixed pages must be free
+or lendable now, and it must leave every model (itself included) a KV page and every admitted
+request its need.
 """
 
 from __future__ import annotations
