@@ -166,11 +166,14 @@ class EngineServer:
 
     # ---- the step loop -------------------------------------------------------------------
     def _ensure_loop(self) -> None:
-        if self._wake is None:
+        loop = asyncio.get_running_loop()
+        if self._wake is None or self._loop_task is None or self._loop_task.get_loop() is not loop:
+            # An asyncio.Event binds to the loop that first waits on it: a server driven from a new
+            # event loop (a test's asyncio.run) gets a new one, or its step loop would die on wait().
             self._wake = asyncio.Event()
         self._wake.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._loop_task = loop.create_task(self._step_loop())
 
     async def _step_loop(self) -> None:
         while True:
