@@ -83,7 +83,9 @@ class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
             ranks = rank_replicas(view, model, usable)
             if ranks:
                 return ranks + last
-        return await super().choose_replicas(usable, pending_request) + last
+        if avoid:  # Serve's power of two choices draws from every replica, whatever it is given
+            return [usable] + last
+        return await super().choose_replicas(candidate_replicas, pending_request)
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
