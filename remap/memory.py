@@ -248,7 +248,8 @@ class DeviceMemory:
         self._rings[model] = ring
         return ring
 
-    def _make_slots(self, model: ModelId, num_slots: int, slot_pages: int) -> list[tuple[list[PageId], torch.Tensor]] | None:
+    def _make_slots(self, model: ModelId, num_slots: int,
+                    slot_pages: int) -> list[tuple[list[PageId], torch.Tensor]] | None:
         """Every slot of a ring, or None (and nothing held) if one cannot be made."""
         slots: list[tuple[list[PageId], torch.Tensor]] = []
         for slot in range(num_slots):

@@ -357,7 +357,8 @@ class ParamStore:
                 if any(not self._pool.is_homed(p) for p in slab.pages):
                     raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
                 if slab.resident and len(slab.pages) != slab.num_pages:
-                    raise IntegrityError(f"resident slab {model}/{index} has {len(slab.pages)} of {slab.num_pages} pages")
+                    raise IntegrityError(f"resident slab {model}/{index} has {len(slab.pages)} of "
+                                         f"{slab.num_pages} pages")
             else:
                 self._check_mapped(slab)
             if index != BASE_SLAB and slab.resident == (index in self._remapped[model]):

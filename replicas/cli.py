@@ -45,8 +45,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="start a local Ray cluster and serve the OpenAI API")
-    serve_p.add_argument("paths", nargs="*", metavar="PATH", help="Hugging Face folders to serve, each a tenant "
-                                                                  "named after its folder (replaces the config's models)")
+    serve_p.add_argument("paths", nargs="*", metavar="PATH",
+                         help="Hugging Face folders to serve, each a tenant named after its folder "
+                              "(replaces the config's models)")
     serve_p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                          help="a folder to serve under NAME (repeatable; with PATHs, replaces the config's models)")
     serve_p.add_argument("--host", help="address the HTTP proxy binds (overrides the config)")

@@ -121,6 +121,7 @@ class LLMEngine:
         self._ring_model: ModelId | None = None
         self._urgent: ModelId | None = None  # this step's tenant when its plan is urgent (progress guarantee)
         self._reserved: dict[ModelId, int] = {}  # the head's tenant -> KV pages the head may still need
+        self._kv_limits: dict[ModelId, int] = {}  # Capacity.kv_pages_for of each model (admission's limit)
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
         self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
         self._warming: frozenset[ModelId] = frozenset()
@@ -140,6 +141,8 @@ class LLMEngine:
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer, last_active_s=self._clock())  # loading counts
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
+        capacity = self.capacity()  # a request's limit changes only when a model is added
+        self._kv_limits = {m: capacity.kv_pages_for(m) for m in self._tenants}
 
     def _make_room_for_load(self, model: ModelId, layers, base) -> int:
         """Lend idle tenants' layers (cold first, then MRU, within the cap) until the new model's
@@ -223,7 +226,7 @@ class LLMEngine:
                 f"{cfg.max_position_embeddings} of {model!r}"
             )
         need = self.memory.kv[ModelId(model)].num_blocks_for(len(ids) + params.max_tokens)
-        most = self.capacity().kv_pages_for(ModelId(model))
+        most = self._kv_limits[ModelId(model)]
         if need > most:
             raise InvalidRequest(
                 f"prompt + max_tokens need {need} KV pages; this device can give one request of {model!r} "
@@ -412,8 +415,9 @@ class LLMEngine:
         restores, the layers the head's plan lends. Returns the urgent tenant, or None."""
         plan = self.controller.plan(self._snapshot(now))
         urgent = None
-        if head is not None and (plan.num_pages_short > 0 or
-                                 self.memory.pool.num_free + self._ring_pages(head.model) < self._reserved.get(head.model, 0)):
+        reserved = self._reserved.get(head.model, 0) if head is not None else 0
+        if head is not None and (plan.num_pages_short > 0
+                                 or self.memory.pool.num_free + self._ring_pages(head.model) < reserved):
             urgent = head.model
             for other in list(self._tenants):
                 if other != urgent and self.memory.ring(other) is not None:

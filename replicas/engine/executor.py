@@ -134,7 +134,8 @@ def _adjust(raw: torch.Tensor, chosen: list[Sequence]) -> tuple[torch.Tensor, di
             try:
                 adjusted[row] = adjust_logits(raw[row:row + 1], params[row:row + 1], histories[row:row + 1])[0]
             except Exception as exc:  # noqa: BLE001 - this request's penalty, nobody else's
-                failed[seq.seq_id] = f"a logits adjustment (penalty, bias, min_tokens) failed: {type(exc).__name__}: {exc}"
+                failed[seq.seq_id] = (f"a logits adjustment (penalty, bias, min_tokens) failed: "
+                                      f"{type(exc).__name__}: {exc}")
         return adjusted, failed
 
 

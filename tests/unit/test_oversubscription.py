@@ -67,7 +67,8 @@ def run(engine: LLMEngine, requests, check: bool) -> tuple[list[list[int]], int]
     while steps <= last_arrival or engine.has_unfinished():
         for k, (tenant, prompt, max_tokens, arrival) in enumerate(requests):
             if arrival == steps:
-                ids[k] = engine.add_request(f"t{tenant}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+                ids[k] = engine.add_request(f"t{tenant}", prompt, params)
         engine.step()
         steps += 1
         if check:
