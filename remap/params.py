@@ -137,10 +137,8 @@ class ParamStore:
                         lent = f" ({max_lent} of its layers may start lent)" if max_lent else ""
                         raise RemapError(f"model {model!r} needs {need} pages{runs}{lent}; only {free} pages are free")
                 _fill_host(slab, tensors)
-                key = (model, i)
-                self._slabs[key] = slab
-                self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
-                self._views[key] = slab_views(slab.specs, self._bytes[key])
+                self._slabs[(model, i)] = slab
+                self._map(slab)
                 self._copy_in(slab)
         except BaseException:
             self._unregister(model)
@@ -257,7 +255,7 @@ class ParamStore:
     def move(self, model: ModelId, layer: int, first: PageId) -> None:
         """Move a resident slab (home-run backends) to the run at `first`, which must be free once
         the slab's own pages are: compaction. Its bytes come again from the host copy."""
-        slab, key = self.slab(model, layer), (model, layer)
+        slab = self.slab(model, layer)
         if not slab.resident or not self._backend.needs_home_runs:
             raise RemapError(f"only a resident slab on a home-run backend moves, not {model}/{layer}")
         self._pool.set_homed(slab.pages, False)
@@ -267,23 +265,27 @@ class ParamStore:
             raise IntegrityError(f"slab {model}/{layer} cannot move to {first}: the run is not free")
         self._pool.set_homed(pages, True)
         slab.pages = pages
-        self._bytes[key] = self._backend.map_slab(key, pages)[: slab.num_bytes]
-        self._views[key] = slab_views(slab.specs, self._bytes[key])
+        self._map(slab)
         self._copy_in(slab)
+
+    def _map(self, slab: Slab) -> None:
+        """Map the slab's pages into its range and (re)build its byte and tensor views."""
+        key = (slab.model, slab.index)
+        self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
+        self._views[key] = slab_views(slab.specs, self._bytes[key])
 
     def is_homeless(self, model: ModelId, layer: int) -> bool:
         return self._backend.needs_home_runs and not self.slab(model, layer).pages
 
     def rehome(self, model: ModelId, layer: int, first: PageId) -> None:
         """Give a homeless reclaimed slab the free run at `first` as its new home (views move too)."""
-        slab, key = self.slab(model, layer), (model, layer)
+        slab = self.slab(model, layer)
         if slab.resident or slab.pages:
             raise RemapError(f"slab {model}/{layer} has a home already (resident={slab.resident})")
         pages = [PageId(p) for p in range(first, first + slab.num_pages)]
         self._pool.set_homed(pages, True)
         slab.pages = pages
-        self._bytes[key] = self._backend.map_slab(key, pages)[: slab.num_bytes]
-        self._views[key] = slab_views(slab.specs, self._bytes[key])
+        self._map(slab)
 
     # ---- reclaim / restore ---------------------------------------------------------------
     def reclaim(self, model: ModelId, layer: int) -> int:
