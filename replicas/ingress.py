@@ -42,13 +42,15 @@ class _Catalog:
     def __init__(self, config: OneirosConfig) -> None:
         self.context_len: dict[str, int] = {}
         self.tokenizers: dict[str, Tokenizer] = {}
+        self.sampling_defaults: dict[str, dict[str, float]] = {}  # from each folder's generation_config.json
         for spec in config.models:
             if spec.path is not None:
                 hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
             else:
                 hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
             self.tokenizers[spec.name] = spec.tokenizer()
-            self.context_len[spec.name] = ModelConfig.from_hf(hf).max_position_embeddings
+            self.context_len[spec.name] = spec.context_len(ModelConfig.from_hf(hf))
+            self.sampling_defaults[spec.name] = spec.sampling_defaults()
 
 
 class OpenAIFrontend:
@@ -99,7 +101,8 @@ class OpenAIFrontend:
         self.check_model(req.model, allowed)
         tokenizer = self.catalog.tokenizers[req.model]
         prompt = api.chat_prompt_ids(req, tokenizer) if kind == "chat" else api.completion_prompt_ids(req, tokenizer)
-        params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt))
+        params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt),
+                                        self.catalog.sampling_defaults[req.model])
         if (req.n or 1) == 1:
             stream, first = await self._place(req.model, prompt, params)
             return req, prompt, params, tokenizer, first, stream

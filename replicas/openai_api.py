@@ -257,11 +257,17 @@ def _parse(body, model: type[BaseModel], unsupported: dict) -> Any:
 
 # ---- sampling -------------------------------------------------------------------------------------
 
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # a model may set these
+
+
 def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_len: int | None = None,
-                       num_prompt_tokens: int = 0) -> SamplingParams:
+                       num_prompt_tokens: int = 0, defaults: Mapping[str, float] | None = None) -> SamplingParams:
     """The engine's SamplingParams for `req`; with `context_len`, max_tokens is fitted to the context
     (null -> what is left; the completions default of 16 is clamped; an explicit value that does not
-    fit is a 400, as OpenAI does)."""
+    fit is a 400, as OpenAI does). `defaults` (the model's generation_config.json, as vLLM reads it)
+    replace the API's defaults of the SAMPLING_DEFAULTS fields the request does not set."""
+    if defaults:
+        req = req.model_copy(update={k: v for k, v in defaults.items() if k not in req.model_fields_set})
     chat = isinstance(req, ChatCompletionRequest)
     max_param = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit_context(req, getattr(req, max_param), max_param, context_len, num_prompt_tokens)

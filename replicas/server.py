@@ -90,7 +90,7 @@ class EngineServer:
         if spec is None:
             raise InvalidRequest(f"unknown model {name!r}")
         model_config, state, tokenizer = load_model(spec)
-        self.engine.add_model(name, model_config, state, tokenizer=tokenizer)
+        self.engine.add_model(name, model_config, state, tokenizer=tokenizer, max_model_len=spec.max_model_len)
         self.tokenizers[name] = tokenizer
         logger.info("replica %s now hosts %s", self.replica_id, name)
 

