@@ -1,9 +1,11 @@
 """Engine throughput and latency on this machine, against Hugging Face `generate` in the same run.
 
     python scripts/bench_engine.py --json out/bench_engine.json [--quick] [--vllm-python /path/to/vllm-venv/bin/python]
+                                   [--model $(oneiros pull)]
 
 Prints a table and writes JSON with:
-  decode_tok_s_b{1,16,64}, prefill_tok_s_b{1,16,64}   tiny Llama (hidden 256, 4 layers, head_dim 32)
+  decode_tok_s_b{1,16,64}, prefill_tok_s_b{1,16,64}   tiny Llama (hidden 256, 4 layers, head_dim 32), or the
+                        Hugging Face folder --model names (SmolLM2-135M from `oneiros pull`: the real-sized case)
   speedup_vs_hf_b16     our tokens/s over HF generate's, 16 prompts x 32 tokens -> 64 new tokens each
   speedup_vs_vllm_b16   same against vLLM (scripts/vllm_baseline.py) with --vllm-python, else null
   p99_tbt_s             per preemption mode on a short three-tenant replay in a pool tight enough to remap
@@ -26,8 +28,11 @@ import time
 import torch
 
 from remap import DeviceMemory
+from remap.params import slab_num_pages
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
+from replicas.engine.models.loader import load_hf_folder
+from replicas.engine.models.weights import split_state_dict
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
@@ -40,14 +45,36 @@ TINY_LLAMA = {
 PAGE = 256 << 10
 
 
-def make_engine(num_pages: int, mode: str = "remap", tenants: int = 1) -> tuple[LLMEngine, dict]:
-    config = ModelConfig.from_hf(TINY_LLAMA)
+class BenchModel:
+    """The model benchmarked: the tiny Llama with random weights (one set per tenant seed), or a folder."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.folder = folder
+        if folder is None:
+            self.hf_config, self._state = TINY_LLAMA, None
+        else:
+            self.hf_config = json.loads((pathlib.Path(folder) / "config.json").read_text())
+            self._state = load_hf_folder(folder)[1]
+        self.config = ModelConfig.from_hf(self.hf_config)
+        layers, base = split_state_dict(self.config, self.weights(0))
+        self.param_pages = sum(slab_num_pages(t, PAGE) for t in layers) + slab_num_pages(base, PAGE)
+
+    def weights(self, seed: int) -> dict:
+        return dummy_weights(self.config, seed=seed, std=0.05) if self._state is None else self._state
+
+    def kv_pages(self, tokens: int) -> int:
+        return -(-tokens // (PAGE // self.config.kv_geometry().bytes_per_token))
+
+
+def make_engine(model: BenchModel, kv_tokens: int, mode: str = "remap", tenants: int = 1) -> tuple[LLMEngine, dict]:
+    """A pool of the tenants' parameters plus room for kv_tokens tokens of KV."""
+    num_pages = tenants * model.param_pages + model.kv_pages(kv_tokens)
     engine = LLMEngine(DeviceMemory(num_pages, PAGE), EngineConfig(
         scheduler=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64, preemption_mode=PreemptionMode(mode))))
     state = {}
     for i in range(tenants):
-        state = dummy_weights(config, seed=i, std=0.05)
-        engine.add_model(f"t{i}", config, state, eos_token_ids=())
+        state = model.weights(i)
+        engine.add_model(f"t{i}", model.config, state, eos_token_ids=())
     return engine, state
 
 
@@ -70,9 +97,9 @@ def run_timed(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int) -
     return prefill_s, time.perf_counter() - start
 
 
-def bench_throughput(batches: list[int], decode_tokens: int) -> dict:
+def bench_throughput(model: BenchModel, batches: list[int], decode_tokens: int) -> dict:
     out = {}
-    engine, _ = make_engine(num_pages=600)
+    engine, _ = make_engine(model, kv_tokens=max(batches) * 300)
     run_timed(engine, 2, 16, 4)  # warm up
     for b in batches:
         prefill_s, _ = run_timed(engine, b, 256, 1)
@@ -82,16 +109,16 @@ def bench_throughput(batches: list[int], decode_tokens: int) -> dict:
     return out
 
 
-def bench_vs_hf(batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+def bench_vs_hf(model: BenchModel, batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> dict:
     import transformers
 
-    engine, state = make_engine(num_pages=600)
+    engine, state = make_engine(model, kv_tokens=batch * (prompt_len + new_tokens + 16))
     run_timed(engine, 2, 16, 4)
     prefill_s, decode_s = run_timed(engine, batch, prompt_len, new_tokens)
     ours = batch * new_tokens / (prefill_s + decode_s)
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in TINY_LLAMA.items() if k != "architectures"})
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in model.hf_config.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.load_state_dict(state, strict=False)
+    hf.load_state_dict(state, strict=False)  # a tied lm_head is the embedding already
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts(batch, prompt_len))
     with torch.inference_mode():
@@ -103,12 +130,13 @@ def bench_vs_hf(batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> 
     return {"ours_tok_s_b16": ours, "hf_tok_s_b16": theirs, "speedup_vs_hf_b16": ours / theirs}
 
 
-def bench_vs_vllm(python: str, ours: float, batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+def bench_vs_vllm(python: str, model: BenchModel, ours: float, batch: int = 16, prompt_len: int = 32,
+                  new_tokens: int = 64) -> dict:
     """vLLM on the same config and prompts, in its own interpreter; {} (and a printed reason) if that fails."""
     script = pathlib.Path(__file__).with_name("vllm_baseline.py")
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "vllm.json"
-        cmd = [python, str(script), "--config", json.dumps(TINY_LLAMA), "--batch", str(batch),
+        cmd = [python, str(script), "--config", json.dumps(model.hf_config), "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--json", str(out)]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
@@ -122,11 +150,11 @@ def bench_vs_vllm(python: str, ours: float, batch: int = 16, prompt_len: int = 3
             "vllm_dtype": theirs["dtype"], "vllm_version": theirs["vllm_version"]}
 
 
-def bench_modes(num_requests: int) -> dict:
+def bench_modes(model: BenchModel, num_requests: int) -> dict:
     """Three tenants, skewed load (70 / 20 / 10 %), a pool where KV runs out without remapping."""
     out = {}
     for mode in ("remap", "recompute", "swap"):
-        engine, _ = make_engine(num_pages=3 * 57 + 30, mode=mode, tenants=3)  # 57 pages of parameters each
+        engine, _ = make_engine(model, kv_tokens=1920, mode=mode, tenants=3)  # ~1.5 of the longest requests
         g = torch.Generator().manual_seed(0)
         for i in range(num_requests):
             r = torch.rand((), generator=g).item()
@@ -148,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the script)")
     ap.add_argument("--vllm-python", default=os.environ.get("ONEIROS_VLLM_PYTHON"),
                     help="interpreter with vLLM installed, for speedup_vs_vllm_b16 (default: $ONEIROS_VLLM_PYTHON)")
+    ap.add_argument("--model", help="a Hugging Face folder to benchmark instead of the tiny Llama "
+                                    "(e.g. $(oneiros pull): SmolLM2-135M-Instruct)")
     args = ap.parse_args(argv)
+    model = BenchModel(args.model)
     batches = [1, 16] if args.quick else [1, 16, 64]
-    results = bench_throughput(batches, decode_tokens=8 if args.quick else 32)
-    results.update(bench_vs_hf(new_tokens=8 if args.quick else 64))
+    results = {"model": args.model or "tiny-llama"}
+    results.update(bench_throughput(model, batches, decode_tokens=8 if args.quick else 32))
+    results.update(bench_vs_hf(model, new_tokens=8 if args.quick else 64))
     results["speedup_vs_vllm_b16"] = None  # measured only with --vllm-python (vLLM lives in its own venv)
     if args.vllm_python:
-        results.update(bench_vs_vllm(args.vllm_python, results["ours_tok_s_b16"], new_tokens=8 if args.quick else 64))
+        results.update(bench_vs_vllm(args.vllm_python, model, results["ours_tok_s_b16"],
+                                     new_tokens=8 if args.quick else 64))
     results["vllm_installed"] = importlib.util.find_spec("vllm") is not None
-    modes = bench_modes(num_requests=6 if args.quick else 24)
+    modes = bench_modes(model, num_requests=6 if args.quick else 24)
     results["p99_tbt_s"] = {m: v["p99_tbt_s"] for m, v in modes.items()}
     results["modes"] = modes
     results["torch_threads"] = torch.get_num_threads()

@@ -1,7 +1,11 @@
 """Does the simulator predict the real engine? One three-tenant workload, run by the real engine on
 this CPU and by the simulator with this CPU's measured profile, in one run.
 
-    python scripts/sim_vs_real.py [--json out/sim_vs_real.json]
+    python scripts/sim_vs_real.py [--json out/sim_vs_real.json] [--model $(oneiros pull)]
+
+With --model (a Hugging Face folder: SmolLM2-135M-Instruct from `oneiros pull` is the real-sized case)
+the three tenants are that model, the real engine runs its weights, and the profile's probes use its
+shapes; without it, a tiny Llama family with random weights.
 
 The CPU profile comes from microbenchmarks only, never from the workload: matmul FLOP/s and copy
 bandwidth (replicas.sim.cpu_profile), a per-kernel floor (the time of a tiny op) and a per-step
@@ -22,7 +26,10 @@ import torch
 
 from remap import DeviceMemory
 from replicas.engine.engine import EngineConfig, LLMEngine
+from remap.params import slab_num_pages
 from replicas.engine.models import AttentionBatch, ModelConfig, PagedAttention, dummy_weights
+from replicas.engine.models.loader import load_hf_folder
+from replicas.engine.models.weights import split_state_dict
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import SchedulerConfig
 from replicas.sim import CostModel, cpu_profile, make_sim_engine, meta_weights
@@ -46,8 +53,17 @@ def workload(seed: int = 0) -> list[tuple[str, int, int]]:
     return out
 
 
-def configs() -> dict[str, ModelConfig]:
-    return {name: ModelConfig.from_hf(BASE | {"num_hidden_layers": layers}) for name, layers in TENANTS.items()}
+def configs(base: dict, tenants: dict[str, int] = TENANTS) -> dict[str, ModelConfig]:
+    return {name: ModelConfig.from_hf(base | {"num_hidden_layers": layers}) for name, layers in tenants.items()}
+
+
+def pool_pages(cfgs, kv_pages: int) -> int:
+    """Pages of these models' parameters plus kv_pages."""
+    total = kv_pages
+    for cfg in cfgs:
+        layers, base = split_state_dict(cfg, meta_weights(cfg))
+        total += sum(slab_num_pages(t, PAGE) for t in layers) + slab_num_pages(base, PAGE)
+    return total
 
 
 def run(engine: LLMEngine, clock) -> dict[str, float]:
@@ -61,30 +77,30 @@ def run(engine: LLMEngine, clock) -> dict[str, float]:
     return {"p50_tbt_s": statistics.median(tbt), "throughput_tok_s": tokens / elapsed, "elapsed_s": elapsed}
 
 
-def measured_params(profile) -> CostParams:
+def measured_params(profile, base: dict) -> CostParams:
     """From microbenchmarks, never the workload: GEMM efficiency at a decode-sized shape, then engine
     steps of 1- and 4-layer models of the same family at batch 1 (kernel-floor bound): the difference
     per layer gives the per-kernel floor, the rest of a 1-layer step the fixed per-step overhead."""
-    a, w = torch.randn(16, BASE["hidden_size"]), torch.randn(BASE["intermediate_size"], BASE["hidden_size"])
+    a, w = torch.randn(16, base["hidden_size"]), torch.randn(base["intermediate_size"], base["hidden_size"])
     gemm_s = min(_timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(200))
     efficiency = min(1.0, 2 * a.shape[0] * w.numel() / gemm_s / profile.peak_flops)
-    step_1, step_4 = (_step_s(layers, 1) for layers in (1, 4))  # batch 1
+    step_1, step_4 = (_step_s(base, layers, 1) for layers in (1, 4))  # batch 1
     per_layer = max(0.0, (step_4 - step_1) / 3)
-    kernels_per_layer = len(linear_shapes(ModelConfig.from_hf(BASE))) + 2  # + attention + elementwise
+    kernels_per_layer = len(linear_shapes(ModelConfig.from_hf(base))) + 2  # + attention + elementwise
     floor = per_layer / kernels_per_layer
-    step_1_b16, step_4_b16 = (_step_s(layers, 16) for layers in (1, 4))
+    step_1_b16, step_4_b16 = (_step_s(base, layers, 16) for layers in (1, 4))
     per_seq = max(0.0, (step_1_b16 - step_1) / 15)  # host work per sequence, on a 1-layer model
     # what each extra sequence costs each layer beyond that (small ops that do not reach the roofline)
     per_seq_layer = max(0.0, ((step_4_b16 - step_4) - (step_1_b16 - step_1)) / 3 / 15)
     return CostParams(flops_efficiency=efficiency, hbm_efficiency=1.0, kernel_floor_s=floor,
                       step_overhead_s=max(0.0, step_1 - per_layer - floor), seq_overhead_s=per_seq,
-                      attention_efficiency=_attention_efficiency(profile), seq_layer_overhead_s=per_seq_layer)
+                      attention_efficiency=_attention_efficiency(profile, base), seq_layer_overhead_s=per_seq_layer)
 
 
-def _attention_efficiency(profile, batch: int = 16, context: int = 512) -> float:
+def _attention_efficiency(profile, base: dict, batch: int = 16, context: int = 512) -> float:
     """The real paged decode attention of one layer (a gather of every key and value) against the
     profile's memory bandwidth."""
-    cfg = ModelConfig.from_hf(BASE)
+    cfg = ModelConfig.from_hf(base | {"num_hidden_layers": 4})
     block = PAGE // cfg.kv_geometry().bytes_per_token
     pages = batch * -(-context // block)
     kv = torch.randn(pages, cfg.num_layers, 2, block, cfg.num_kv_heads, cfg.head_dim)
@@ -98,10 +114,10 @@ def _attention_efficiency(profile, batch: int = 16, context: int = 512) -> float
     return min(1.0, kv_bytes / seconds / profile.hbm_bytes_per_s)
 
 
-def _step_s(num_layers: int, batch: int) -> float:
+def _step_s(base: dict, num_layers: int, batch: int) -> float:
     """Median decode step of a model of this family at this batch size, short contexts."""
-    cfg = ModelConfig.from_hf(BASE | {"num_hidden_layers": num_layers})
-    engine = LLMEngine(DeviceMemory(64, PAGE), EngineConfig(link_bytes_per_s=1e10))
+    cfg = ModelConfig.from_hf(base | {"num_hidden_layers": num_layers})
+    engine = LLMEngine(DeviceMemory(pool_pages([cfg], 64), PAGE), EngineConfig(link_bytes_per_s=1e10))
     engine.add_model("probe", cfg, dummy_weights(cfg, 0), eos_token_ids=())
     for _ in range(batch):
         engine.add_request("probe", [3, 4], SamplingParams(max_tokens=80, ignore_eos=True))
@@ -121,19 +137,31 @@ def _timed(fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--model", help="a Hugging Face folder: three tenants of it (e.g. $(oneiros pull))")
     args = ap.parse_args(argv)
+    if args.model:
+        base = json.loads((pathlib.Path(args.model) / "config.json").read_text())
+        cfgs = configs(base, {name: base["num_hidden_layers"] for name in TENANTS})
+        state = load_hf_folder(args.model)[1]
+        weights = {name: state for name in cfgs}
+        kv_pages = 1000  # ~5k SmolLM2 tokens: the 24 requests (~8k tokens) still contend
+    else:
+        base, cfgs = BASE, configs(BASE)
+        weights = {name: dummy_weights(cfg, 1) for name, cfg in cfgs.items()}
+        kv_pages = 400 - pool_pages(cfgs.values(), 0)
+    num_pages = pool_pages(cfgs.values(), kv_pages)
     settings = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=32,
                                                       preemption_mode="recompute"))
-    real = LLMEngine(DeviceMemory(400, PAGE), settings)
-    for name, cfg in configs().items():
-        real.add_model(name, cfg, dummy_weights(cfg, 1), eos_token_ids=())
+    real = LLMEngine(DeviceMemory(num_pages, PAGE), settings)
+    for name, cfg in cfgs.items():
+        real.add_model(name, cfg, weights[name], eos_token_ids=())
     real_numbers = run(real, time.monotonic)
 
     profile = cpu_profile()
-    params = measured_params(profile)
-    sim, executor = make_sim_engine(profile, settings, num_pages=400, page_size_bytes=PAGE,
+    params = measured_params(profile, base)
+    sim, executor = make_sim_engine(profile, settings, num_pages=num_pages, page_size_bytes=PAGE,
                                     cost=CostModel(profile, params), token_id=0)
-    for name, cfg in configs().items():
+    for name, cfg in cfgs.items():
         sim.add_model(name, cfg, meta_weights(cfg), eos_token_ids=())
     sim_numbers = run(sim, executor.clock)
 
