@@ -307,6 +307,23 @@ def test_view_hosts_puts_most_resident_first_then_most_spare_pages_then_shortest
     assert [e.replica_id for e in state.decide(NOW).view.hosts("a")] == ["r4", "r3", "r2", "r1"]
 
 
+def test_the_router_groups_equally_resident_hosts_so_serve_picks_the_shortest_queue_among_them():
+    from types import SimpleNamespace
+
+    from cluster.messages import RouteEntry, RoutingView
+    from replicas.router import rank_replicas
+
+    def entry(rid, frac, spare, model="a"):
+        return RouteEntry(rid, model, frac, spare, 0)
+
+    view = RoutingView(1, NOW, entries=(entry("r1", 1.0, 50), entry("r2", 1.0, 10), entry("r3", 0.5, 99),
+                                        entry("r4", 1.0, 5, model="b")), loading=(entry("r5", 0.0, 80),))
+    replicas = {rid: SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid)) for rid in ("r1", "r2", "r3", "r4", "r5")}
+    ranks = rank_replicas(view, "a", list(replicas.values()))
+    assert [[r.replica_id.unique_id for r in group] for group in ranks] == [["r1", "r2"], ["r3"], ["r5"], ["r4"]]
+    assert rank_replicas(view, "c", list(replicas.values())) == []  # no host: Serve's own choice
+
+
 def test_every_live_replica_gets_orders_even_with_nothing_to_do():
     decision = make_state(make_report("r1"), make_report("r2", [make_tenant()])).decide(NOW)
     assert set(decision.orders) == {"r1", "r2"}
