@@ -228,7 +228,7 @@ def _serve(args) -> int:
     from ray import serve
 
     from cluster.actor import NAMESPACE
-    from replicas.deployments import GRPC_SERVICERS, build_app
+    from replicas.service.deployments import GRPC_SERVICERS, build_app
 
     num_cpus = args.num_cpus
     if args.address is None and num_cpus is None:  # logical CPUs: room for every replica and the ingress

@@ -67,7 +67,7 @@ def measure_pages(specs: list[ModelSpec], max_request_tokens: int) -> dict[str, 
     """Per tenant: pages its parameters take, and KV pages of the longest request, in 256 KiB pages."""
     from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
-    from replicas.server import load_model
+    from replicas.service.server import load_model
 
     out = {}
     for spec in specs:

@@ -14,7 +14,7 @@ take the next request as soon as their last one ends.
           shuts it down at the end, also on errors and Ctrl-C.
   direct  one `EngineServer` per Serve replica, in this process, hosting the models that replica hosted,
           each request sent to the replica that served it through Serve; the SamplingParams are built
-          from the same request body by the ingress's own code (`replicas.openai_api`).
+          from the same request body by the ingress's own code (`replicas.service.openai_api`).
 
 What is measured, per request, on the client side (time.perf_counter):
   TTFT  request sent -> first streamed piece that carries >= 1 token.
@@ -177,7 +177,7 @@ class DirectEngines:
     def __init__(self, config, placement: dict[str, list[str]]) -> None:
         import torch
 
-        from replicas.server import EngineServer
+        from replicas.service.server import EngineServer
 
         torch.set_num_threads(max(1, int(config.replicas.num_cpus)))  # as EngineReplica does
         self.config = config
@@ -195,7 +195,7 @@ class DirectEngines:
         return min(hosts, key=lambda rid: (self._in_flight[rid], rid))
 
     async def one(self, req: BenchRequest, replica: str | None = None) -> RequestResult:
-        from replicas import openai_api as api
+        from replicas.service import openai_api as api
 
         parsed = api.parse_completion(request_body(req))
         params = api.to_sampling_params(parsed, None, len(req.prompt_ids))
@@ -239,7 +239,7 @@ class LocalCluster:
         from ray import serve
 
         from cluster.actor import NAMESPACE
-        from replicas.deployments import build_app
+        from replicas.service.deployments import build_app
 
         r, http = self.config.replicas, self.config.http
         num_cpus = max(os.cpu_count() or 1, math.ceil(r.num_replicas * r.num_cpus + 1))  # as cli._serve

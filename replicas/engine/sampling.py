@@ -20,6 +20,10 @@ class InvalidRequest(ValueError):
     """Bad user input for one request; the edge turns it into a 4xx, nothing else is affected."""
 
 
+# The fields a model's generation_config.json may default for requests that leave them unset (as vLLM does)
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16  # tokens to generate, >= 1

@@ -12,6 +12,10 @@ import pathlib
 from collections.abc import Sequence
 
 
+ROLE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # random-weight models' chat default
+
+
 class Tokenizer:
     def __init__(self, backend, eos_token_id: int | None = None, bos_token_id: int | None = None,
                  chat_template: str | None = None) -> None:

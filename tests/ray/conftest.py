@@ -35,7 +35,7 @@ def cluster():
 
     from cluster.actor import NAMESPACE, find_controller
     from replicas.config import default_config
-    from replicas.deployments import GRPC_SERVICERS, build_app
+    from replicas.service.deployments import GRPC_SERVICERS, build_app
 
     port, grpc_port = free_port(), free_port()
     config = default_config(http={"port": port, "grpc_port": grpc_port},

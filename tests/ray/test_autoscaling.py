@@ -14,7 +14,7 @@ from ray import serve
 
 from cluster.actor import find_controller
 from replicas.config import default_config
-from replicas.deployments import build_app
+from replicas.service.deployments import build_app
 from replicas.engine.sampling import SamplingParams
 
 APP = "oneiros-as"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from replicas import openai_api as api
+from replicas.service import openai_api as api
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_serve.py"
 

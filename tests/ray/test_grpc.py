@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from replicas.grpc import oneiros_pb2 as pb
-from replicas.grpc import oneiros_pb2_grpc as pb_grpc
+from replicas.service.grpc import oneiros_pb2 as pb
+from replicas.service.grpc import oneiros_pb2_grpc as pb_grpc
 
 openai = pytest.importorskip("openai")
 

@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 from cluster.actor import find_controller
 from remap import DeviceMemory
 from replicas.config import TINY_MODELS, default_config
-from replicas.deployments import build_app
+from replicas.service.deployments import build_app
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
 from replicas.engine.sampling import SamplingParams
-from replicas.server import load_model
+from replicas.service.server import load_model
 
 openai = pytest.importorskip("openai")
 

@@ -14,7 +14,7 @@ from cluster.actor import find_controller
 from remap import DeviceMemory
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.sampling import SamplingParams
-from replicas.server import load_model
+from replicas.service.server import load_model
 
 openai = pytest.importorskip("openai")
 

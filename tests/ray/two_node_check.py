@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.actor import NAMESPACE, find_controller  # noqa: E402
 from replicas.config import default_config  # noqa: E402
-from replicas.deployments import build_app  # noqa: E402
+from replicas.service.deployments import build_app  # noqa: E402
 
 
 def main() -> int:

@@ -311,7 +311,7 @@ def test_the_router_groups_equally_resident_hosts_so_serve_picks_the_shortest_qu
     from types import SimpleNamespace
 
     from cluster.messages import RouteEntry, RoutingView
-    from replicas.router import rank_replicas
+    from replicas.service.router import rank_replicas
 
     def entry(rid, frac, spare, model="a"):
         return RouteEntry(rid, model, frac, spare, 0)

@@ -21,7 +21,7 @@ def test_serve_accepts_the_shipped_serve_config():
     schema = pytest.importorskip("ray.serve.schema")
     config = schema.ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "replicas/serve_config.yaml").read_text()))
     (app,) = config.applications
-    assert app.import_path == "replicas.deployments:app_builder"
+    assert app.import_path == "replicas.service.deployments:app_builder"
     assert OneirosConfig.load(ROOT / app.args["config"]).app_name == app.name
 
 

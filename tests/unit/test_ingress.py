@@ -10,8 +10,8 @@ import pytest
 
 from replicas.config import default_config
 from replicas.engine.sampling import SamplingParams
-from replicas.ingress import OpenAIFrontend, make_app
-from replicas.server import EngineServer
+from replicas.service.ingress import OpenAIFrontend, make_app
+from replicas.service.server import EngineServer
 
 openai = pytest.importorskip("openai")
 httpx2 = pytest.importorskip("httpx2")

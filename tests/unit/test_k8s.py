@@ -84,7 +84,7 @@ def test_embedded_serve_config_validates_against_ray_serve(name, doc):
     schema = pytest.importorskip("ray.serve.schema")
     serve_config = schema.ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     (app,) = serve_config.applications
-    assert app.import_path == "replicas.deployments:app_builder"
+    assert app.import_path == "replicas.service.deployments:app_builder"
     from replicas.config import OneirosConfig
 
     if app.args.get("oneiros"):  # an inline Oneiros config must itself be valid

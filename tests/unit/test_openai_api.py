@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas import openai_api as api
+from replicas.service import openai_api as api
 from replicas.engine.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -331,7 +331,7 @@ def test_request_size_nesting_and_stop_strings_are_bounded():
 
 
 def test_the_response_builders_conform_to_the_published_schema():
-    from replicas import openapi
+    from replicas.service import openapi
 
     lp = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [{"a": -0.5}], "text_offset": [0]}
     openapi.CompletionResponse.model_validate(api.completion_response("m", "hi", "length", 3, 2, lp))
@@ -345,6 +345,6 @@ def test_the_response_builders_conform_to_the_published_schema():
 
 def make_app_for_schema():
     from replicas.config import default_config
-    from replicas.ingress import OpenAIFrontend, make_app
+    from replicas.service.ingress import OpenAIFrontend, make_app
 
     return make_app(OpenAIFrontend(default_config(), lambda *args, **kwargs: None))

@@ -92,7 +92,7 @@ def test_converted_tensors_equal_transformers_gguf_loader(smollm2):
 
 def test_tokenizer_and_chat_template_equal_transformers(smollm2):
     from replicas.engine.tokenizer import Tokenizer
-    from replicas.openai_api import render_chat
+    from replicas.service.openai_api import render_chat
 
     folder, gguf_path = smollm2
     ours = Tokenizer.from_folder(folder)
@@ -168,8 +168,8 @@ def test_the_default_config_answers_a_chat_in_words_through_the_api(smollm2):
     template, eos stops."""
     httpx2 = pytest.importorskip("httpx2")
     from replicas.config import default_config
-    from replicas.ingress import OpenAIFrontend, make_app
-    from replicas.server import EngineServer
+    from replicas.service.ingress import OpenAIFrontend, make_app
+    from replicas.service.server import EngineServer
 
     folder, _ = smollm2
     config = default_config(real_model=str(folder))

@@ -9,7 +9,7 @@ import pytest
 from cluster.messages import ReplicaOrders
 from replicas.config import default_config
 from replicas.engine.sampling import SamplingParams
-from replicas.server import EngineServer
+from replicas.service.server import EngineServer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

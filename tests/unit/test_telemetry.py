@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from replicas.telemetry import read_device
+from replicas.service.telemetry import read_device
 
 
 class FakeNvml:

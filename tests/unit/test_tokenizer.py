@@ -95,7 +95,7 @@ MESSAGES = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content"
 @pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json", "a list of named templates"])
 def test_chat_prompts_equal_hugging_faces_apply_chat_template(tmp_path, where):
     transformers = pytest.importorskip("transformers")
-    from replicas import openai_api as api
+    from replicas.service import openai_api as api
     from replicas.config import ModelSpec
 
     write_word_tokenizer(tmp_path)
@@ -120,7 +120,7 @@ def test_chat_prompts_equal_hugging_faces_apply_chat_template(tmp_path, where):
 
 
 def test_a_config_template_overrides_the_folder_and_a_folder_without_one_refuses_chat(tmp_path):
-    from replicas import openai_api as api
+    from replicas.service import openai_api as api
     from replicas.config import ModelSpec
 
     write_word_tokenizer(tmp_path)

@@ -1,7 +1,7 @@
 """The OpenAPI document of the HTTP API: every route's request and response bodies, so that a client
 generator or an API fuzzer (tests/ray/test_schema.py runs schemathesis) can use `/openapi.json`.
 
-The routes read their bodies themselves (`replicas/openai_api.py` parses them, so that errors are
+The routes read their bodies themselves (`replicas/service/openai_api.py` parses them, so that errors are
 OpenAI error bodies rather than FastAPI's 422s); this module describes what they accept and return:
 the request models are the very ones that parse, the response models mirror the builders in
 openai_api.py (`completion_response`, `chat_response`, ...), and a test checks the builders' output
@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from replicas.openai_api import ChatCompletionRequest, CompletionRequest
+from replicas.service.openai_api import ChatCompletionRequest, CompletionRequest
 
 REF = "#/components/schemas/{model}"
 

@@ -21,12 +21,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from replicas import openai_api as api
+from replicas.service import openai_api as api
 from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.tokenizer import Tokenizer
-from replicas.openapi import install as install_openapi
+from replicas.service.openapi import install as install_openapi
 
 PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
 

@@ -29,8 +29,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from replicas.engine.sampling import InvalidRequest, SamplingParams
-from replicas.engine.tokenizer import Tokenizer
+from replicas.engine.sampling import SAMPLING_DEFAULTS, InvalidRequest, SamplingParams
+from replicas.engine.tokenizer import ROLE_TEMPLATE, Tokenizer
 
 FALLBACK_MAX_TOKENS = 256  # chat without max_tokens when the caller does not pass the context length
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps to the same value
@@ -257,9 +257,6 @@ def _parse(body, model: type[BaseModel], unsupported: dict) -> Any:
 
 # ---- sampling -------------------------------------------------------------------------------------
 
-SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # a model may set these
-
-
 def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, context_len: int | None = None,
                        num_prompt_tokens: int = 0, defaults: Mapping[str, float] | None = None) -> SamplingParams:
     """The engine's SamplingParams for `req`; with `context_len`, max_tokens is fitted to the context
@@ -342,8 +339,6 @@ def completion_prompt_ids(req: CompletionRequest, tokenizer: Tokenizer | None) -
     return ids
 
 
-ROLE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # random-weight models' default
 
 
 def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> list[int]:

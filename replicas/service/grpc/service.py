@@ -1,4 +1,4 @@
-"""The gRPC operations (replicas/grpc/oneiros.proto) over the same frontend as the HTTP API.
+"""The gRPC operations (replicas/service/grpc/oneiros.proto) over the same frontend as the HTTP API.
 
 A protobuf request becomes the OpenAI JSON body it stands for, so validation, prompts, sampling,
 stop strings and errors are exactly the HTTP ones; an ApiError becomes a gRPC status code with the
@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
-from replicas import openai_api as api
-from replicas.grpc import oneiros_pb2 as pb
-from replicas.ingress import OpenAIFrontend, text_pieces
+from replicas.service import openai_api as api
+from replicas.service.grpc import oneiros_pb2 as pb
+from replicas.service.ingress import OpenAIFrontend, text_pieces
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,

@@ -9,7 +9,7 @@ there is work, and ticks slowly when idle so the remap controller can revert len
     or a single {"error": {"status": 4xx, "message": ..., "retry_after_s": ...}} for a bad or
     refused request. Cancelling the iterator (client gone) aborts the request and frees its pages.
 
-The Ray Serve deployment (replicas/deployments.py) subclasses this and adds reporting to the
+The Ray Serve deployment (replicas/service/deployments.py) subclasses this and adds reporting to the
 cluster controller; tests drive it directly.
 """
 
@@ -32,7 +32,7 @@ from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.tokenizer import Tokenizer
-from replicas.telemetry import read_device
+from replicas.service.telemetry import read_device
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ importable and testable without Ray.
         -> EngineReplica x N (one per GPU; MemoryAwareRouter picks the replica per request)
     ClusterController (named detached actor) <- reports from every EngineReplica, -> orders
 
-`serve run replicas.deployments:app_builder config=path.yaml` and `serve deploy` use `app_builder`;
+`serve run replicas.service.deployments:app_builder config=path.yaml` and `serve deploy` use `app_builder`;
 `oneiros serve` calls `build_app` directly.
 """
 
@@ -26,15 +26,15 @@ from ray.util import metrics
 from cluster.actor import find_controller, get_or_create_controller
 from cluster.state import ControllerConfig
 from replicas.config import OneirosConfig, default_config
-from replicas.grpc.service import GrpcService
-from replicas.ingress import OpenAIFrontend, make_app
-from replicas.router import MemoryAwareRouter
-from replicas.server import EngineServer
+from replicas.service.grpc.service import GrpcService
+from replicas.service.ingress import OpenAIFrontend, make_app
+from replicas.service.router import MemoryAwareRouter
+from replicas.service.server import EngineServer
 
 logger = logging.getLogger(__name__)
 
 POLICY_PATH = "autoscaler.serve_policy:MemoryPressurePolicy"  # Serve imports it in its controller
-GRPC_SERVICERS = ["replicas.grpc.oneiros_pb2_grpc.add_OneirosLLMServicer_to_server"]  # for serve.start
+GRPC_SERVICERS = ["replicas.service.grpc.oneiros_pb2_grpc.add_OneirosLLMServicer_to_server"]  # for serve.start
 
 CONTROLLER_CALL_TIMEOUT_S = 5.0
 SLO_WINDOW_S = 10.0  # TTFT SLO misses count for the autoscaler this long
@@ -164,7 +164,7 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self):
         return make_app(self.frontend)
 
-    # gRPC: Serve's gRPC proxy calls the method named like the RPC (replicas/grpc/oneiros.proto)
+    # gRPC: Serve's gRPC proxy calls the method named like the RPC (replicas/service/grpc/oneiros.proto)
     async def Completions(self, request, grpc_context=None):  # noqa: N802 - RPC names
         return await self._grpc.complete("completion", request, grpc_context)
 
