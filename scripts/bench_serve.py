@@ -205,12 +205,12 @@ class DirectEngines:
         self._in_flight[rid] += 1
         try:
             async for item in self.servers[rid].generate(req.model, list(req.prompt_ids), params):
-                if "error" in item:
-                    stream.result.error = f"engine error {item['error']}"
+                if item.refusal is not None:
+                    stream.result.error = f"engine error {item.refusal}"
                     break
-                stream.tokens(len(item["token_ids"]))
-                if item["finished"]:
-                    stream.result.finish_reason = getattr(item["finish_reason"], "value", item["finish_reason"])
+                stream.tokens(len(item.token_ids))
+                if item.finished:
+                    stream.result.finish_reason = item.finish_reason
         except Exception as exc:  # noqa: BLE001
             stream.result.error = f"{type(exc).__name__}: {exc}"[:500]
         finally:

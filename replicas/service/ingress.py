@@ -21,19 +21,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from replicas.service import openai_api as api
 from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.tokenizer import Tokenizer
+from replicas.service import openai_api as api
 from replicas.service.openapi import install as install_openapi
+from replicas.service.stream import StreamItem
 
 PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
 
 logger = logging.getLogger(__name__)
 
 # (model, prompt ids, params, replicas to avoid) -> the engine's stream of items
-Generate = Callable[[str, list[int], SamplingParams, tuple[str, ...]], AsyncIterator[dict]]
+Generate = Callable[[str, list[int], SamplingParams, tuple[str, ...]], AsyncIterator[StreamItem]]
 
 
 class _Catalog:
@@ -156,10 +157,10 @@ class OpenAIFrontend:
         bodies = [self._whole(kind, req, prompt, params, tokenizer, items) for items in choices]
         return JSONResponse(api.merge_choices(bodies) if len(bodies) > 1 else bodies[0])
 
-    def _whole(self, kind, req, prompt, params, tokenizer, items: list[dict]) -> dict:
-        ids = [t for item in items for t in item["token_ids"]]
-        lps = [lp for item in items for lp in item["logprobs"]]
-        reason = items[-1]["finish_reason"]
+    def _whole(self, kind, req, prompt, params, tokenizer, items: list[StreamItem]) -> dict:
+        ids = [t for item in items for t in item.token_ids]
+        lps = [lp for item in items for lp in item.logprobs]
+        reason = items[-1].finish_reason
         _raise_if_failed(items[-1])
         text = api.trim_stop(tokenizer.decode(ids), params.stop, params.include_stop_str_in_output)
         logprobs = self._logprobs(kind, ids, lps, params, tokenizer) if params.logprobs is not None else None
@@ -178,11 +179,11 @@ class OpenAIFrontend:
         merged = _interleave(pieces)
         try:
             async for index, (piece, item) in merged:
-                new = item["token_ids"]
+                new = item.token_ids
                 num_tokens += len(new)
-                logprobs = (self._logprobs(kind, new, item["logprobs"], params, tokenizer)
+                logprobs = (self._logprobs(kind, new, item.logprobs, params, tokenizer)
                             if params.logprobs is not None and new else None)
-                reason = item["finish_reason"] if item["finished"] else None
+                reason = item.finish_reason if item.finished else None
                 if piece or reason or logprobs or index in fresh:
                     extra = {"first": True} if index in fresh else {}
                     fresh.discard(index)
@@ -206,7 +207,7 @@ class OpenAIFrontend:
         return build(ids, lps, params.logprobs, tokenizer.decode)
 
 
-async def _drain(first: dict, stream) -> list[dict]:
+async def _drain(first: StreamItem, stream) -> list[StreamItem]:
     return [first] + [item async for item in stream]
 
 
@@ -234,8 +235,8 @@ async def _interleave(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int
         await asyncio.gather(*pending, return_exceptions=True)  # their iterators are idle again
 
 
-async def text_pieces(first: dict, stream, tokenizer: Tokenizer,
-                      params: SamplingParams) -> AsyncIterator[tuple[str, dict]]:
+async def text_pieces(first: StreamItem, stream, tokenizer: Tokenizer,
+                      params: SamplingParams) -> AsyncIterator[tuple[str, StreamItem]]:
     """(text to send, stream item) for every item of a token stream, starting with `first`.
 
     Decodes incrementally (an incomplete multi-byte character waits for its next byte) and trims
@@ -247,14 +248,14 @@ async def text_pieces(first: dict, stream, tokenizer: Tokenizer,
     item = first
     try:
         while True:
-            ids += item["token_ids"]
+            ids += item.token_ids
             text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") and not item["finished"]:
+            if text.endswith("\ufffd") and not item.finished:
                 delta = ""
             else:
                 delta, sent = text[len(sent):], text
             piece = trimmer.push(delta)
-            if item["finished"]:
+            if item.finished:
                 _raise_if_failed(item)
                 yield piece + trimmer.flush(), item
                 return
@@ -278,7 +279,7 @@ class NotPlaced(api.ApiError):
         self.replica_id = replica_id
 
 
-async def _first_item(stream: AsyncIterator[dict]) -> dict:
+async def _first_item(stream: AsyncIterator[StreamItem]) -> StreamItem:
     """The stream's first item; an error item becomes an ApiError (so the HTTP status is right)."""
     try:
         item = await stream.__anext__()
@@ -292,28 +293,28 @@ async def _first_item(stream: AsyncIterator[dict]) -> dict:
         logger.warning("engine call failed: %r", exc)
         raise api.ApiError(503, "server_error", f"no engine replica could take the request: {type(exc).__name__}") \
             from None
-    if "error" in item:
+    err = item.refusal
+    if err is not None:
         await _close(stream)
-        err = item["error"]
-        if err["status"] == 429:
-            raise api.too_many_requests(err.get("retry_after_s") or 1.0)
-        if err["status"] == 404:
-            raise api.ApiError(404, "not_found_error", err["message"], "model", "model_not_found")
-        if err.get("code") in ("model_not_here", "model_not_loaded"):
-            raise NotPlaced(err["message"], err["code"], err.get("replica_id", ""))
-        if err["status"] >= 500:
-            raise api.ApiError(err["status"], "server_error", err["message"], None, err.get("code"))
-        raise api.ApiError(err["status"], "invalid_request_error", err["message"])
+        if err.status == 429:
+            raise api.too_many_requests(err.retry_after_s or 1.0)
+        if err.status == 404:
+            raise api.ApiError(404, "not_found_error", err.message, "model", "model_not_found")
+        if err.code in ("model_not_here", "model_not_loaded"):
+            raise NotPlaced(err.message, err.code, err.replica_id or "")
+        if err.status >= 500:
+            raise api.ApiError(err.status, "server_error", err.message, None, err.code)
+        raise api.ApiError(err.status, "invalid_request_error", err.message)
     return item
 
 
-def _raise_if_failed(item: dict) -> None:
-    if item["finish_reason"] == "error":
-        raise api.server_error(f"the engine failed this request: {item.get('error_message') or 'no reason given'}")
+def _raise_if_failed(item: StreamItem) -> None:
+    if item.failed:
+        raise api.server_error(f"the engine failed this request: {item.error_message or 'no reason given'}")
 
 
-def _fingerprint(item: dict) -> str:
-    return f"oneiros-{item.get('replica_id', 'local')}"
+def _fingerprint(item: StreamItem) -> str:
+    return f"oneiros-{item.replica_id}"
 
 
 def _is_backpressure(exc: BaseException) -> bool:

@@ -4,10 +4,9 @@ The synchronous `LLMEngine` is touched by exactly one worker thread, so request 
 and steps never race; the asyncio side only queues work and awaits results. A step loop runs while
 there is work, and ticks slowly when idle so the remap controller can revert lent pages.
 
-    generate(model, prompt_ids, params) -> async iterator of StreamItem dicts:
-        {"token_ids": [...], "logprobs": [...], "finished": bool, "finish_reason": str | None}
-    or a single {"error": {"status": 4xx, "message": ..., "retry_after_s": ...}} for a bad or
-    refused request. Cancelling the iterator (client gone) aborts the request and frees its pages.
+    generate(model, prompt_ids, params) -> async iterator of StreamItem (replicas/service/stream.py):
+    new tokens, the last one finished, or a single refused item for a bad or refused request.
+    Cancelling the iterator (client gone) aborts the request and frees its pages.
 
 The Ray Serve deployment (replicas/service/deployments.py) subclasses this and adds reporting to the
 cluster controller; tests drive it directly.
@@ -32,6 +31,7 @@ from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.tokenizer import Tokenizer
+from replicas.service.stream import StreamItem
 from replicas.service.telemetry import read_device
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     hf = spec.hf_config if spec.hf_config is not None else TINY_MODELS[spec.architecture]
     config = ModelConfig.from_hf(hf)
     return config, dummy_weights(config, spec.seed, std=spec.weight_std), spec.tokenizer()
-
-
-def error_item(status: int, message: str, retry_after_s: float | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, "retry_after_s": retry_after_s, "code": code}}
 
 
 class EngineServer:
@@ -100,14 +96,14 @@ class EngineServer:
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
-                       avoid: tuple[str, ...] = ()) -> AsyncIterator[dict]:
+                       avoid: tuple[str, ...] = ()) -> AsyncIterator[StreamItem]:
         """`avoid`: replicas that said they can never load `model`; read by the router, not here."""
         if len(self._queues) >= self.config.replicas.max_pending_requests:
-            yield error_item(429, f"replica {self.replica_id} has {len(self._queues)} unfinished requests", 1.0)
+            yield self._refused(429, f"replica {self.replica_id} has {len(self._queues)} unfinished requests", 1.0)
             return
         if model not in self.tokenizers:
             if self.config.model(model) is None:
-                yield error_item(404, f"The model '{model}' does not exist")
+                yield self._refused(404, f"The model '{model}' does not exist")
                 return
             refused = await self._load_on_demand(model)  # the router found no host
             if refused is not None:
@@ -116,7 +112,7 @@ class EngineServer:
         try:
             seq_id = await self._run(self.engine.add_request, model, prompt_ids, params)
         except InvalidRequest as exc:
-            yield error_item(400, str(exc))
+            yield self._refused(400, str(exc))
             return
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[seq_id] = queue
@@ -128,17 +124,20 @@ class EngineServer:
                 while not queue.empty():  # a slow consumer gets several steps in one item: fewer messages
                     outs.append(queue.get_nowait())
                 finished = outs[-1].finished
-                yield {"token_ids": [t for o in outs for t in o.new_token_ids],
-                       "logprobs": [dict(lp) for o in outs for lp in o.logprobs],
-                       "finished": finished, "finish_reason": outs[-1].finish_reason, "replica_id": self.replica_id,
-                       "error_message": outs[-1].error}
+                yield StreamItem(tuple(t for o in outs for t in o.new_token_ids),
+                                 tuple(dict(lp) for o in outs for lp in o.logprobs), finished,
+                                 outs[-1].finish_reason, outs[-1].error, self.replica_id)
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now
                 self.num_aborted += 1
                 await self._run(self.engine.abort, seq_id)
 
-    async def _load_on_demand(self, model: str) -> dict | None:
+    def _refused(self, status: int, message: str, retry_after_s: float | None = None,
+                 code: str | None = None) -> StreamItem:
+        return StreamItem.refused(status, message, retry_after_s, code, self.replica_id)
+
+    async def _load_on_demand(self, model: str) -> StreamItem | None:
         """Load `model` here, waiting up to placement_timeout_s for room (idle tenants lend layers at
         once; KV of requests in flight frees as they end). An error item (503) if it never fits
         here or the wait runs out, else None."""
@@ -155,10 +154,8 @@ class EngineServer:
                     code = "model_not_here" if permanent else "model_not_loaded"
                     if isinstance(exc, LoadRefused) and exc.too_large:
                         code = "model_too_large"
-                    item = error_item(503, f"model {model!r} cannot be loaded on replica {self.replica_id}: "
-                                           f"{exc}{waited}", None if permanent else 1.0, code)
-                    item["error"]["replica_id"] = self.replica_id
-                    return item
+                    return self._refused(503, f"model {model!r} cannot be loaded on replica {self.replica_id}: "
+                                              f"{exc}{waited}", None if permanent else 1.0, code)
             await asyncio.sleep(PLACEMENT_POLL_S)
 
     async def _run(self, fn, *args):

@@ -10,6 +10,7 @@ from cluster.messages import ReplicaOrders
 from replicas.config import default_config
 from replicas.engine.sampling import SamplingParams
 from replicas.service.server import EngineServer
+from replicas.service.stream import StreamItem
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -38,9 +39,9 @@ def test_concurrent_streams_match_the_engine_run_alone(server):
                          models=["llama", "qwen"])
     assert type(alone.engine.memory.backend).__name__ == "HostVmmBackend"
     for (model, prompt), items in zip([(m, p) for m in ("llama", "qwen") for p in prompts], results):
-        tokens = [t for item in items for t in item["token_ids"]]
+        tokens = [t for item in items for t in item.token_ids]
         assert tokens == alone.engine.generate(model, [prompt], GREEDY)[0]
-        assert items[-1]["finished"] and items[-1]["finish_reason"] == "length"
+        assert items[-1].finished and items[-1].finish_reason == "length"
     alone.close()
 
 
@@ -67,10 +68,9 @@ def test_bad_and_unknown_requests_get_error_items(server):
         return bad, unknown
 
     bad, unknown = asyncio.run(main())
-    assert bad == [{"error": {"status": 400, "message": bad[0]["error"]["message"], "retry_after_s": None,
-                              "code": None}}]
-    assert "outside the vocabulary" in bad[0]["error"]["message"]
-    assert unknown[0]["error"]["status"] == 404
+    assert bad == [StreamItem.refused(400, bad[0].refusal.message, replica_id="r0")]
+    assert "outside the vocabulary" in bad[0].refusal.message
+    assert unknown[0].refusal.status == 404
 
 
 def test_over_capacity_gets_429_with_retry_after():
@@ -85,7 +85,7 @@ def test_over_capacity_gets_429_with_retry_after():
         return second
 
     second = asyncio.run(main())
-    assert second[0]["error"]["status"] == 429 and second[0]["error"]["retry_after_s"] > 0
+    assert second[0].refusal.status == 429 and second[0].refusal.retry_after_s > 0
     srv.close()
 
 
@@ -115,7 +115,7 @@ def test_a_request_for_a_model_that_fits_only_later_waits_for_room_instead_of_a_
     async def main():
         busy = srv.generate("llama", [5] * 20, long)
         first = await busy.__anext__()
-        assert "error" not in first  # running
+        assert first.refusal is None  # running
         waiting = asyncio.ensure_future(collect(srv, "qwen", [5, 6, 7]))
         await asyncio.sleep(0.3)
         assert "qwen" not in srv.models and not waiting.done()  # no room yet: it waits, no 503
@@ -123,10 +123,10 @@ def test_a_request_for_a_model_that_fits_only_later_waits_for_room_instead_of_a_
         return items, await waiting
 
     items, got = asyncio.run(main())
-    assert items[-1]["finished"] and "error" not in items[-1]
-    assert all("error" not in item for item in got), got
+    assert items[-1].finished and items[-1].refusal is None
+    assert all(item.refusal is None for item in got), got
     alone = EngineServer(default_config(memory={"num_pages": 256}), replica_id="alone", models=["qwen"])
-    assert [t for item in got for t in item["token_ids"]] == alone.engine.generate("qwen", [[5, 6, 7]], GREEDY)[0]
+    assert [t for item in got for t in item.token_ids] == alone.engine.generate("qwen", [[5, 6, 7]], GREEDY)[0]
     assert srv.engine.memory.params.remapped_layers("llama")  # llama lent layers for qwen's load
     srv.engine.memory.check_integrity()
     for s in (probe, srv, alone):
@@ -155,8 +155,8 @@ def test_one_requests_failure_never_touches_another_stream_on_the_replica(server
         return await stream, tiny, failed
 
     streamed, tiny, failed = asyncio.run(main())
-    assert [t for item in streamed for t in item["token_ids"]] == alone and streamed[-1]["finish_reason"] == "length"
-    assert [t for item in tiny for t in item["token_ids"]] == server.engine.generate("llama", [[9, 10]], GREEDY)[0]
-    assert failed[-1]["finish_reason"] == "error" and "forced failure" in failed[-1]["error_message"]
+    assert [t for item in streamed for t in item.token_ids] == alone and streamed[-1].finish_reason == "length"
+    assert [t for item in tiny for t in item.token_ids] == server.engine.generate("llama", [[9, 10]], GREEDY)[0]
+    assert failed[-1].failed and "forced failure" in failed[-1].error_message
     assert not server.engine.has_unfinished()
     server.engine.memory.check_integrity()

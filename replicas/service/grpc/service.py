@@ -65,13 +65,13 @@ class GrpcService:
                 kind, openai_body(kind, request, stream=False), allowed)
             text, ids, reason = "", [], None
             async for piece, item in text_pieces(first, stream, tokenizer, params):
-                text, ids, reason = text + piece, ids + item["token_ids"], item["finish_reason"]
+                text, ids, reason = text + piece, ids + list(item.token_ids), item.finish_reason
         except api.ApiError as exc:
             _fail(grpc_context, exc)
             return pb.CompletionResponse()
         return pb.CompletionResponse(
             id=api.new_request_id("chatcmpl" if kind == "chat" else "cmpl"), model=req.model, text=text,
-            token_ids=ids, finish_reason=reason or "", replica_id=first.get("replica_id", ""),
+            token_ids=ids, finish_reason=reason or "", replica_id=first.replica_id,
             usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)),
         )
 
@@ -81,8 +81,8 @@ class GrpcService:
             _, _, params, tokenizer, first, stream = await self.frontend.start(
                 kind, openai_body(kind, request, stream=True), allowed)
             async for piece, item in text_pieces(first, stream, tokenizer, params):
-                reason = item["finish_reason"] if item["finished"] else ""
-                yield pb.CompletionChunk(text=piece, token_ids=item["token_ids"], finish_reason=reason or "")
+                reason = item.finish_reason if item.finished else ""
+                yield pb.CompletionChunk(text=piece, token_ids=item.token_ids, finish_reason=reason or "")
         except api.ApiError as exc:
             _fail(grpc_context, exc)
 
