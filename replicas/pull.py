@@ -190,7 +190,8 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 
 
 def hf_name(gguf_name: str) -> str:
-    """The Hugging Face name of a llama.cpp tensor name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
+    """The Hugging Face name of a llama.cpp tensor name:
+    "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"."""
     parts = gguf_name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"

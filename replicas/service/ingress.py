@@ -89,19 +89,19 @@ class OpenAIFrontend:
         ]}
 
     async def completions(self, body: bytes | dict, allowed: set[str] | None) -> Response:
-        return await self._respond("completion", *(await self.start("completion", body, allowed)))
+        return await self._respond(api.COMPLETION, *(await self.start(api.COMPLETION, body, allowed)))
 
     async def chat(self, body: bytes | dict, allowed: set[str] | None) -> Response:
-        return await self._respond("chat", *(await self.start("chat", body, allowed)))
+        return await self._respond(api.CHAT, *(await self.start(api.CHAT, body, allowed)))
 
-    async def start(self, kind: str, body: bytes | dict, allowed: set[str] | None):
+    async def start(self, ep: api.Endpoint, body: bytes | dict, allowed: set[str] | None):
         """Validate a request and start it: (request, prompt ids, params, tokenizer, first item, stream).
         Every refusal before the first token is an ApiError (HTTP and gRPC map it to their codes).
         With n > 1 (HTTP only) the first item and stream are lists, one per choice."""
-        req = api.parse_chat(body) if kind == "chat" else api.parse_completion(body)
+        req = ep.parse(body)
         self.check_model(req.model, allowed)
         tokenizer = self.catalog.tokenizers[req.model]
-        prompt = api.chat_prompt_ids(req, tokenizer) if kind == "chat" else api.completion_prompt_ids(req, tokenizer)
+        prompt = ep.prompt_ids(req, tokenizer)
         params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt),
                                         self.catalog.sampling_defaults[req.model])
         if (req.n or 1) == 1:
@@ -142,11 +142,11 @@ class OpenAIFrontend:
             await asyncio.sleep(PLACEMENT_RETRY_S)
 
     # ---- the token stream ----------------------------------------------------------------
-    async def _respond(self, kind: str, req, prompt: list[int], params: SamplingParams,
+    async def _respond(self, ep: api.Endpoint, req, prompt: list[int], params: SamplingParams,
                        tokenizer: Tokenizer, first, stream) -> Response:
         firsts, streams = (first, stream) if isinstance(first, list) else ([first], [stream])
         if req.stream:
-            return StreamingResponse(self._events(kind, req, prompt, params, tokenizer, firsts, streams),
+            return StreamingResponse(self._events(ep, req, prompt, params, tokenizer, firsts, streams),
                                      media_type="text/event-stream")
         choices = await asyncio.gather(*(_drain(f, s) for f, s in zip(firsts, streams)), return_exceptions=True)
         failed = next((c for c in choices if isinstance(c, BaseException)), None)
@@ -154,44 +154,42 @@ class OpenAIFrontend:
             logger.warning("request to %s failed: %r", req.model, failed)
             raise api.ApiError(503, "server_error", f"the engine replica failed: {type(failed).__name__}; "
                                "retry the request") from None
-        bodies = [self._whole(kind, req, prompt, params, tokenizer, items) for items in choices]
+        bodies = [self._whole(ep, req, prompt, params, tokenizer, items) for items in choices]
         return JSONResponse(api.merge_choices(bodies) if len(bodies) > 1 else bodies[0])
 
-    def _whole(self, kind, req, prompt, params, tokenizer, items: list[StreamItem]) -> dict:
+    def _whole(self, ep: api.Endpoint, req, prompt, params, tokenizer, items: list[StreamItem]) -> dict:
         ids = [t for item in items for t in item.token_ids]
         lps = [lp for item in items for lp in item.logprobs]
         reason = items[-1].finish_reason
         _raise_if_failed(items[-1])
         text = api.trim_stop(tokenizer.decode(ids), params.stop, params.include_stop_str_in_output)
-        logprobs = self._logprobs(kind, ids, lps, params, tokenizer) if params.logprobs is not None else None
-        build = api.chat_response if kind == "chat" else api.completion_response
-        body = build(req.model, text, reason, len(prompt), len(ids), logprobs)
+        logprobs = ep.logprobs(ids, lps, params.logprobs, tokenizer.decode) if params.logprobs is not None else None
+        body = ep.response(req.model, text, reason, len(prompt), len(ids), logprobs)
         return body | {"system_fingerprint": _fingerprint(items[0])}
 
-    async def _events(self, kind, req, prompt, params, tokenizer, firsts, streams) -> AsyncIterator[bytes]:
+    async def _events(self, ep: api.Endpoint, req, prompt, params, tokenizer, firsts, streams) -> AsyncIterator[bytes]:
         """Server-sent events of every choice, interleaved as their tokens come (each chunk names
         its choice's index), then usage if asked for, then [DONE]."""
-        rid = api.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
+        rid = ep.new_request_id()
         created, num_tokens = int(time.time()), 0
-        chunk = api.chat_chunk if kind == "chat" else api.completion_chunk
-        fresh = set(range(len(firsts))) if kind == "chat" else set()  # choices whose role is not sent yet
+        fresh = set(range(len(firsts))) if ep.role_first else set()  # choices whose role is not sent yet
         pieces = [text_pieces(f, s, tokenizer, params) for f, s in zip(firsts, streams)]
         merged = _interleave(pieces)
         try:
             async for index, (piece, item) in merged:
                 new = item.token_ids
                 num_tokens += len(new)
-                logprobs = (self._logprobs(kind, new, item.logprobs, params, tokenizer)
+                logprobs = (ep.logprobs(new, item.logprobs, params.logprobs, tokenizer.decode)
                             if params.logprobs is not None and new else None)
                 reason = item.finish_reason if item.finished else None
                 if piece or reason or logprobs or index in fresh:
                     extra = {"first": True} if index in fresh else {}
                     fresh.discard(index)
-                    out = chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
+                    out = ep.chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
                     out["choices"][0]["index"] = index
                     yield api.sse(out | {"system_fingerprint": _fingerprint(firsts[0])})
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield api.sse(api.usage_chunk(kind, req.model, len(prompt), num_tokens, request_id=rid,
+                yield api.sse(api.usage_chunk(ep.kind, req.model, len(prompt), num_tokens, request_id=rid,
                                               created=created))
         except api.ApiError as exc:
             yield api.sse(exc.body())
@@ -200,11 +198,6 @@ class OpenAIFrontend:
             for p in pieces:
                 await p.aclose()  # the other choices stop too (their pages are freed)
         yield api.SSE_DONE
-
-    @staticmethod
-    def _logprobs(kind, ids, lps, params, tokenizer):
-        build = api.chat_logprobs if kind == "chat" else api.completion_logprobs
-        return build(ids, lps, params.logprobs, tokenizer.decode)
 
 
 async def _drain(first: StreamItem, stream) -> list[StreamItem]:

@@ -62,7 +62,7 @@ class GrpcService:
         try:
             allowed = self.frontend.authorize(_authorization(grpc_context))
             req, prompt, params, tokenizer, first, stream = await self.frontend.start(
-                kind, openai_body(kind, request, stream=False), allowed)
+                api.ENDPOINTS[kind], openai_body(kind, request, stream=False), allowed)
             text, ids, reason = "", [], None
             async for piece, item in text_pieces(first, stream, tokenizer, params):
                 text, ids, reason = text + piece, ids + list(item.token_ids), item.finish_reason
@@ -70,7 +70,7 @@ class GrpcService:
             _fail(grpc_context, exc)
             return pb.CompletionResponse()
         return pb.CompletionResponse(
-            id=api.new_request_id("chatcmpl" if kind == "chat" else "cmpl"), model=req.model, text=text,
+            id=api.ENDPOINTS[kind].new_request_id(), model=req.model, text=text,
             token_ids=ids, finish_reason=reason or "", replica_id=first.replica_id,
             usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)),
         )
@@ -79,7 +79,7 @@ class GrpcService:
         try:
             allowed = self.frontend.authorize(_authorization(grpc_context))
             _, _, params, tokenizer, first, stream = await self.frontend.start(
-                kind, openai_body(kind, request, stream=True), allowed)
+                api.ENDPOINTS[kind], openai_body(kind, request, stream=True), allowed)
             async for piece, item in text_pieces(first, stream, tokenizer, params):
                 reason = item.finish_reason if item.finished else ""
                 yield pb.CompletionChunk(text=piece, token_ids=item.token_ids, finish_reason=reason or "")
