@@ -166,7 +166,7 @@ def bench_modes(model: BenchModel, num_requests: int) -> dict:
             engine.step()
         tbt = sorted(x for t in engine.models for x in engine.tenant_stats(t).tbt_s)
         out[mode] = {"p99_tbt_s": tbt[int(0.99 * (len(tbt) - 1))], "p50_tbt_s": statistics.median(tbt),
-                     "preemptions": engine.scheduler.num_preemptions}
+                     "preemptions": engine.num_preemptions}
     return out
 
 

@@ -153,7 +153,7 @@ def multi_tenant(num_pages: int, steps: int = 200) -> dict:
         results[run] = {"steps": n, "blocks_migrated": memory.num_blocks_migrated, "wall_s": time.perf_counter() - start,
                          "p50_tbt_s": tbt[len(tbt) // 2] if tbt else None,
                          "p99_tbt_s": tbt[int(0.99 * (len(tbt) - 1))] if tbt else None,
-                         "preemptions": engine.scheduler.num_preemptions,
+                         "preemptions": engine.num_preemptions,
                          "layers_streamed": engine.num_layers_streamed}
         engine.close()
         del engine

@@ -488,6 +488,22 @@ class LLMEngine:
         return out
 
     # ---- stats ---------------------------------------------------------------------------
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences preempted (recompute or swap) since start."""
+        return self.scheduler.num_preemptions
+
+    def num_unfinished(self) -> int:
+        """Sequences waiting, running or swapped out, over every tenant."""
+        s = self.scheduler
+        return sum(len(s.running[m]) + len(s.waiting[m]) + len(s.swapped[m]) for m in self._tenants)
+
+    def queue_delay_s(self, now: float | None = None) -> float:
+        """How long the longest-waiting request has waited by `now` (default: the engine clock's now),
+        0 with none waiting."""
+        now = self._clock() if now is None else now
+        return max((now - s.arrival_s for m in self._tenants for s in self.scheduler.waiting[m]), default=0.0)
+
     def tenant_stats(self, model: str) -> TenantStats:
         m = ModelId(model)
         t, sched = self._tenants[m], self.scheduler

@@ -122,8 +122,6 @@ class EngineReplica(EngineServer):
 
     def _autoscaling_stats(self) -> dict[str, float]:
         engine, capacity = self.engine, self.engine.capacity()
-        sched = engine.scheduler
-        waiting = [s.arrival_s for m in engine.models for s in sched.waiting[m]]
         slo = self.config.replicas.autoscaling.ttft_slo_s if self.config.replicas.autoscaling else float("inf")
         misses = sum(1 for _, x in list(self._recent_ttft) if x > slo)  # within the last SLO_WINDOW_S
         pinned = self.last_orders is not None and self.last_orders.pinned
@@ -131,7 +129,7 @@ class EngineReplica(EngineServer):
             "kv_pages_demanded": float(engine.kv_pages_demanded()),
             "spare_pages": float(capacity.spare_pages),
             "pages_per_replica": float(capacity.max_kv_pages),
-            "queue_delay_s": max((time.monotonic() - a for a in waiting), default=0.0),
+            "queue_delay_s": engine.queue_delay_s(),
             "ttft_slo_misses": float(misses),
             "pinned": 1.0 if pinned else 0.0,
         }

@@ -54,8 +54,7 @@ class _Replica:
         return self.engine.has_unfinished()
 
     def queue(self) -> int:
-        sched = self.engine.scheduler
-        return sum(len(sched.running[m]) + len(sched.waiting[m]) + len(sched.swapped[m]) for m in self.engine.models)
+        return self.engine.num_unfinished()
 
 
 @dataclass
@@ -145,14 +144,13 @@ def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttf
         delay = SERVE_UPSCALE_DELAY_S if desired > n else SERVE_DOWNSCALE_DELAY_S
         return (desired, state, None) if now - since[1] >= delay else (n, state, since)
     engines = [r.engine for r in replicas if not r.draining]
-    waiting = [now - s.arrival_s for e in engines for m in e.models for s in e.scheduler.waiting[m]]
     recent_ttft[:] = [(t, x) for t, x in recent_ttft if t >= now - fleet.tick_s]
     load = ClusterLoad(
         now_s=now, num_replicas=n,
         kv_pages_demanded=sum(e.kv_pages_demanded() for e in engines),
         spare_pages=sum(e.capacity().spare_pages for e in engines),
         pages_per_replica=max((e.capacity().max_kv_pages for e in engines), default=1),
-        queue_delay_s=max(waiting, default=0.0),
+        queue_delay_s=max((e.queue_delay_s(now) for e in engines), default=0.0),
         ttft_slo_misses=sum(1 for _, x in recent_ttft if x > fleet.ttft_slo_s),
         num_starting=starting,
     )

@@ -194,7 +194,7 @@ def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_conf
 def _shared_run(policy, workload, models, model_of, device, settings, num_pages, victim_order=VictimOrder.MRU):
     engine, sim = _build(device, models, _engine_config(policy, settings, victim_order), num_pages, settings)
     records = _replay(dict.fromkeys(models, engine), sim.clock, workload, model_of, settings.max_steps)
-    return records, sim.stats.num_steps, engine.scheduler.num_preemptions
+    return records, sim.stats.num_steps, engine.num_preemptions
 
 
 def _static_run(workload, models, model_of, device, settings):
@@ -214,7 +214,7 @@ def _static_run(workload, models, model_of, device, settings):
         sims.append(sim)
     records = _replay(engines, clock, workload, model_of, settings.max_steps)
     return (records, sum(s.stats.num_steps for s in sims),
-            sum(e.scheduler.num_preemptions for e in engines.values()))
+            sum(e.num_preemptions for e in engines.values()))
 
 
 def _oracle_pages(workload, models, model_of, device, settings) -> int:

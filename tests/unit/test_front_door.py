@@ -57,6 +57,24 @@ def test_the_import_check_catches_a_ray_import(tmp_path):
     assert "ray" in _imports(bad)
 
 
+# The engine's insides: its private attributes, and its scheduler (queues, preemption) that only the engine drives
+ENGINE_INSIDES = re.compile(r"\bengine\._[a-z]|(?<!replicas\.)\bengine\.scheduler\b|\.scheduler\.(running|waiting|swapped|num_|_)"
+                            r"|\bmemory\._[a-z]")
+
+
+def test_nothing_outside_the_engine_reaches_into_its_insides():
+    """White-box tests may (they force events); the product and its scripts use the engine's API."""
+    bad = []
+    for package in ("replicas", "cluster", "autoscaler", "scripts"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "replicas/engine"):
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if ENGINE_INSIDES.search(line.split("#")[0]):
+                    bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
 def _readme_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("python3 -m venv")]
