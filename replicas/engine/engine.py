@@ -9,11 +9,12 @@ never promised to KV. Bad requests raise `InvalidRequest` and touch nothing else
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -34,16 +35,15 @@ from remap import (
 from replicas.engine.capacity import Capacity, NewModel, check_load
 from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
+from replicas.engine.metrics import TenantMetrics
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
-from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig
+from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import FinishReason, Sequence
 from replicas.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-STATS_WINDOW_S = 60.0  # arrival rate is measured over this window
-MAX_SAMPLES = 4096  # TTFT / TBT samples kept per tenant
 MAX_FINISHED = 1024  # finished sequences kept for lookups; older ones are forgotten
 
 
@@ -86,14 +86,22 @@ class _Tenant:
     eos_token_ids: tuple[int, ...]
     tokenizer: Tokenizer | None
     max_len: int  # longest prompt + output served: the model's context, or less (ModelSpec.max_model_len)
-    last_active_s: float = 0.0
-    step_s: float = 0.0  # moving average of this model's step compute time
-    decode_step_s: float = 0.0  # the same over steps that compute one token per sequence
-    arrivals: deque = field(default_factory=deque)
-    ttft: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
-    tbt: deque = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
-    new_ttft: list = field(default_factory=list)  # samples not yet drained (metrics export)
-    new_tbt: list = field(default_factory=list)
+    metrics: TenantMetrics
+
+
+@dataclass
+class _Stage:
+    ring: StagingRing | None
+    ran: bool = False  # the step computed a batch
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's work: the tenant, what the scheduler chose, and the ring its lent layers stream through."""
+
+    model: ModelId
+    output: SchedulerOutput
+    ring: StagingRing | None
 
 
 class LLMEngine:
@@ -121,7 +129,8 @@ class LLMEngine:
         self.executor = executor or TorchExecutor(memory)
         self._ring_model: ModelId | None = None
         self._urgent: ModelId | None = None  # this step's tenant when its plan is urgent (progress guarantee)
-        self._reserved: dict[ModelId, int] = {}  # the head's tenant -> KV pages the head may still need
+        self._reserve = 0  # KV pages the head (the oldest unfinished request) may still need
+        self._reserved: dict[ModelId, int] = {}  # the head's tenant -> self._reserve
         self._kv_limits: dict[ModelId, int] = {}  # Capacity.kv_pages_for of each model (admission's limit)
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
         self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
@@ -142,7 +151,7 @@ class LLMEngine:
         eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_len = min(config.max_position_embeddings, max_model_len or config.max_position_embeddings)
         self._tenants[model] = _Tenant(lm, config, eos, tokenizer, max_len,
-                                       last_active_s=self._clock())  # loading counts as activity
+                                       TenantMetrics(self._clock()))  # loading counts as activity
         self.executor.add_model(model, lm)
         self.scheduler.add_tenant(model)
         capacity = self.capacity()  # a request's limit changes only when a model is added
@@ -206,8 +215,7 @@ class LLMEngine:
                        tenant.tokenizer.decode if params.stop and tenant.tokenizer else None)
         self._seqs[seq_id] = seq
         self.scheduler.add(seq)
-        tenant.last_active_s = now
-        tenant.arrivals.append(now)
+        tenant.metrics.arrived(now)
         return seq_id
 
     def _check_prompt(self, model: str, tenant: _Tenant, ids: list[int], params: SamplingParams) -> None:
@@ -258,63 +266,81 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        now = self._clock()
+        """schedule -> execute -> postprocess, for one tenant's batch."""
         head = self._head()
-        reserve = self._remaining_need(head) if head is not None else 0
-        self._reserved = {head.model: reserve} if reserve else {}
-        model = self.scheduler.next_tenant()
-        self._urgent = self._replan(now, model, head) if self.mode is PreemptionMode.REMAP else None
-        model = self._urgent or model
+        model = self._plan_memory(head)
         if model is None:
             return []
-        ring = self._ring_for(model, head)
-        self._ring_model = model  # its layers cannot change until this step is done
-        try:
-            output = self.scheduler.schedule(model, head, reserve)
-            if not output.seqs:
-                if ring is not None:  # nothing ran: its slots go back to the pool for the others
-                    self.memory.close_stream(model)
+        with self._staging(model, head) as stage:
+            batch = _Batch(model, self.scheduler.schedule(model, head, self._reserve), stage.ring)
+            if not batch.output.seqs:
                 return []
-            start = self._step_timer()
+            stage.ran = True
             try:
-                result = self.executor.execute(output, self._seqs, ring)
+                result, compute_s = self._execute(batch)
             except Exception as exc:  # noqa: BLE001 - the shared step failed: its batch alone fails
-                return self._fail_batch(output, ring, exc)
-            elapsed = self._step_timer() - start
+                return self._fail_batch(batch, exc)
+            return self._postprocess(batch, result, compute_s)
+
+    def _plan_memory(self, head: Sequence | None) -> ModelId | None:
+        """Reserve what the head may still need, apply this step's memory plan, and say which tenant
+        runs (the head's when the plan is urgent; else the scheduler's next)."""
+        self._reserve = self._remaining_need(head) if head is not None else 0
+        self._reserved = {head.model: self._reserve} if self._reserve else {}
+        model = self.scheduler.next_tenant()
+        self._urgent = self._replan(self._clock(), model, head) if self.mode is PreemptionMode.REMAP else None
+        return self._urgent or model
+
+    @contextlib.contextmanager
+    def _staging(self, model: ModelId, head: Sequence | None):
+        """The tenant's staging ring for one step (`ring` None with every layer resident). Its layers
+        cannot change while the block runs; after it, the ring closes if the step ran nothing or the
+        tenant has no work left (its slots go back to the pool), else stays with the layers of this
+        pass for the next one."""
+        stage = _Stage(self._ring_for(model, head))
+        self._ring_model = model
+        try:
+            yield stage
         finally:
             self._ring_model = None
+            ring = stage.ring
+            if ring is not None and self.memory.ring(model) is ring and (
+                    not stage.ran or not self.scheduler.has_work(model)):
+                self.memory.close_stream(model)
+
+    def _execute(self, batch: _Batch):
+        """(executor result, compute seconds): the step's time less its waits for streamed layers,
+        which are not compute (counting them would let the controller's budget only ever grow)."""
+        start = self._step_timer()
+        result = self.executor.execute(batch.output, self._seqs, batch.ring)
+        return result, max(0.0, self._step_timer() - start - result.transfer_wait_s)
+
+    def _postprocess(self, batch: _Batch, result, compute_s: float) -> list[RequestOutput]:
+        output, metrics = batch.output, self._tenants[batch.model].metrics
         self.num_layers_streamed += result.num_streamed_layers
-        tenant = self._tenants[model]
-        # The controller's budget compares transfers with compute: waiting for streamed layers is not
-        # compute (counting it would let alpha only ever grow).
-        compute_s = max(0.0, elapsed - result.transfer_wait_s)
-        tenant.step_s = _ema(tenant.step_s, compute_s)
-        if all(len(s.token_ids) == 1 for s in output.seqs):
-            tenant.decode_step_s = _ema(tenant.decode_step_s, compute_s)
         now = self._clock()
-        tenant.last_active_s = now
+        metrics.stepped(compute_s, all(len(s.token_ids) == 1 for s in output.seqs), now)
         before = {s.seq_id: len(self._seqs[s.seq_id].output_token_ids) for s in output.seqs}
         for seq_id, entry in result.logprobs.items():
             self._seqs[seq_id].output_logprobs.append(entry)
         finished = {s.seq_id for s in self.scheduler.postprocess(output, self._seqs, result.sampled, now,
                                                                  result.failed)}
-        if ring is not None and not self.scheduler.has_work(model):
-            self.memory.close_stream(model)  # idle now: its slots go back to the pool
         outputs = []
         for s in output.seqs:
             seq = self._seqs[s.seq_id] if s.seq_id not in finished else self._retire(s.seq_id)
             new = tuple(seq.output_token_ids[before[s.seq_id]:])
-            self._record_latency(tenant, seq, len(new))
+            metrics.tokens(seq, len(new))
             if new or s.seq_id in finished:
                 logprobs = tuple(seq.output_logprobs[before[s.seq_id]:]) if seq.params.logprobs is not None else ()
-                outputs.append(RequestOutput(s.seq_id, model, new, s.seq_id in finished,
+                outputs.append(RequestOutput(s.seq_id, batch.model, new, s.seq_id in finished,
                                              seq.finish_reason.value if seq.finish_reason else None, logprobs,
                                              seq.error))
         return outputs
 
-    def _fail_batch(self, output, ring: StagingRing | None, exc: Exception) -> list[RequestOutput]:
+    def _fail_batch(self, batch: _Batch, exc: Exception) -> list[RequestOutput]:
         """The shared step raised: fail the requests of its batch (theirs alone), give their pages
         back, prove the pool is whole, and go on with every other request."""
+        output, ring = batch.output, batch.ring
         logger.exception("engine step of %s failed; failing its %d requests", output.model, len(output.seqs))
         if ring is not None:
             ring.finish()  # the pass may have stopped half way: wait for its copies
@@ -328,19 +354,6 @@ class LLMEngine:
             outputs.append(RequestOutput(s.seq_id, output.model, (), True, FinishReason.ERROR.value, (), why))
         self.memory.check_integrity()  # a broken pool is not one batch's failure: that raises
         return outputs
-
-    def _record_latency(self, tenant: _Tenant, seq: Sequence, num_new: int) -> None:
-        if num_new == 0:
-            return
-        times = seq.token_times_s
-        if len(times) == num_new:  # the first token
-            tenant.ttft.append(times[0] - seq.arrival_s)
-            tenant.new_ttft.append(tenant.ttft[-1])
-        elif len(times) >= 2:
-            tenant.tbt.append(times[-1] - times[-2])
-            tenant.new_tbt.append(tenant.tbt[-1])
-        if len(tenant.new_tbt) > MAX_SAMPLES:  # nobody drains: keep memory bounded
-            del tenant.new_ttft[:-MAX_SAMPLES], tenant.new_tbt[:-MAX_SAMPLES]
 
     def generate(self, model: str, prompts: Seq[Seq[int]], params: SamplingParams | None = None,
                  max_steps: int = 100_000) -> list[list[int]]:
@@ -394,8 +407,9 @@ class LLMEngine:
                 num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
                 kv_pages_needed=(sched.kv_pages_needed(model) + (extra or {}).get(model, 0)
                                  + self._reserved.get(model, 0)),  # the head's reservation
-                last_active_s=t.last_active_s,
-                predicted_compute_s=self._predicted_compute_s(t) if sched.has_work(model) else 0.0,
+                last_active_s=t.metrics.last_active_s,
+                predicted_compute_s=(t.metrics.predicted_compute_s(self.config.remap.budget_on_decode)
+                                     if sched.has_work(model) else 0.0),
                 cold=model in self._cold,
                 warming=model in self._warming,
             ))
@@ -404,13 +418,6 @@ class LLMEngine:
             ring_pages += len(ring.pages) if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
                               urgent)
-
-    def _predicted_compute_s(self, t: _Tenant) -> float | None:
-        if t.step_s == 0:
-            return None  # never ran: the controller budgets it at the cap until it has
-        if self.config.remap.budget_on_decode and t.decode_step_s > 0:
-            return min(t.step_s, t.decode_step_s)
-        return t.step_s
 
     def _replan(self, now: float, model: ModelId | None, head: Sequence | None) -> ModelId | None:
         """The step's memory plan. Under pressure for the head (the plan is short, or free pages are
@@ -481,11 +488,7 @@ class LLMEngine:
 
     def drain_latency_samples(self) -> dict[ModelId, tuple[list[float], list[float]]]:
         """TTFT and TBT samples recorded since the last drain, per tenant (for metrics)."""
-        out = {}
-        for model, t in self._tenants.items():
-            out[model] = (t.new_ttft, t.new_tbt)
-            t.new_ttft, t.new_tbt = [], []
-        return out
+        return {model: t.metrics.drain() for model, t in self._tenants.items()}
 
     # ---- stats ---------------------------------------------------------------------------
     @property
@@ -507,9 +510,6 @@ class LLMEngine:
     def tenant_stats(self, model: str) -> TenantStats:
         m = ModelId(model)
         t, sched = self._tenants[m], self.scheduler
-        now = self._clock()
-        while t.arrivals and t.arrivals[0] < now - STATS_WINDOW_S:
-            t.arrivals.popleft()
         return TenantStats(
             num_waiting=len(sched.waiting[m]),
             num_running=len(sched.running[m]),
@@ -517,15 +517,12 @@ class LLMEngine:
             kv_pages_used=self.memory.kv[m].num_pages_used,
             resident_layers=len(self.memory.params.resident_layers(m)),
             num_layers=t.config.num_layers,
-            last_active_s=t.last_active_s,
-            arrival_rate_per_s=len(t.arrivals) / STATS_WINDOW_S,
-            ttft_s=tuple(t.ttft),
-            tbt_s=tuple(t.tbt),
+            last_active_s=t.metrics.last_active_s,
+            arrival_rate_per_s=t.metrics.arrival_rate_per_s(self._clock()),
+            ttft_s=tuple(t.metrics.ttft),
+            tbt_s=tuple(t.metrics.tbt),
         )
 
     def close(self) -> None:
         self.memory.close()
 
-
-def _ema(average: float, sample: float) -> float:
-    return sample if average == 0 else 0.8 * average + 0.2 * sample
