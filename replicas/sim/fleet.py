@@ -25,8 +25,8 @@ from replicas.bench.workload import Request
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.sim.devices import DeviceProfile
-from replicas.sim.run import TOKEN_ID, RequestRecord, SimSettings, _build, _device_pages, _engine_config, _record, \
-    summarize
+from replicas.sim.run import (TOKEN_ID, RequestRecord, SimSettings, build_engine, device_pages, engine_config,
+                              request_record, summarize)
 
 SERVE_UPSCALE_DELAY_S, SERVE_DOWNSCALE_DELAY_S = 30.0, 600.0  # Ray Serve's autoscaling defaults
 
@@ -73,10 +73,10 @@ def simulate_fleet(workload: Seq[Request], models: Mapping[str, ModelConfig], de
     settings = settings or SimSettings()
     model_of = dict(tenant_models or {f"t{i}": m for i, m in enumerate(models)})
     requests = sorted(workload, key=lambda r: r.arrival_s)
-    pages = _device_pages(device, settings)
+    pages = device_pages(device, settings)
 
     def new_replica(now: float, ready: float) -> _Replica:
-        engine, sim = _build(device, models, _engine_config("ours", settings), pages, settings)
+        engine, sim = build_engine(device, models, engine_config("ours", settings), pages, settings)
         sim.clock.advance_to(now)
         return _Replica(engine, sim.clock, ready, now)
 
@@ -108,7 +108,7 @@ def simulate_fleet(workload: Seq[Request], models: Mapping[str, ModelConfig], de
             for out in replica.engine.step():
                 if out.finished:
                     request, seq = replica.live.pop(out.seq_id)
-                    records.append(_record(request, seq))
+                    records.append(request_record(request, seq))
                     recent_ttft.append((replica.clock.now(), records[-1].ttft_s))
             replicas = [r for r in replicas if not (r.draining and not r.busy())]
     records.sort(key=lambda r: r.arrival_s)

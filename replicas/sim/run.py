@@ -24,6 +24,7 @@ the next arrival; `wall_s` is the only real time measured.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import time
@@ -44,7 +45,26 @@ from replicas.sim.executor import make_sim_engine, meta_weights
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("recompute", "swap", "oneiros", "ours", "static", "oracle")
+class Policy(str, enum.Enum):
+    """The memory policies the simulator compares (docs/benchmarks.md)."""
+
+    RECOMPUTE = "recompute"  # one shared pool, preempt by recomputation (vLLM's default)
+    SWAP = "swap"  # one shared pool, preempt by swapping KV to host
+    ONEIROS = "oneiros"  # parameter remapping as the paper configures it
+    OURS = "ours"  # parameter remapping with this project's defaults and a victim order per workload
+    STATIC = "static"  # one device slice per model, sized by its share of requests
+    ORACLE = "oracle"  # a pool as large as the whole workload needs: no memory pressure
+
+
+POLICIES = tuple(p.value for p in Policy)
+# policy -> the engine's preemption mode and remap settings (None: the defaults); the one mapping
+_ENGINE = {
+    Policy.RECOMPUTE: ("recompute", None), Policy.SWAP: ("swap", None), Policy.STATIC: ("recompute", None),
+    Policy.ORACLE: ("recompute", None), Policy.OURS: ("remap", None),
+    # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
+    Policy.ONEIROS: ("remap", RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75,
+                                          max_staging_slots=None, budget_on_decode=False)),
+}
 PILOT_FRACTION = 0.1  # share of arrivals `ours` may look at to choose its victim order
 TOKEN_ID = 7  # every prompt token; the SimExecutor samples token 0 (neither is an eos of the paper's models)
 
@@ -121,7 +141,7 @@ def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Re
         for out in distinct[k].step():
             if out.finished:
                 r, seq = live.pop((k, out.seq_id))
-                records.append(_record(r, seq))
+                records.append(request_record(r, seq))
         steps += 1
         if steps > max_steps:
             raise RuntimeError(f"replay not done after {max_steps} steps ({len(live)} requests live)")
@@ -135,7 +155,7 @@ def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Re
     return records
 
 
-def _record(r: Request, seq) -> RequestRecord:
+def request_record(r: Request, seq) -> RequestRecord:
     times = seq.token_times_s
     gaps = tuple(float(b - a) for a, b in itertools.pairwise(times))
     return RequestRecord(r.tenant, r.arrival_s, times[0] - r.arrival_s, times[-1] - r.arrival_s, len(times),
@@ -143,17 +163,14 @@ def _record(r: Request, seq) -> RequestRecord:
 
 
 # ---- engines per policy -------------------------------------------------------------------------
-def _engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder = VictimOrder.MRU):
+def engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder = VictimOrder.MRU):
+    """The engine settings of a policy (ValueError for an unknown one); `victim_order` is ours."""
     from replicas.engine.engine import EngineConfig
     from replicas.engine.scheduler import SchedulerConfig
 
-    mode = {"recompute": "recompute", "swap": "swap", "static": "recompute", "oracle": "recompute"}.get(policy, "remap")
-    remap = {
-        # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
-        "oneiros": RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75, max_staging_slots=None,
-                              budget_on_decode=False),
-        "ours": RemapConfig(victim_order=victim_order),
-    }.get(policy, RemapConfig())
+    policy = Policy(policy)
+    mode, remap = _ENGINE[policy]
+    remap = RemapConfig(victim_order=victim_order) if policy is Policy.OURS else remap or RemapConfig()
     sched = SchedulerConfig(max_num_batched_tokens=settings.max_num_batched_tokens,
                             max_num_seqs=settings.max_num_seqs, preemption_mode=mode)
     return EngineConfig(scheduler=sched, remap=remap)
@@ -163,7 +180,7 @@ def _probe(models: Mapping[str, ModelConfig], device: DeviceProfile, settings: S
     """An engine with room for everything, to read exact page counts (parameters, KV blocks) off the
     real ParamStore and KV managers instead of re-deriving their rounding here."""
     big = sum(c.num_layers * (-(-layer_param_bytes(c) // settings.page_size_bytes) + 8) for c in models.values())
-    engine, _ = _build(device, models, _engine_config("recompute", settings), 4 * big + 4096, settings)
+    engine, _ = build_engine(device, models, engine_config("recompute", settings), 4 * big + 4096, settings)
     return engine
 
 
@@ -176,13 +193,13 @@ def param_pages(models: Mapping[str, ModelConfig], device: DeviceProfile, settin
     return out
 
 
-def _device_pages(device: DeviceProfile, settings: SimSettings) -> int:
+def device_pages(device: DeviceProfile, settings: SimSettings) -> int:
     if settings.num_pages is not None:
         return settings.num_pages
     return int(device.memory_bytes * (1 - settings.reserved_fraction)) // settings.page_size_bytes
 
 
-def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_config, num_pages: int,
+def build_engine(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_config, num_pages: int,
            settings: SimSettings, clock: VirtualClock | None = None):
     engine, sim = make_sim_engine(device, engine_config, num_pages=num_pages, page_size_bytes=settings.page_size_bytes,
                                   token_id=0, clock=clock)
@@ -192,7 +209,7 @@ def _build(device: DeviceProfile, models: Mapping[str, ModelConfig], engine_conf
 
 
 def _shared_run(policy, workload, models, model_of, device, settings, num_pages, victim_order=VictimOrder.MRU):
-    engine, sim = _build(device, models, _engine_config(policy, settings, victim_order), num_pages, settings)
+    engine, sim = build_engine(device, models, engine_config(policy, settings, victim_order), num_pages, settings)
     records = _replay(dict.fromkeys(models, engine), sim.clock, workload, model_of, settings.max_steps)
     return records, sim.stats.num_steps, engine.num_preemptions
 
@@ -200,7 +217,7 @@ def _shared_run(policy, workload, models, model_of, device, settings, num_pages,
 def _static_run(workload, models, model_of, device, settings):
     """How vLLM is deployed today: one engine per model, each with its own parameters plus an equal
     1/N share of the KV pages (recompute mode), all time-slicing one device on one clock."""
-    total = _device_pages(device, settings)
+    total = device_pages(device, settings)
     params = param_pages(models, device, settings)
     kv_share = (total - sum(params.values())) // len(models)
     if kv_share <= 0:
@@ -208,7 +225,7 @@ def _static_run(workload, models, model_of, device, settings):
                          f"({total} pages)")
     clock, engines, sims = VirtualClock(), {}, []
     for name, config in models.items():
-        engine, sim = _build(device, {name: config}, _engine_config("static", settings), params[name] + kv_share,
+        engine, sim = build_engine(device, {name: config}, engine_config("static", settings), params[name] + kv_share,
                              settings, clock)
         engines[name] = engine
         sims.append(sim)
@@ -272,7 +289,7 @@ def simulate(workload: Seq[Request], models: Mapping[str, ModelConfig], device: 
     if policy == "static":
         records, steps, preempted = _static_run(workload, models, model_of, device, settings)
     elif policy == "oracle":
-        pages = max(_device_pages(device, settings), _oracle_pages(workload, models, model_of, device, settings))
+        pages = max(device_pages(device, settings), _oracle_pages(workload, models, model_of, device, settings))
         notes["num_pages"] = str(pages)
         records, steps, preempted = _shared_run(policy, workload, models, model_of, device, settings, pages)
     else:
@@ -280,7 +297,7 @@ def simulate(workload: Seq[Request], models: Mapping[str, ModelConfig], device: 
         if policy == "ours":
             notes["victim_order"] = order.value
         records, steps, preempted = _shared_run(policy, workload, models, model_of, device, settings,
-                                                _device_pages(device, settings), order)
+                                                device_pages(device, settings), order)
     wall_s = time.perf_counter() - start
     records.sort(key=lambda rec: rec.arrival_s)
     return SimResult(policy, device.name, records, summarize(records), wall_s, steps, preempted, notes)

@@ -101,3 +101,17 @@ def test_cli_writes_json_with_every_policy(tmp_path, capsys):
 def test_cli_reports_a_missing_trace(tmp_path, capsys):
     assert main(["sim", "--preset", "c1", "--trace", str(tmp_path / "nope.csv")]) == 2
     assert "trace not found" in capsys.readouterr().err
+
+
+def test_policies_are_one_enum_and_an_unknown_one_is_an_error_not_a_silent_default():
+    from replicas.engine.scheduler import PreemptionMode
+    from replicas.sim.run import Policy, engine_config
+
+    settings = SimSettings()
+    modes = {p.value: engine_config(p.value, settings).scheduler.preemption_mode for p in Policy}
+    assert modes == {"recompute": PreemptionMode.RECOMPUTE, "swap": PreemptionMode.SWAP,
+                     "oneiros": PreemptionMode.REMAP, "ours": PreemptionMode.REMAP,
+                     "static": PreemptionMode.RECOMPUTE, "oracle": PreemptionMode.RECOMPUTE}
+    assert engine_config("oneiros", settings).remap.max_remapped_fraction == 0.75
+    with pytest.raises(ValueError, match="'remap' is not a valid Policy"):
+        engine_config("remap", settings)
