@@ -82,3 +82,13 @@ class RoutingView:
         found = [e for e in self.entries if e.model == model]
         ranked = sorted(found, key=lambda e: (-e.resident_fraction, -e.spare_pages, e.queue, e.replica_id))
         return ranked + [e for e in self.loading if e.model == model]
+
+    def host_groups(self, model: str) -> list[list[RouteEntry]]:
+        """hosts(model) in groups of equal residency, most resident first, then those loading it.
+        The router hands Serve one group at a time, and Serve sends the request to the shortest
+        queue within it: a burst between two views spreads over equally good hosts."""
+        loading = {e.replica_id for e in self.loading if e.model == model}
+        groups: dict[tuple[bool, float], list[RouteEntry]] = {}  # insertion order = hosts() order
+        for e in self.hosts(model):
+            groups.setdefault((e.replica_id in loading, e.resident_fraction), []).append(e)
+        return list(groups.values())

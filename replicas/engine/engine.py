@@ -496,10 +496,11 @@ class LLMEngine:
         """Sequences preempted (recompute or swap) since start."""
         return self.scheduler.num_preemptions
 
-    def num_unfinished(self) -> int:
-        """Sequences waiting, running or swapped out, over every tenant."""
+    def num_unfinished(self, model: str | None = None) -> int:
+        """Sequences waiting, running or swapped out, of `model` or of every tenant."""
         s = self.scheduler
-        return sum(len(s.running[m]) + len(s.waiting[m]) + len(s.swapped[m]) for m in self._tenants)
+        models = self._tenants if model is None else (ModelId(model),)
+        return sum(len(s.running[m]) + len(s.waiting[m]) + len(s.swapped[m]) for m in models)
 
     def queue_delay_s(self, now: float | None = None) -> float:
         """How long the longest-waiting request has waited by `now` (default: the engine clock's now),

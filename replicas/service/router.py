@@ -46,20 +46,16 @@ def avoided_by(pending_request: PendingRequest | None) -> frozenset[str]:
 
 
 def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
-    """The hosts of `model` in groups of equal residency, most resident first, then the replicas
-    loading it, then the rest. Serve sends a request to the shortest queue within the first group
-    that has room, so a burst between two views spreads over equally good hosts rather than piling
-    onto the one the last view happened to rank first (8 chats at once went 7 to 1 before)."""
+    """The view's host groups of `model` (RoutingView.host_groups), then the rest: Serve sends the
+    request to the shortest queue within the first group with room (8 chats at once went 7 to 1
+    when each host was a group of its own)."""
     by_id = {r.replica_id.unique_id: r for r in candidates}
-    loading = {e.replica_id for e in view.loading if e.model == model}
-    groups: dict[tuple[bool, float], list[RunningReplica]] = {}  # insertion order = the view's ranking
-    for e in view.hosts(model):
-        if e.replica_id in by_id:
-            groups.setdefault((e.replica_id in loading, e.resident_fraction), []).append(by_id.pop(e.replica_id))
+    groups = [[by_id.pop(e.replica_id) for e in group if e.replica_id in by_id] for group in view.host_groups(model)]
+    groups = [g for g in groups if g]
     if not groups:
         return []
     rest = list(by_id.values())
-    return list(groups.values()) + ([rest] if rest else [])
+    return groups + ([rest] if rest else [])
 
 
 class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
 
 from autoscaler.policy import ClusterLoad, PolicyState, ScalingConfig, decide
+from cluster.messages import RouteEntry, RoutingView
 from replicas.bench.workload import Request
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import InvalidRequest, SamplingParams
@@ -119,16 +120,27 @@ def simulate_fleet(workload: Seq[Request], models: Mapping[str, ModelConfig], de
 def _route(request: Request, replicas: list[_Replica], now: float, model_of, records) -> None:
     ready = [r for r in replicas if r.ready_at_s <= now and not r.draining] or \
         [min(replicas, key=lambda r: r.ready_at_s)]  # nothing ready yet: queue at the first to start
-    target = min(ready, key=lambda r: (r.queue(), -r.engine.memory.pool.num_free))
+    model = model_of[request.tenant]
+    view = RoutingView(0, now, tuple(_route_entry(str(i), r.engine, model) for i, r in enumerate(ready)))
+    # the production router's ranking (RoutingView.host_groups); within the first group, Serve's
+    # choice: the replica with the fewest requests in flight
+    target = min((ready[int(e.replica_id)] for e in view.host_groups(model)[0]), key=lambda r: r.queue())
     if not target.busy():
         target.clock.advance_to(max(now, target.ready_at_s))
     params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
     try:
-        sid = target.engine.add_request(model_of[request.tenant], [TOKEN_ID] * request.prompt_len, params)
+        sid = target.engine.add_request(model, [TOKEN_ID] * request.prompt_len, params)
     except InvalidRequest as exc:
         records.append(RequestRecord(request.tenant, request.arrival_s, None, None, 0, (), 0, str(exc)))
         return
     target.live[sid] = (request, target.engine.sequence(sid))
+
+
+def _route_entry(replica_id: str, engine, model: str) -> RouteEntry:
+    """What a replica's report tells the controller's routing view about one of its tenants."""
+    params = engine.memory.params
+    return RouteEntry(replica_id, model, len(params.resident_layers(model)) / params.num_layers(model),
+                      engine.capacity().spare_pages, engine.num_unfinished(model))
 
 
 def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttft):
