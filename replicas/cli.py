@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     if args.command == "sim":
-        from replicas.sim.run import run_sim_cli
+        from replicas.sim.cli import run_sim_cli
 
         return run_sim_cli(args)
     return _status(args)

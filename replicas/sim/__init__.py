@@ -6,8 +6,11 @@
 
 devices.py: DeviceProfile presets and a measured CPU profile. cost.py: the roofline step-cost model,
 calibrated on Vidur's H100 profiles, and the paper's model configs. executor.py: SimExecutor and the
-byte-free memory backend. clock.py: VirtualClock. run.py: `simulate` (replay a workload under one policy) and the `oneiros sim`
-command; presets.py: the paper's experiments (c1, c2, sweeps) and devices. Nothing here imports Ray.
+byte-free memory backend. clock.py: VirtualClock. run.py: `simulate` (replay a workload under one
+policy, the Policy enum and its engine settings). report.py: summaries, the comparison against the
+baselines, the table. cli.py: the `oneiros sim` command. fleet.py: replicas under an autoscaling
+policy, routed with the production router's ranking. presets.py: the paper's experiments (c1, c2,
+sweeps) and devices. Nothing here imports Ray.
 """
 
 from replicas.sim.clock import VirtualClock
@@ -21,7 +24,8 @@ from replicas.sim.executor import (
 )
 from replicas.sim.presets import DEVICES, Preset, get_device, get_preset
 from replicas.sim.presets import PRESETS as EXPERIMENTS
-from replicas.sim.run import POLICIES, RequestRecord, SimResult, SimSettings, compare, simulate, simulate_all
+from replicas.sim.report import compare
+from replicas.sim.run import POLICIES, RequestRecord, SimResult, SimSettings, simulate, simulate_all
 
 __all__ = [
     "VirtualClock", "H100_FIT", "PAPER_MODELS", "BatchShape", "CostModel", "CostParams", "StepCost", "VidurFit",

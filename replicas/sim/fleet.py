@@ -26,8 +26,9 @@ from replicas.bench.workload import Request
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.sim.devices import DeviceProfile
+from replicas.sim.report import summarize
 from replicas.sim.run import (TOKEN_ID, RequestRecord, SimSettings, build_engine, device_pages, engine_config,
-                              request_record, summarize)
+                              request_record)
 
 SERVE_UPSCALE_DELAY_S, SERVE_DOWNSCALE_DELAY_S = 30.0, 600.0  # Ray Serve's autoscaling defaults
 

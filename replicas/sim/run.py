@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from remap import ModelId, RemapConfig
 from remap.controller import VictimOrder
@@ -42,6 +41,7 @@ from replicas.sim.clock import VirtualClock
 from replicas.sim.cost import layer_param_bytes
 from replicas.sim.devices import DeviceProfile
 from replicas.sim.executor import make_sim_engine, meta_weights
+from replicas.sim.report import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -303,27 +303,6 @@ def simulate(workload: Seq[Request], models: Mapping[str, ModelConfig], device: 
     return SimResult(policy, device.name, records, summarize(records), wall_s, steps, preempted, notes)
 
 
-def summarize(records: Seq[RequestRecord]) -> dict[str, float]:
-    done = [r for r in records if r.ttft_s is not None]
-    ttft = np.array([r.ttft_s for r in done]) if done else np.zeros(1)
-    tbt = np.concatenate([np.asarray(r.tbt_s) for r in done if r.tbt_s] or [np.zeros(1)])
-    worst = np.array([max(r.tbt_s) for r in done if r.tbt_s] or [0.0])
-    tokens = sum(r.num_tokens for r in done)
-    span = (max(r.arrival_s + r.completion_s for r in done) - min(r.arrival_s for r in done)) if done else 0.0
-    return {
-        "num_requests": len(records),
-        "num_rejected": len(records) - len(done),
-        "num_tokens": tokens,
-        "p50_ttft_s": float(np.percentile(ttft, 50)),
-        "p99_ttft_s": float(np.percentile(ttft, 99)),
-        "p50_tbt_s": float(np.percentile(tbt, 50)),
-        "p99_tbt_s": float(np.percentile(tbt, 99)),
-        "p99_max_tbt_s": float(np.percentile(worst, 99)),  # each request's longest stall, P99 over requests
-        "throughput_tok_s": tokens / span if span > 0 else 0.0,  # output tokens over first arrival..last token
-        "makespan_s": span,
-    }
-
-
 def simulate_all(workload, models, device, policies: Seq[str] = POLICIES, settings: SimSettings | None = None,
                  progress: Callable[[SimResult], None] | None = None) -> dict[str, SimResult]:
     out = {}
@@ -332,88 +311,3 @@ def simulate_all(workload, models, device, policies: Seq[str] = POLICIES, settin
         if progress:
             progress(out[policy])
     return out
-
-
-BASELINES = ("recompute", "static")  # the issue's baseline, and the paper's (vLLM as deployed: a split per model)
-HEADLINE = ("p99_tbt_s", "p99_max_tbt_s", "p99_ttft_s", "throughput_tok_s")
-
-
-def compare(results: Mapping[str, SimResult], baselines: Seq[str] = BASELINES) -> dict[str, dict[str, float]]:
-    """Per policy: the headline numbers, their change in % against each baseline run, and wall_s."""
-    table = {}
-    for policy, res in results.items():
-        row = {k: res.summary[k] for k in HEADLINE} | {
-            "p50_tbt_s": res.summary["p50_tbt_s"], "p50_ttft_s": res.summary["p50_ttft_s"],
-            "num_preemptions": res.num_preemptions, "num_rejected": res.summary["num_rejected"],
-            "wall_s": res.wall_s}
-        for baseline in baselines:
-            if baseline not in results:
-                continue
-            for k in HEADLINE:
-                b = results[baseline].summary[k]
-                row[f"{k}_vs_{baseline}_pct"] = 100.0 * (res.summary[k] - b) / b if b else float("nan")
-        row.update(res.notes)
-        table[policy] = row
-    return table
-
-
-# ---- the `oneiros sim` command ------------------------------------------------------------------
-def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
-    """One line per policy: each headline number, then its change against each baseline that ran."""
-    baselines = [b for b in BASELINES if f"p99_tbt_s_vs_{b}_pct" in next(iter(table.values()), {})]
-    short = {"p99_tbt_s": "tbt99", "p99_max_tbt_s": "stall99", "p99_ttft_s": "ttft99", "throughput_tok_s": "tok/s"}
-    head = f"{'policy':<10}" + "".join(f" {short[k]:>9}" for k in HEADLINE)
-    head += "".join(f" {short[k][:5] + ' vs ' + b[:4]:>15}" for b in baselines for k in HEADLINE)
-    lines = [head + f" {'preempt':>8} {'reject':>6} {'wall_s':>7}"]
-    for policy, row in table.items():
-        line = f"{policy:<10}" + "".join(f" {row[k]:>9.4g}" for k in HEADLINE)
-        line += "".join(f" {row[f'{k}_vs_{b}_pct']:>+14.1f}%" for b in baselines for k in HEADLINE)
-        lines.append(line + f" {row['num_preemptions']:>8d} {row['num_rejected']:>6d} {row['wall_s']:>7.2f}")
-    return "\n".join(lines)
-
-
-def run_sim_cli(args) -> int:
-    import json
-    import pathlib
-    import sys
-
-    from replicas.sim.presets import get_device, get_preset
-
-    try:
-        preset, device = get_preset(args.preset), get_device(args.device)
-        policies = tuple(args.policies.split(",")) if args.policies else POLICIES
-        bad = set(policies) - set(POLICIES)
-        if bad:
-            raise KeyError(f"unknown policies {sorted(bad)}; available: {POLICIES}")
-        if args.max_batched_tokens < 1:
-            raise ValueError(f"--max-batched-tokens must be >= 1, got {args.max_batched_tokens}")
-        duration = args.duration or preset.default_duration_s
-        points = preset.workloads(duration, args.seed, args.trace)
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        print(f"oneiros sim: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
-    models = preset.models()
-    settings = SimSettings(max_num_batched_tokens=args.max_batched_tokens)
-    out = {"preset": preset.name, "device": device.name, "duration_s": duration, "seed": args.seed,
-           "max_num_batched_tokens": settings.max_num_batched_tokens, "models": list(models), "points": {}}
-    for label, requests in points:
-        print(f"{preset.name} on {device.name}, {label}: {len(requests)} requests over {duration:g} s", flush=True)
-        table = compare(simulate_all(requests, models, device, policies, settings))
-        print(format_table(table), flush=True)
-        out["points"][label] = table
-    if len(points) == 1:
-        out["policies"] = next(iter(out["points"].values()))  # the single point's table, at the top level too
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-    if args.plots:
-        from replicas.bench.report import write_sweep_plot
-
-        metrics = {"p99_tbt_s": "P99 TBT (s)", "p99_max_tbt_s": "P99 worst stall (s)", "p99_ttft_s": "P99 TTFT (s)",
-                   "throughput_tok_s": "throughput (tok/s)"}
-        png = write_sweep_plot(out["points"], metrics, pathlib.Path(args.plots) / f"sim_{preset.name}_{args.device}.png",
-                               f"{preset.name} on {device.name}")
-        if png:
-            print(f"wrote {png}")
-    return 0
