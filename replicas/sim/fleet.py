@@ -156,7 +156,9 @@ def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttf
         since = pending_since if pending_since and pending_since[0] == desired else (desired, now)
         delay = SERVE_UPSCALE_DELAY_S if desired > n else SERVE_DOWNSCALE_DELAY_S
         return (desired, state, None) if now - since[1] >= delay else (n, state, since)
-    engines = [r.engine for r in replicas if not r.draining]
+    # stats come from the replicas that serve, as Serve's do (a starting replica reports nothing yet:
+    # counting its spare pages hid a burst's pressure for the minute it takes to start)
+    engines = [r.engine for r in replicas if not r.draining and r.ready_at_s <= now]
     recent_ttft[:] = [(t, x) for t, x in recent_ttft if t >= now - fleet.tick_s]
     load = ClusterLoad(
         now_s=now, num_replicas=n,
