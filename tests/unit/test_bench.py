@@ -18,7 +18,7 @@ from replicas.bench import workload as wl
 from replicas.bench.client import RequestRecord, RequestResult, make_client, replay, run_workload
 from replicas.cli import main
 
-AZURE_DIR = pathlib.Path("/work/shared/traces/azure-llm-2023")
+AZURE_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared/traces/azure-llm-2023"  # ../shared beside the checkout
 FIRST_TOKEN_DELAY_S = 0.02
 
 
