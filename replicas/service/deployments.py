@@ -52,8 +52,8 @@ class _Metrics:
         self.resident = metrics.Gauge("oneiros_resident_layers", "Layers of a tenant on device", keys)
         self.free_pages = metrics.Gauge("oneiros_free_pages", "Free pages of the replica's pool", ("replica",))
         self.lent_pages = metrics.Gauge("oneiros_lent_pages", "Parameter pages lent to the KV cache", ("replica",))
-        self.remaps = metrics.Gauge("oneiros_remap_events", "Layer reclaims and restores since start",
-                                    ("replica", "kind"))
+        self.remaps = metrics.Counter("oneiros_remap_events", "Layer reclaims and restores", ("replica", "kind"))
+        self._remaps_seen = {"reclaim": 0, "restore": 0}  # totals already counted
 
     def record(self, server: EngineServer) -> list[float]:
         """Export this period's numbers; returns the TTFT samples drained (for the SLO window)."""
@@ -72,8 +72,10 @@ class _Metrics:
         memory = engine.memory
         self.free_pages.set(memory.pool.num_free, {"replica": rid})
         self.lent_pages.set(memory.num_lent_pages(), {"replica": rid})
-        self.remaps.set(memory.num_reclaims, {"replica": rid, "kind": "reclaim"})
-        self.remaps.set(memory.num_restores, {"replica": rid, "kind": "restore"})
+        for kind, total in (("reclaim", memory.num_reclaims), ("restore", memory.num_restores)):
+            if total > self._remaps_seen[kind]:
+                self.remaps.inc(total - self._remaps_seen[kind], {"replica": rid, "kind": kind})
+                self._remaps_seen[kind] = total
         return drained
 
 
