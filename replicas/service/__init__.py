@@ -3,7 +3,7 @@
     deployments.py  the Serve app: EngineReplica and OpenAIIngress deployments, build_app
     server.py       EngineServer: one engine on its own thread, async streams, loads, reports
     ingress.py      the OpenAI HTTP frontend (FastAPI) and its placement retries
-    openai_api.py   the OpenAI protocol: request models, errors, sampling mapping, responses, SSE
+    openai_api/     the OpenAI protocol: request models, errors, sampling mapping, prompts, responses, SSE
     openapi.py      the OpenAPI document of the HTTP API
     router.py       the memory-aware request router (Serve's RequestRouter API)
     grpc/           the gRPC API (service, generated stubs)

@@ -1,10 +1,10 @@
 """The OpenAPI document of the HTTP API: every route's request and response bodies, so that a client
 generator or an API fuzzer (tests/ray/test_schema.py runs schemathesis) can use `/openapi.json`.
 
-The routes read their bodies themselves (`replicas/service/openai_api.py` parses them, so that errors are
+The routes read their bodies themselves (`replicas/service/openai_api/` parses them, so that errors are
 OpenAI error bodies rather than FastAPI's 422s); this module describes what they accept and return:
 the request models are the very ones that parse, the response models mirror the builders in
-openai_api.py (`completion_response`, `chat_response`, ...), and a test checks the builders' output
+openai_api/responses.py (`completion_response`, `chat_response`, ...), and a test checks the builders' output
 against them.
 """
 
