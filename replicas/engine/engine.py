@@ -23,7 +23,6 @@ import torch
 
 from remap import (
     DeviceMemory,
-    MemorySnapshot,
     ModelId,
     RemapConfig,
     RemapController,
@@ -36,6 +35,7 @@ from replicas.engine.capacity import Capacity, NewModel, check_load
 from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.metrics import TenantMetrics
+from replicas.engine.remap_driver import RemapDriver
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
 from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
@@ -124,17 +124,14 @@ class LLMEngine:
         self._seqs: dict[SeqId, Sequence] = {}  # unfinished
         self._finished: OrderedDict[SeqId, Sequence] = OrderedDict()  # the last MAX_FINISHED, for lookups
         self._ids = itertools.count()
-        make_room = self._make_room if self.mode is PreemptionMode.REMAP else None
-        self.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
+        self.remap = RemapDriver(memory, self.controller, self.config.remap, self.link_bytes_per_s, clock,
+                                 lambda: {m: t.metrics for m, t in self._tenants.items()})
+        make_room = self.remap.make_room if self.mode is PreemptionMode.REMAP else None
+        self.scheduler = self.remap.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
         self.executor = executor or TorchExecutor(memory)
-        self._ring_model: ModelId | None = None
-        self._urgent: ModelId | None = None  # this step's tenant when its plan is urgent (progress guarantee)
         self._reserve = 0  # KV pages the head (the oldest unfinished request) may still need
-        self._reserved: dict[ModelId, int] = {}  # the head's tenant -> self._reserve
         self._kv_limits: dict[ModelId, int] = {}  # Capacity.kv_pages_for of each model (admission's limit)
         self.num_layers_streamed = 0  # remapped layers computed from staging slots, since start
-        self._cold: frozenset[ModelId] = frozenset()  # cluster hints, see set_cluster_hints
-        self._warming: frozenset[ModelId] = frozenset()
         logger.info("engine: %s, link %.1f GB/s", self.config, self.link_bytes_per_s / 1e9)
 
     # ---- models and requests -------------------------------------------------------------
@@ -173,17 +170,17 @@ class LLMEngine:
                    for s in self._seqs.values()]
         check_load(self.capacity(), load, self._tenants, pending)
         if self.mode is PreemptionMode.REMAP and self.memory.pool.num_free < need:
-            plan = self.controller.plan(dataclasses.replace(self._snapshot(self._clock()), reserved_pages=need))
+            plan = self.controller.plan(dataclasses.replace(self.remap.snapshot(self._clock()), reserved_pages=need))
             logger.info("loading %s (%d pages, %d free): lending idle tenants' layers", model, need,
                         self.memory.pool.num_free)
-            self._apply(dataclasses.replace(plan, restore=()))
+            self.remap.apply(dataclasses.replace(plan, restore=()))
         return cap
 
     def set_cluster_hints(self, cold: frozenset[str], warming: frozenset[str]) -> None:
         """The cluster controller's view: tenants idle everywhere lend first; warming ones lend last
         and get their layers back first. Takes effect at the next step's plan."""
-        self._cold = frozenset(ModelId(m) for m in cold if m in self._tenants)
-        self._warming = frozenset(ModelId(m) for m in warming if m in self._tenants)
+        self.remap.cold = frozenset(ModelId(m) for m in cold if m in self._tenants)
+        self.remap.warming = frozenset(ModelId(m) for m in warming if m in self._tenants)
 
     def capacity(self) -> Capacity:
         """What this engine's pool can give, in pages (replicas/engine/capacity.py): the one figure
@@ -285,11 +282,12 @@ class LLMEngine:
     def _plan_memory(self, head: Sequence | None) -> ModelId | None:
         """Reserve what the head may still need, apply this step's memory plan, and say which tenant
         runs (the head's when the plan is urgent; else the scheduler's next)."""
-        self._reserve = self._remaining_need(head) if head is not None else 0
-        self._reserved = {head.model: self._reserve} if self._reserve else {}
+        self._reserve = self.remap.remaining_need(head) if head is not None else 0
+        self.remap.reserved = {head.model: self._reserve} if self._reserve else {}
         model = self.scheduler.next_tenant()
-        self._urgent = self._replan(self._clock(), model, head) if self.mode is PreemptionMode.REMAP else None
-        return self._urgent or model
+        urgent = self.remap.replan(self._clock(), model, head) if self.mode is PreemptionMode.REMAP else None
+        self.remap.urgent = urgent
+        return urgent or model
 
     @contextlib.contextmanager
     def _staging(self, model: ModelId, head: Sequence | None):
@@ -297,12 +295,12 @@ class LLMEngine:
         cannot change while the block runs; after it, the ring closes if the step ran nothing or the
         tenant has no work left (its slots go back to the pool), else stays with the layers of this
         pass for the next one."""
-        stage = _Stage(self._ring_for(model, head))
-        self._ring_model = model
+        stage = _Stage(self.remap.ring_for(model, head))
+        self.remap.ring_model = model
         try:
             yield stage
         finally:
-            self._ring_model = None
+            self.remap.ring_model = None
             ring = stage.ring
             if ring is not None and self.memory.ring(model) is ring and (
                     not stage.ran or not self.scheduler.has_work(model)):
@@ -373,118 +371,8 @@ class LLMEngine:
             self._finished.popitem(last=False)
         return seq
 
-    # ---- the progress guarantee ----------------------------------------------------------
-    # The head is the oldest unfinished request. What it may still need is reserved: every plan
-    # counts it as demand, and no later request is admitted into it. When its tenant is scheduled
-    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler). Under
-    # pressure (the plan is short, or free pages are short of the reservation) only its tenant
-    # computes and the plan is urgent: every other tenant lends up to its cap like an idle one
-    # (their rings close). Admission only takes requests whose need fits `Capacity.kv_pages_for`,
-    # so the head runs on every step of its tenant until it ends; then the next oldest is the head.
     def _head(self) -> Sequence | None:
         return next(iter(self._seqs.values()), None)  # insertion order is arrival order
-
-    def _remaining_need(self, seq: Sequence) -> int:
-        """KV pages `seq` may still take: up to prompt + max_tokens, less the pages it holds."""
-        kv = self.memory.kv[seq.model]
-        held = 0 if kv.is_swapped(seq.seq_id) else len(kv.table(seq.seq_id))
-        return max(0, kv.num_blocks_for(seq.max_num_tokens) - held)
-
-    def _ring_pages(self, model: ModelId | None) -> int:
-        ring = self.memory.ring(model) if model is not None else None
-        return len(ring.pages) if ring else 0
-
-    # ---- memory plans --------------------------------------------------------------------
-    def _snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None,
-                  urgent: ModelId | None = None) -> MemorySnapshot:
-        ring_pages = 0
-        tenants = []
-        for model, t in self._tenants.items():
-            sched = self.scheduler
-            tenants.append(self.memory.tenant_snapshot(
-                model,
-                num_running=len(sched.running[model]),
-                num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
-                kv_pages_needed=(sched.kv_pages_needed(model) + (extra or {}).get(model, 0)
-                                 + self._reserved.get(model, 0)),  # the head's reservation
-                last_active_s=t.metrics.last_active_s,
-                predicted_compute_s=(t.metrics.predicted_compute_s(self.config.remap.budget_on_decode)
-                                     if sched.has_work(model) else 0.0),
-                cold=model in self._cold,
-                warming=model in self._warming,
-            ))
-        for model in self._tenants:  # the controller charges staging itself: open rings count as free
-            ring = self.memory.ring(model)
-            ring_pages += len(ring.pages) if ring else 0
-        return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
-                              urgent)
-
-    def _replan(self, now: float, model: ModelId | None, head: Sequence | None) -> ModelId | None:
-        """The step's memory plan. Under pressure for the head (the plan is short, or free pages are
-        short of its reservation) the head's tenant is served instead and its plan is urgent (see
-        the progress guarantee above): another tenant's step would take back, as its ring or as
-        restores, the layers the head's plan lends. Returns the urgent tenant, or None."""
-        plan = self.controller.plan(self._snapshot(now))
-        urgent = None
-        reserved = self._reserved.get(head.model, 0) if head is not None else 0
-        if head is not None and (plan.num_pages_short > 0
-                                 or self.memory.pool.num_free + self._ring_pages(head.model) < reserved):
-            urgent = head.model
-            for other in list(self._tenants):
-                if other != urgent and self.memory.ring(other) is not None:
-                    self.memory.close_stream(other)  # they do not compute this step; slots are caches
-            logger.debug("progress: %s's oldest request may still need %d KV pages, %d are free: every other tenant "
-                         "lends up to its cap", urgent, self._reserved.get(urgent, 0), self.memory.pool.num_free)
-            plan = self.controller.plan(self._snapshot(now, None, urgent))
-        if not plan.is_noop:
-            self._apply(plan)
-        return urgent
-
-    def _apply(self, plan) -> None:
-        self.memory.apply(plan)  # rings of the models whose layers move close first (DeviceMemory)
-
-    def _make_room(self, model: ModelId, num_pages: int) -> bool:
-        """Scheduler hook: lend parameter pages so `model` can grow by `num_pages`."""
-        free_before = self.memory.pool.num_free
-        plan = self.controller.plan(self._snapshot(self._clock(), {model: num_pages}, self._urgent))
-        if self._ring_model is not None:  # its layers cannot change while its ring is open
-            plan = dataclasses.replace(
-                plan,
-                reclaim=tuple(a for a in plan.reclaim if a.model != self._ring_model),
-                restore=tuple(a for a in plan.restore if a.model != self._ring_model),
-            )
-        plan = dataclasses.replace(plan, restore=())  # growing now: restores wait for the next step
-        if plan.reclaim:
-            self._apply(plan)
-        return self.memory.pool.num_free > free_before
-
-    def _ring_for(self, model: ModelId, head: Sequence | None) -> StagingRing | None:
-        """The staging ring of the model's remapped layers, kept across its steps (its slots still
-        hold the layers of the last pass); opened when missing, preempting later arrivals than the
-        head if there is no room."""
-        num_remapped = self.memory.params.num_layers(model) - len(self.memory.params.resident_layers(model))
-        ring = self.memory.ring(model)
-        if num_remapped == 0 or ring is not None:
-            if num_remapped == 0 and ring is not None:
-                self.memory.close_stream(model)
-            return ring if num_remapped else None
-        want = min(num_remapped, self.config.remap.max_staging_slots or num_remapped + 1)
-        while True:
-            # Two slots overlap copies with compute; one serializes them and slows every step of the
-            # model, so KV is preempted for the second slot and a single slot is the last resort.
-            for slots in dict.fromkeys((want, min(want, 2))):
-                ring = self.memory.open_stream(model, slots)
-                if ring is not None:
-                    return ring
-            # KV fills every page: free some by recompute, the way the pool's last resort always is;
-            # the head yields only if it holds more than admission allowed it (tests force that)
-            if not self.scheduler.preempt_latest(keep=head) and not self.scheduler.preempt_latest():
-                ring = self.memory.open_stream(model, 1)
-                if ring is not None:
-                    return ring
-                raise RuntimeError(f"no room for one staging slot of {model!r} with no KV left to free "
-                                   f"({self.memory.pool.num_free} pages free): the pool is too small")
-            logger.info("preempted a sequence to make room for %s's staging slots", model)
 
     def drain_latency_samples(self) -> dict[ModelId, tuple[list[float], list[float]]]:
         """TTFT and TBT samples recorded since the last drain, per tenant (for metrics)."""

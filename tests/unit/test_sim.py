@@ -152,7 +152,7 @@ def test_alpha_is_budgeted_on_decode_steps_unless_prefill_aware():
         engine.add_request("m", [7] * 1500, SamplingParams(max_tokens=8, ignore_eos=True))
         for _ in range(4):
             engine.step()
-        (tenant,) = engine._snapshot(sim.clock()).tenants
+        (tenant,) = engine.remap.snapshot(sim.clock()).tenants
         predicted[on_decode] = tenant.predicted_compute_s
     decode_step = sim.stats.steps[-1][1].compute_s
     assert predicted[True] == pytest.approx(decode_step) and predicted[False] > 1.5 * decode_step
