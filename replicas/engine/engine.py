@@ -1,10 +1,12 @@
 """LLMEngine: several models on one device's page pool; `step()` = plan memory -> schedule -> execute -> postprocess.
 
-In `remap` mode every step first asks the RemapController for a plan from the current demand
-(reclaim idle tenants' layers, stream or restore active ones, revert when demand falls) and the
-scheduler may ask again mid-step (`_make_room`) when a sequence cannot grow. The chosen tenant's
-remapped layers stream through a staging ring opened before the batch is built, so its pages are
-never promised to KV. Bad requests raise `InvalidRequest` and touch nothing else.
+In `remap` mode every step first asks the RemapController, through `RemapDriver`
+(replicas/engine/remap_driver.py), for a plan from the current demand (reclaim idle tenants' layers,
+stream or restore active ones, revert when demand falls), and the scheduler may ask again mid-step
+(`RemapDriver.make_room`) when a sequence cannot grow. The chosen tenant's remapped layers stream
+through a staging ring opened before the batch is built (`_staging`, a with block), so its pages are
+never promised to KV. Tenant timing is `TenantMetrics` (metrics.py). Bad requests raise
+`InvalidRequest` and touch nothing else.
 """
 
 from __future__ import annotations
