@@ -23,6 +23,17 @@ def test_serve_accepts_the_shipped_serve_config():
     (app,) = config.applications
     assert app.import_path == "replicas.service.deployments:app_builder"
     assert OneirosConfig.load(ROOT / app.args["config"]).app_name == app.name
+    assert config.http_options.host == "0.0.0.0" and config.grpc_options.port == 9000  # reachable from outside a pod
+
+
+def test_the_gpu_config_is_the_gpu_rayservice_s_and_scales_on_memory_pressure():
+    gpu = OneirosConfig.load(ROOT / "replicas/oneiros-gpu.yaml")
+    assert gpu.memory.device == "cuda" and gpu.replicas.num_gpus == 1
+    assert gpu.replicas.autoscaling is not None and gpu.replicas.autoscaling.max_replicas == 8
+    service = yaml.safe_load((ROOT / "k8s/rayservice-gpu.yaml").read_text())
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    inline = OneirosConfig.model_validate(app["args"]["oneiros"])
+    assert inline.model_dump(exclude={"http"}) == gpu.model_dump(exclude={"http"})
 
 
 @pytest.mark.parametrize("patch, message", [
