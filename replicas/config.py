@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from remap import RemapConfig, VictimOrder
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
-from replicas.engine.tokenizer import ROLE_TEMPLATE, Tokenizer
 from replicas.engine.sampling import SAMPLING_DEFAULTS
+from replicas.engine.tokenizer import ROLE_TEMPLATE, Tokenizer
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 

@@ -112,7 +112,7 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories:
     if not rows:
         return logits
     logits = logits.clone()
-    num_rows, vocab = len(rows), logits.shape[1]
+    vocab = logits.shape[1]
     sub = logits[rows]
     bias = torch.zeros_like(sub)
     for r, i in enumerate(rows):

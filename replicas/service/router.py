@@ -1,9 +1,10 @@
 """MemoryAwareRouter: a Ray Serve request router that sends a request where its model lives best.
 
 Ranks, from the cluster controller's published RoutingView: the replicas hosting the request's
-model, most resident layers first, then most free-plus-reclaimable pages, then shortest queue;
-replicas that do not host it come last (they load it on demand). Serve then probes queue lengths
-rank by rank, so a full best replica spills to the next one.
+model in groups of equal residency, most resident first (`RoutingView.host_groups`), then those
+loading it; replicas that do not host it come last (they load it on demand). Serve sends the request
+to the shortest queue within the first group with room, so a burst spreads over equally good hosts
+and a full group spills to the next.
 
 No actor call per request: the view is refreshed in the background at most every `refresh_s`. When
 it is older than `stale_after_s` (controller down or restarting), or it does not know the model,
