@@ -15,8 +15,9 @@ from remap.controller import (
     VictimOrder,
     uniform_layers,
 )
-from remap.memory import DEFAULT_PAGE_SIZE_BYTES, AppliedPlan, DeviceMemory, RestoreOutcome
+from remap.memory import DEFAULT_PAGE_SIZE_BYTES, AppliedPlan, DeviceMemory
 from remap.params import ParamStore, Slab, TensorSpec, pack_layout, slab_num_pages, slab_views
+from remap.placement import AnyPages, HomeRuns, Placement, RestoreOutcome
 from remap.pool import PagePool
 from remap.staging import StagingRing
 from remap.transfer import (
@@ -41,7 +42,7 @@ from remap.types import (
 from remap.vmm import BACKEND_KINDS, CudaVmmBackend, HostVmmBackend, VmmBackend, make_backend
 
 __all__ = [
-    "AppliedPlan", "CudaTransferEngine", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
+    "AnyPages", "AppliedPlan", "CudaTransferEngine", "HomeRuns", "Placement", "LayerAction", "MemorySnapshot", "RemapConfig", "RemapController", "RemapPlan", "StreamPlan",
     "TenantSnapshot", "VictimOrder", "uniform_layers",
     "BASE_SLAB", "DEFAULT_PAGE_SIZE_BYTES", "FREE", "TENSOR_ALIGN_BYTES", "ArenaBackend", "Backend",
     "DeviceMemory", "IntegrityError", "KVBlocks", "KVGeometry", "ModelId", "Owner", "OwnerKind", "PageId",

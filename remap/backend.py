@@ -9,7 +9,10 @@ Two kinds of backend fit this seam:
 - virtual-memory backends (remap/vmm.py: `HostVmmBackend`, `CudaVmmBackend`): the same flat "pool
   range" of pages, plus one reserved virtual range per slab into which the slab's current physical
   pages, any ids, are mapped on demand, so a slab can be restored into any free pages.
-  `needs_home_runs` is False there and `map_slab` / `unmap_slab` do the real work.
+  `map_slab` / `unmap_slab` do the real work there.
+
+`needs_home_runs` says which of the two a backend is; DeviceMemory reads it once, to choose its
+placement (remap/placement.py).
 
 A model's KV view is one tensor over all pages, indexed by page id = KV block id:
 
@@ -76,6 +79,10 @@ class Backend(ABC):
     def mapped_pages(self, key: tuple[ModelId, int]) -> list[PageId] | None:
         """Pages mapped into a slab's own range now (None: unmapped, or no ranges of its own)."""
         return None
+
+    def host_copy(self, num_bytes: int) -> torch.Tensor:
+        """An uninitialized uint8 host buffer for a slab's master copy (pinned for CUDA devices)."""
+        return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
     def close(self) -> None:
         """Give the device memory back; every view handed out is invalid afterwards."""

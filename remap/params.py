@@ -10,23 +10,19 @@ TENSOR_ALIGN_BYTES, into `num_pages` pages:
 The host keeps the same packed bytes (pinned on CUDA), so a restore is one host-to-device copy of
 `num_bytes` and a staging slot can hold any layer of the model with the same layout.
 
-Where a slab's pages are depends on the backend:
+Which pages a slab gets is the placement's choice (remap/placement.py: a fixed home run on the
+arena, any pages on virtual-memory backends); this store keeps the slabs, their host copies and
+device views, and takes the pages it is given.
 
-- home-run backends (the arena): a fixed contiguous run of pages, its "home"; restoring a layer
-  needs exactly that run back (DeviceMemory migrates KV blocks out of it first).
-- virtual-memory backends (remap/vmm.py): any pages, mapped in order into the slab's own virtual
-  range; a restore takes any `num_pages` free pages and the tensor views keep their addresses.
-
-Invariant: a slab is resident iff every page of `slab.pages` is owned by PARAM(model, layer) (and,
-on a virtual-memory backend, mapped into its range); reclaim frees those pages without copying
-anything (the host copy is the truth).
+Invariant: a slab is resident iff it has `num_pages` pages, each owned by PARAM(model, layer); a
+reclaimed slab has none. Reclaim frees them without copying anything (the host copy is the truth).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -34,6 +30,9 @@ from remap.backend import TENSOR_ALIGN_BYTES, Backend
 from remap.pool import PagePool
 from remap.transfer import TransferEngine
 from remap.types import BASE_SLAB, IntegrityError, ModelId, Owner, OwnerKind, PageId, RemapError
+
+if TYPE_CHECKING:
+    from remap.placement import Placement
 
 
 class TensorSpec(NamedTuple):
@@ -54,18 +53,10 @@ class Slab:
     specs: tuple[TensorSpec, ...]
     num_bytes: int  # packed bytes (what a restore copies)
     num_pages: int
-    # Its pages in slab order: the home run on home-run backends (kept while reclaimed: where a
-    # restore must go); on virtual-memory backends the pages mapped now, [] while reclaimed.
-    pages: list[PageId]
     host: torch.Tensor  # uint8 [num_bytes] master copy
-    resident: bool = True
-
-    @property
-    def home(self) -> PageId:
-        """First page of the home run (home-run backends only)."""
-        if not self.pages or self.pages != list(range(self.pages[0], self.pages[0] + self.num_pages)):
-            raise RemapError(f"slab {self.model}/{self.index} has no home run (pages {self.pages[:8]})")
-        return self.pages[0]
+    pages: list[PageId] = field(default_factory=list)  # its pages now, in slab order; [] while reclaimed
+    home: list[PageId] = field(default_factory=list)  # the run HomeRuns keeps for it, reclaimed or not
+    resident: bool = False
 
 
 def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], int]:
@@ -90,8 +81,8 @@ def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> dict[str, tor
 
 
 class ParamStore:
-    def __init__(self, pool: PagePool, backend: Backend, transfer: TransferEngine) -> None:
-        self._pool, self._backend, self._transfer = pool, backend, transfer
+    def __init__(self, pool: PagePool, backend: Backend, transfer: TransferEngine, placement: Placement) -> None:
+        self._pool, self._backend, self._transfer, self._placement = pool, backend, transfer, placement
         self._slabs: dict[tuple[ModelId, int], Slab] = {}
         self._bytes: dict[tuple[ModelId, int], torch.Tensor] = {}  # uint8 [num_bytes] device view per slab
         self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
@@ -103,16 +94,14 @@ class ParamStore:
     # ---- registration --------------------------------------------------------------------
     def register(
         self, model: ModelId, layers: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, torch.Tensor],
-        find_run: Callable[[int], PageId | None] | None = None, max_lent: int = 0,
+        max_lent: int = 0,
     ) -> None:
-        """Pack a model's tensors into pages: the base first, then layer by layer. All or nothing.
+        """Pack a model's tensors into pages the placement gives: the base first, then layer by
+        layer. All or nothing.
 
         When a layer finds no room, up to `max_lent` of the model's own placed layers are lent at
         once (reclaimed: their host copy is the truth) to make it: a model that fits only by lending
-        its own layers loads that way, and gets them back when the controller restores them.
-        Home-run backends: `find_run(num_pages)` returns the first page of a run of free pages for
-        each slab (DeviceMemory clears one of KV blocks, or takes reclaimed layers' homes); by
-        default the first run of free pages that is nobody's home."""
+        its own layers loads that way, and gets them back when the controller restores them."""
         if model in self._num_layers:
             raise RemapError(f"model {model!r} is already registered")
         if not layers or any(not layer for layer in layers) or not base:
@@ -130,16 +119,15 @@ class ParamStore:
         self._remapped[model] = set()
         try:
             for (i, tensors), (specs, nbytes) in zip(parts, layouts):
-                while (slab := self._place(model, i, specs, nbytes, find_run or self._pool.find_free_run)) is None:
+                slab = Slab(model, i, specs, nbytes, -(-nbytes // page), self._backend.host_copy(nbytes))
+                while (pages := self._placement.place(slab)) is None:
                     if len(self._remapped[model]) >= max_lent or not self._lend_own(model, i):
-                        runs = (f" in contiguous runs of up to {max(-(-n // page) for _, n in layouts)}"
-                                if self._backend.needs_home_runs else "")
+                        runs = self._placement.shortfall(max(-(-n // page) for _, n in layouts))
                         lent = f" ({max_lent} of its layers may start lent)" if max_lent else ""
                         raise RemapError(f"model {model!r} needs {need} pages{runs}{lent}; only {free} pages are free")
                 _fill_host(slab, tensors)
                 self._slabs[(model, i)] = slab
-                self._map(slab)
-                self._copy_in(slab)
+                self._occupy(slab, pages)
         except BaseException:
             self._unregister(model)
             raise
@@ -164,38 +152,20 @@ class ParamStore:
             slab = self._slabs.pop(key)
             if slab.resident:
                 self._lend(slab)
-            if self._backend.needs_home_runs and slab.pages:
-                self._pool.set_homed(slab.pages, False)
+            self._placement.forget(slab)
             self._bytes.pop(key, None)
             self._views.pop(key, None)
         for table in (self._num_layers, self._remapped):
             table.pop(model, None)
 
-    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int,
-               find_run: Callable[[int], PageId | None]) -> Slab | None:
-        num_pages = -(-nbytes // self._pool.page_size_bytes)
-        owner = Owner(OwnerKind.PARAM, model, index)
-        if self._backend.needs_home_runs:
-            first = find_run(num_pages)
-            if first is None:
-                return None
-            pages = [PageId(p) for p in range(first, first + num_pages)]
-            claimed = self._pool.claim(pages, owner)
-            assert claimed, "find_free_run returned a run that is not free"
-            self._pool.set_homed(pages, True)
-        else:
-            pages = self._pool.alloc(num_pages, owner)
-            if pages is None:
-                return None
-        pinned = self._backend.device.type == "cuda"
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        return Slab(model, index, specs, nbytes, num_pages, pages, host)
-
-
     # ---- queries -------------------------------------------------------------------------
     @property
     def models(self) -> list[ModelId]:
         return list(self._num_layers)
+
+    def slabs(self) -> Iterator[Slab]:
+        """Every registered slab (the placement's integrity check and home bookkeeping walk them)."""
+        return iter(list(self._slabs.values()))
 
     def num_layers(self, model: ModelId) -> int:
         if model not in self._num_layers:
@@ -239,53 +209,32 @@ class ParamStore:
         self.num_layers(model)
         return self._max_layer_bytes[model]
 
-    # ---- homes (home-run backends) --------------------------------------------------------
-    def unhome(self, pages: Sequence[PageId]) -> list[tuple[ModelId, int]]:
-        """Reclaimed slabs whose home run meets `pages` lose their home (another slab is placed
-        there); each gets a new one when restored (`rehome`). Returns them."""
-        wanted = set(pages)
-        moved = []
-        for key, slab in self._slabs.items():
-            if not slab.resident and slab.pages and wanted.intersection(slab.pages):
-                self._pool.set_homed(slab.pages, False)
-                slab.pages = []
-                moved.append(key)
-        return moved
-
-    def move(self, model: ModelId, layer: int, first: PageId) -> None:
-        """Move a resident slab (home-run backends) to the run at `first`, which must be free once
-        the slab's own pages are: compaction. Its bytes come again from the host copy."""
+    def move(self, model: ModelId, layer: int, pages: list[PageId]) -> None:
+        """Move a resident slab onto `pages`, which must be free once its own are (the arena's
+        compaction). Its bytes come again from the host copy."""
         slab = self.slab(model, layer)
-        if not slab.resident or not self._backend.needs_home_runs:
-            raise RemapError(f"only a resident slab on a home-run backend moves, not {model}/{layer}")
-        self._pool.set_homed(slab.pages, False)
+        if not slab.resident:
+            raise RemapError(f"only a resident slab moves, not {model}/{layer}")
+        self._backend.unmap_slab((model, layer))
         self._pool.free(slab.pages)
-        pages = [PageId(p) for p in range(first, first + slab.num_pages)]
         if not self._pool.claim(pages, Owner(OwnerKind.PARAM, model, layer)):
-            raise IntegrityError(f"slab {model}/{layer} cannot move to {first}: the run is not free")
-        self._pool.set_homed(pages, True)
-        slab.pages = pages
-        self._map(slab)
-        self._copy_in(slab)
+            raise IntegrityError(f"slab {model}/{layer} cannot move to {pages[0]}: the run is not free")
+        slab.pages = []
+        self._occupy(slab, pages)
 
-    def _map(self, slab: Slab) -> None:
-        """Map the slab's pages into its range and (re)build its byte and tensor views."""
+    def _occupy(self, slab: Slab, pages: list[PageId]) -> None:
+        """Put a slab on `pages` (claimed for it): map them into its range, rebuild its byte and
+        tensor views, and copy its bytes in from the host. If that fails the pages go back."""
         key = (slab.model, slab.index)
-        self._bytes[key] = self._backend.map_slab(key, slab.pages)[: slab.num_bytes]
+        try:
+            self._bytes[key] = self._backend.map_slab(key, pages)[: slab.num_bytes]
+        except BaseException:
+            self._pool.free(pages)
+            raise
         self._views[key] = slab_views(slab.specs, self._bytes[key])
-
-    def is_homeless(self, model: ModelId, layer: int) -> bool:
-        return self._backend.needs_home_runs and not self.slab(model, layer).pages
-
-    def rehome(self, model: ModelId, layer: int, first: PageId) -> None:
-        """Give a homeless reclaimed slab the free run at `first` as its new home (views move too)."""
-        slab = self.slab(model, layer)
-        if slab.resident or slab.pages:
-            raise RemapError(f"slab {model}/{layer} has a home already (resident={slab.resident})")
-        pages = [PageId(p) for p in range(first, first + slab.num_pages)]
-        self._pool.set_homed(pages, True)
         slab.pages = pages
-        self._map(slab)
+        self._copy_in(slab)
+        slab.resident = True
 
     # ---- reclaim / restore ---------------------------------------------------------------
     def reclaim(self, model: ModelId, layer: int) -> int:
@@ -300,89 +249,35 @@ class ParamStore:
         return slab.num_pages
 
     def _lend(self, slab: Slab) -> None:
-        """Free a resident slab's pages (no copy); on a home-run backend it keeps its home."""
-        pages = slab.pages
-        if not self._backend.needs_home_runs:
-            self._backend.unmap_slab((slab.model, slab.index))  # before anyone else can own the pages
-            slab.pages = []
-        slab.resident = False
+        """Free a resident slab's pages (no copy); its range stops reaching them first."""
+        self._backend.unmap_slab((slab.model, slab.index))  # before anyone else can own the pages
+        pages, slab.pages, slab.resident = slab.pages, [], False
         self._pool.free(pages)
 
-    def restore(self, model: ModelId, layer: int, evict: Callable[[list[PageId]], bool] | None = None) -> bool:
-        """Bring a reclaimed layer back and copy its bytes from the host; False (nothing changes)
-        if there is no room.
-
-        Home-run backends: the layer goes back into its home run; `evict(pages)` must move whatever
-        owns the busy pages of the run elsewhere (KV migration) and return False if it cannot.
-        Virtual-memory backends: any `num_pages` free pages will do; `evict` is not used.
-        """
+    def restore(self, model: ModelId, layer: int, pages: list[PageId]) -> None:
+        """Bring a reclaimed layer back onto `pages` (chosen and claimed for it by the placement)
+        and copy its bytes from the host."""
         slab = self.slab(model, layer)
         if slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already resident")
-        owner = Owner(OwnerKind.PARAM, model, layer)
-        if self._backend.needs_home_runs:
-            busy = [p for p in slab.pages if self._pool.owner(p).kind is not OwnerKind.FREE]
-            if busy and (evict is None or not evict(busy)):
-                return False
-            if not self._pool.claim(slab.pages, owner):
-                raise IntegrityError(f"evict() left pages of layer {layer} of {model!r} owned")
-        else:
-            pages = self._pool.alloc(slab.num_pages, owner)
-            if pages is None:
-                return False
-            try:
-                data = self._backend.map_slab((model, layer), pages)
-            except BaseException:
-                self._pool.free(pages)
-                raise
-            if data.data_ptr() != self._bytes[(model, layer)].data_ptr():
-                raise IntegrityError(f"slab {model}/{layer} moved to another address: its views are stale")
-            slab.pages = pages
-        self._copy_in(slab)
-        slab.resident = True
+        self._occupy(slab, pages)
         self._remapped[model].discard(layer)
-        return True
 
     def _copy_in(self, slab: Slab) -> None:
         self._transfer.wait(self._transfer.submit(self._bytes[(slab.model, slab.index)], slab.host))
 
     # ---- checks --------------------------------------------------------------------------
     def check_integrity(self) -> None:
+        """Ownership and the lent set; where pages may lie is the placement's check."""
         for (model, index), slab in self._slabs.items():
             want = Owner(OwnerKind.PARAM, model, index)
             owners = {self._pool.owner(p) for p in slab.pages}
             if slab.resident and owners != {want}:
                 raise IntegrityError(f"resident slab {model}/{index} has page owners {owners}")
-            if not slab.resident and want in owners:
-                raise IntegrityError(f"reclaimed slab {model}/{index} still owns pages")
-            if self._backend.needs_home_runs:
-                if any(not self._pool.is_homed(p) for p in slab.pages):
-                    raise IntegrityError(f"slab {model}/{index} home run lost its homed mark")
-                if slab.resident and len(slab.pages) != slab.num_pages:
-                    raise IntegrityError(f"resident slab {model}/{index} has {len(slab.pages)} of "
-                                         f"{slab.num_pages} pages")
-            else:
-                self._check_mapped(slab)
+            if not slab.resident and slab.pages:
+                raise IntegrityError(f"reclaimed slab {model}/{index} still holds pages {slab.pages[:8]}")
             if index != BASE_SLAB and slab.resident == (index in self._remapped[model]):
                 raise IntegrityError(f"slab {model}/{index} resident={slab.resident} but remapped set says otherwise")
-
-
-        if self._backend.needs_home_runs:
-            homes = [p for slab in self._slabs.values() for p in slab.pages]
-            marked = sum(self._pool.is_homed(PageId(p)) for p in range(self._pool.num_pages))
-            if len(set(homes)) != len(homes) or marked != len(homes):
-                raise IntegrityError(f"home runs overlap or marks disagree: {len(homes)} home pages, "
-                                     f"{len(set(homes))} distinct, {marked} marked homed")
-
-    def _check_mapped(self, slab: Slab) -> None:
-        """Virtual-memory backends: the slab's range maps exactly its pages iff it is resident."""
-        key = (slab.model, slab.index)
-        mapped = self._backend.mapped_pages(key)
-        want = slab.pages if slab.resident else None
-        if mapped != want or (slab.resident and len(slab.pages) != slab.num_pages) or (not slab.resident and slab.pages):
-            raise IntegrityError(f"slab {key} resident={slab.resident} pages {slab.pages} but mapped {mapped}")
-        if any(self._pool.is_homed(p) for p in slab.pages):
-            raise IntegrityError(f"slab {key} pages {slab.pages} carry homed marks on a backend with no home runs")
 
 
 def _fill_host(slab: Slab, tensors: Mapping[str, torch.Tensor]) -> None:

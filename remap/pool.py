@@ -17,7 +17,8 @@ Capacity misses return None; bad ids and double frees raise.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -116,6 +117,22 @@ class PagePool:
             else:
                 self._free_plain[p] = None
         self._kinds[pages] = OwnerKind.FREE
+
+    @contextmanager
+    def withheld(self, pages: Iterable[PageId]) -> Iterator[None]:
+        """Inside the block the free ones among `pages` are out of reach of `alloc` and not counted in
+        `num_free` (an eviction's destinations must land outside the run it clears); they stay FREE and
+        go back to their tier on exit, as `free` would put them. Nothing else may own them meanwhile."""
+        held = [p for p in pages if self._owner[p].kind is OwnerKind.FREE]
+        for p in held:
+            del (self._free_homed if self._homed[p] else self._free_plain)[p]
+        self._num_by_kind[OwnerKind.FREE] -= len(held)
+        try:
+            yield
+        finally:
+            for p in held:
+                (self._free_homed if self._homed[p] else self._free_plain)[p] = None
+            self._num_by_kind[OwnerKind.FREE] += len(held)
 
     def reassign(self, pages: Iterable[PageId], owner: Owner) -> None:
         """Hand owned pages to a new owner of any kind (e.g. a KV block to another sequence)."""

@@ -20,7 +20,7 @@ from replicas.sim.cost import (
 )
 from replicas.sim.devices import GH200, H100_PCIE, H100_SXM, H200, PRESETS, DeviceProfile, cpu_profile
 from replicas.sim.executor import (
-    NullBackend, SimDeviceMemory, SimExecutor, SimParamStore, SimStats, make_sim_engine, meta_weights,
+    NullBackend, SimDeviceMemory, SimExecutor, SimStats, make_sim_engine, meta_weights,
 )
 from replicas.sim.presets import DEVICES, Preset, get_device, get_preset
 from replicas.sim.presets import PRESETS as EXPERIMENTS
@@ -31,7 +31,7 @@ __all__ = [
     "VirtualClock", "H100_FIT", "PAPER_MODELS", "BatchShape", "CostModel", "CostParams", "StepCost", "VidurFit",
     "fit_vidur", "layer_param_bytes", "llama2_13b", "llama3_8b", "opt_6_7b", "opt_13b", "opt_30b",
     "GH200", "H100_PCIE", "H100_SXM", "H200", "PRESETS", "DeviceProfile", "cpu_profile",
-    "NullBackend", "SimDeviceMemory", "SimExecutor", "SimParamStore", "SimStats", "make_sim_engine", "meta_weights",
+    "NullBackend", "SimDeviceMemory", "SimExecutor", "SimStats", "make_sim_engine", "meta_weights",
     "DEVICES", "EXPERIMENTS", "Preset", "get_device", "get_preset",
     "POLICIES", "RequestRecord", "SimResult", "SimSettings", "compare", "simulate", "simulate_all",
 ]

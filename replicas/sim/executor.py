@@ -2,8 +2,7 @@
 
 Everything but the math is real: the scheduler, the RemapController, the page pool, KV block tables,
 staging rings and their integrity checks. Only bytes are missing. `NullBackend` gives the memory
-engine meta-tensor views (shapes, no storage), `SimParamStore` keeps host master copies on meta too,
-and `meta_weights` hands the engine a checkpoint of meta tensors, so a GH200-sized pool of 13B-parameter
+engine meta-tensor views (shapes, no storage) and host master copies on meta too, and `meta_weights` hands the engine a checkpoint of meta tensors, so a GH200-sized pool of 13B-parameter
 tenants fits in a few MB of this machine's memory.
 
 Per step the executor charges (see cost.py): the batch's compute; streamed layers of the step's
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from remap import Backend, DeviceMemory, ModelId, PageId, SeqId, StagingRing
-from remap.params import ParamStore, Slab, TensorSpec
 from replicas.engine.executor import ExecutorResult
 from replicas.engine.models import CausalLM, ModelConfig
 from replicas.engine.models.architecture import architecture_for
@@ -38,7 +36,7 @@ META = torch.device("meta")
 class NullBackend(Backend):
     """Pages with no bytes: every view is a meta tensor of the right shape, every copy a no-op."""
 
-    needs_home_runs = True  # keep the arena's placement rules, so migrations happen as they would
+    needs_home_runs = True  # the arena's placement (HomeRuns), so migrations happen as they would
 
     def __init__(self, num_pages: int, page_size_bytes: int) -> None:
         self.device, self.num_pages, self.page_size_bytes = META, num_pages, page_size_bytes
@@ -58,18 +56,8 @@ class NullBackend(Backend):
     def write_pages(self, pages: Seq[PageId], num_bytes: int, data: torch.Tensor) -> None:
         pass
 
-
-class SimParamStore(ParamStore):
-    """ParamStore whose host master copies are meta tensors (a 13B model's would be 26 GB)."""
-
-    def _place(self, model: ModelId, index: int, specs: tuple[TensorSpec, ...], nbytes: int,
-               find_run) -> Slab | None:
-        # The parent allocates an uninitialized host buffer (never touched, so never committed) and
-        # we swap it for a meta one at once.
-        slab = super()._place(model, index, specs, nbytes, find_run)
-        if slab is not None:
-            slab.host = torch.empty(nbytes, dtype=torch.uint8, device=META)
-        return slab
+    def host_copy(self, num_bytes: int) -> torch.Tensor:
+        return torch.empty(num_bytes, dtype=torch.uint8, device=META)  # a 13B model's would be 26 GB
 
 
 class SimDeviceMemory(DeviceMemory):
@@ -77,7 +65,6 @@ class SimDeviceMemory(DeviceMemory):
 
     def __init__(self, num_pages: int, page_size_bytes: int = 2 << 20) -> None:
         super().__init__(num_pages, page_size_bytes, backend=NullBackend(num_pages, page_size_bytes))
-        self.params = SimParamStore(self.pool, self.backend, self.transfer)
 
     @classmethod
     def for_device(cls, memory_bytes: int, page_size_bytes: int = 2 << 20, reserved_fraction: float = 0.1

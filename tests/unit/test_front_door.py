@@ -75,6 +75,16 @@ def test_nothing_outside_the_engine_reaches_into_its_insides():
     assert not bad, "\n".join(bad)
 
 
+def test_the_backend_kind_is_read_once_to_choose_the_placement():
+    """Home runs or any pages is decided in one place (DeviceMemory picks a Placement); no other code
+    branches on what the backend can map."""
+    reads = [str(path.relative_to(ROOT)) for package in PROJECT_PACKAGES + ("scripts",)
+             for path in sorted((ROOT / package).rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr == "needs_home_runs"]
+    assert reads == ["remap/memory.py"], reads
+
+
 def _readme_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("python3 -m venv")]
