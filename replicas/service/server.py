@@ -1,8 +1,10 @@
 """EngineServer: one replica's engine behind an async interface. Plain Python, no Ray.
 
-The synchronous `LLMEngine` is touched by exactly one worker thread, so request submission, aborts
-and steps never race; the asyncio side only queues work and awaits results. A step loop runs while
-there is work, and ticks slowly when idle so the remap controller can revert lent pages.
+The synchronous `LLMEngine` is touched by exactly one thread (`EngineThread`), so request
+submission, aborts and steps never race. That thread runs the calls posted to it between steps
+and, while there is work, steps back to back without waiting for the event loop; each step's
+outputs reach the event loop in one thread-safe call (one wake per step, not one per token). When
+idle it ticks slowly so the remap controller can revert lent pages.
 
     generate(model, prompt_ids, params) -> async iterator of StreamItem (replicas/service/stream.py):
     new tokens, the last one finished, or a single refused item for a bad or refused request.
@@ -17,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue as queue_mod
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -52,23 +56,100 @@ def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     return config, dummy_weights(config, spec.seed, std=spec.weight_std), spec.tokenizer()
 
 
+class EngineThread:
+    """The one thread that touches an engine, which it builds with `make_engine`.
+
+    `submit(fn, *args)` posts a call and returns a concurrent Future; calls run in order, between
+    steps. While `engine.has_unfinished()` the thread steps back to back and hands each step's
+    outputs to `deliver` (called on this thread: it must only pass them on). A step that raises goes
+    to `failed`, and the thread goes on. Idle, it waits up to `idle_tick_s` for a call, then runs an
+    idle step (the remap controller may give lent pages back)."""
+
+    def __init__(self, name: str, make_engine: Callable[[], LLMEngine], idle_tick_s: float,
+                 deliver: Callable[[list[RequestOutput]], None], failed: Callable[[BaseException], None]) -> None:
+        self._inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self._idle_tick_s, self._deliver, self._failed = idle_tick_s, deliver, failed
+        self._closed = False
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(make_engine, started), name=name, daemon=True)
+        self._thread.start()
+        self.engine: LLMEngine = started.result()  # what make_engine raised, raised here
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        if self._closed:
+            raise RuntimeError("the engine thread is closed")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((future, fn, args))
+        return future
+
+    def close(self, last: Callable[[], Any]) -> None:
+        """Run `last` on the thread (the engine's close), then stop it."""
+        done = self.submit(last)
+        self._closed = True
+        self._inbox.put(None)
+        done.result()
+        self._thread.join(timeout=30)
+
+    def _main(self, make_engine: Callable[[], LLMEngine], started: concurrent.futures.Future) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(self.engine)
+        while True:
+            busy = self.engine.has_unfinished()
+            ran = 0
+            while True:  # every call posted so far runs before the next step; idle, wait for one
+                try:
+                    item = self._inbox.get_nowait() if busy or ran else self._inbox.get(timeout=self._idle_tick_s)
+                except queue_mod.Empty:
+                    break
+                if item is None:
+                    return
+                _call(*item)
+                ran += 1
+            if ran and not busy:
+                continue  # a call may have added work: look again before an idle step
+            self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a bug, not bad input: the server fails the requests in flight
+            self._failed(exc)
+            return
+        if outputs:
+            self._deliver(outputs)
+        elif self.engine.has_unfinished():
+            time.sleep(0.001)  # nothing could run this step (all waiting on memory): do not spin
+
+
+def _call(future: concurrent.futures.Future, fn: Callable, args: tuple) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:  # the submitter's to handle
+        future.set_exception(exc)
+
+
 class EngineServer:
     def __init__(self, config: OneirosConfig, replica_id: str = "local", node_id: str = "local",
                  models: list[str] | None = None) -> None:
         self.config, self.replica_id, self.node_id = config, replica_id, node_id
         mem = config.memory
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{replica_id}")
-        self.engine: LLMEngine = self._worker.submit(self._make_engine).result()
+        self._queues: dict[SeqId, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._worker = EngineThread(f"engine-{replica_id}", self._make_engine, IDLE_TICK_S, self._deliver,
+                                    self._step_failed)
+        self.engine: LLMEngine = self._worker.engine
         self.tokenizers: dict[str, Tokenizer] = {}
-        self._queues: dict[SeqId, asyncio.Queue] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
         self._orders_version = -1
         self.num_aborted = 0  # requests whose consumer went away before the end
         self.last_orders: ReplicaOrders | None = None
         self._failed_loads: dict[str, tuple[float, str]] = {}  # model -> (monotonic time, why) of a failed load order
         for name in models if models is not None else [m.name for m in config.models]:
-            self._worker.submit(self._load, name).result()
+            self.call(self._load, name)
         logger.info("replica %s: %d pages x %d B on %s, models %s", replica_id, mem.num_pages,
                     mem.page_size_bytes, mem.device, sorted(self.tokenizers))
 
@@ -109,14 +190,22 @@ class EngineServer:
             if refused is not None:
                 yield refused
                 return
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def add() -> SeqId:  # on the engine thread: the stream exists before the step that feeds it
+            seq_id = self.engine.add_request(model, prompt_ids, params)
+            self._queues[seq_id] = (loop, queue)
+            return seq_id
+
+        added = self._worker.submit(add)
         try:
-            seq_id = await self._run(self.engine.add_request, model, prompt_ids, params)
+            seq_id = await asyncio.wrap_future(added)
         except InvalidRequest as exc:
             yield self._refused(400, str(exc))
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[seq_id] = queue
-        self._ensure_loop()
+        except asyncio.CancelledError:  # gone while being added: a request already added is aborted
+            added.add_done_callback(self._abort_orphan)
+            raise
         finished = False
         try:
             while not finished:
@@ -132,6 +221,11 @@ class EngineServer:
             if not finished:  # cancelled (client gone) or failed: free its pages now
                 self.num_aborted += 1
                 await self._run(self.engine.abort, seq_id)
+
+    def _abort_orphan(self, added: concurrent.futures.Future) -> None:
+        if not added.cancelled() and added.exception() is None:
+            self._queues.pop(added.result(), None)
+            self._worker.submit(self.engine.abort, added.result())
 
     def _refused(self, status: int, message: str, retry_after_s: float | None = None,
                  code: str | None = None) -> StreamItem:
@@ -158,52 +252,41 @@ class EngineServer:
                                               f"{exc}{waited}", None if permanent else 1.0, code)
             await asyncio.sleep(PLACEMENT_POLL_S)
 
+    def call(self, fn, *args):
+        """Run `fn(*args)` on the engine thread and wait for it (synchronous callers; never from the
+        event loop, which `_run` serves)."""
+        return self._worker.submit(fn, *args).result()
+
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await asyncio.wrap_future(self._worker.submit(fn, *args))
 
-    # ---- the step loop -------------------------------------------------------------------
-    def _ensure_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._wake is None or self._loop_task is None or self._loop_task.get_loop() is not loop:
-            # An asyncio.Event binds to the loop that first waits on it: a server driven from a new
-            # event loop (a test's asyncio.run) gets a new one, or its step loop would die on wait().
-            self._wake = asyncio.Event()
-        self._wake.set()
-        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
-            self._loop_task = loop.create_task(self._step_loop())
-
-    async def _step_loop(self) -> None:
-        while True:
-            busy = await self._run(self.engine.has_unfinished)
-            if not busy:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), IDLE_TICK_S)
-                    continue
-                except asyncio.TimeoutError:
-                    pass  # an idle step: the controller may revert lent pages
+    # ---- from the engine thread ---------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs to their streams: one call into each event loop that waits on them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            entry = self._queues.get(out.seq_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
             try:
-                outputs = await self._run(self.engine.step)
-            except Exception:  # a bug, not bad input: fail the requests in flight, keep the replica
-                logger.exception("engine step failed on replica %s", self.replica_id)
-                await self._fail_all("internal error in the engine step")
-                continue
-            for out in outputs:
-                queue = self._queues.get(out.seq_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-            if not outputs:
-                await asyncio.sleep(0.001)  # nothing could run this step (e.g. all waiting on memory)
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop has closed: nobody waits on these streams any more
+                pass
 
-    async def _fail_all(self, message: str) -> None:
-        for seq_id, queue in list(self._queues.items()):
-            await self._run(self.engine.abort, seq_id)
-            queue.put_nowait(RequestOutput(seq_id, "", (), True, "error"))
-        logger.error("replica %s failed %d requests: %s", self.replica_id, len(self._queues), message)
+    def _step_failed(self, exc: BaseException) -> None:
+        """A step raised (a bug, not bad input): fail the requests in flight, keep the replica."""
+        logger.error("engine step failed on replica %s", self.replica_id, exc_info=exc)
+        failed = []
+        for seq_id in list(self._queues):
+            self.engine.abort(seq_id)
+            failed.append(RequestOutput(seq_id, "", (), True, "error"))
+        self._deliver(failed)
+        logger.error("replica %s failed %d requests: internal error in the engine step", self.replica_id, len(failed))
 
     # ---- the cluster ---------------------------------------------------------------------
     def report(self) -> ReplicaReport:
-        return self._worker.submit(self._report).result()
+        return self.call(self._report)
 
     def _report(self) -> ReplicaReport:
         engine, pool = self.engine, self.engine.memory.pool
@@ -246,12 +329,14 @@ class EngineServer:
 
     def status(self) -> dict[str, Any]:
         report = self.report()
-        summary = self._worker.submit(self.engine.memory.summary).result()
+        summary = self.call(self.engine.memory.summary)
         return {"replica_id": self.replica_id, "node_id": self.node_id, "pages": summary,
                 "tenants": [t.__dict__ for t in report.tenants], "pending": len(self._queues)}
 
     def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._worker.submit(self.engine.close).result()
-        self._worker.shutdown()
+        self._worker.close(self.engine.close)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -56,7 +56,7 @@ def test_completion_through_http_equals_the_engine_token_for_token(stack):
         return whole, pieces
 
     whole, pieces = run(main())
-    direct = server.engine.generate("llama", [prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    direct = server.call(server.engine.generate, "llama", [prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     text = server.tokenizers["llama"].decode(direct)
     assert whole.choices[0].text == text == "".join(pieces)
     assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 12
@@ -158,7 +158,7 @@ def test_n_choices_are_independent_samples_streamed_and_not(stack):
 
     whole, chunks, chat = run(main())
     tok = server.tokenizers["llama"]
-    want = [tok.decode(server.engine.generate("llama", [prompt], SamplingParams(
+    want = [tok.decode(server.call(server.engine.generate, "llama", [prompt], SamplingParams(
         max_tokens=10, temperature=1.0, seed=7 + i, ignore_eos=True))[0]) for i in range(3)]
     assert [ch.text for ch in sorted(whole.choices, key=lambda ch: ch.index)] == want
     assert len(set(want)) > 1  # they are different samples
@@ -167,4 +167,4 @@ def test_n_choices_are_independent_samples_streamed_and_not(stack):
     assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 30
     roles = [ch.choices[0].index for ch in chat if ch.choices[0].delta.role == "assistant"]
     assert sorted(roles) == [0, 1]
-    assert not server.engine.has_unfinished()
+    assert not server.call(server.engine.has_unfinished)

@@ -40,7 +40,7 @@ def test_concurrent_streams_match_the_engine_run_alone(server):
     assert type(alone.engine.memory.backend).__name__ == "HostVmmBackend"
     for (model, prompt), items in zip([(m, p) for m in ("llama", "qwen") for p in prompts], results):
         tokens = [t for item in items for t in item.token_ids]
-        assert tokens == alone.engine.generate(model, [prompt], GREEDY)[0]
+        assert tokens == alone.call(alone.engine.generate, model, [prompt], GREEDY)[0]
         assert items[-1].finished and items[-1].finish_reason == "length"
     alone.close()
 
@@ -56,9 +56,9 @@ def test_a_cancelled_stream_frees_its_pages(server):
         return free
 
     free = asyncio.run(main())
-    assert not server.engine.has_unfinished()
+    assert not server.call(server.engine.has_unfinished)
     assert server.engine.memory.pool.num_free == free  # every page back
-    server.engine.memory.check_integrity()
+    server.call(server.engine.memory.check_integrity)
 
 
 def test_bad_and_unknown_requests_get_error_items(server):
@@ -126,9 +126,9 @@ def test_a_request_for_a_model_that_fits_only_later_waits_for_room_instead_of_a_
     assert items[-1].finished and items[-1].refusal is None
     assert all(item.refusal is None for item in got), got
     alone = EngineServer(default_config(memory={"num_pages": 256}), replica_id="alone", models=["qwen"])
-    assert [t for item in got for t in item.token_ids] == alone.engine.generate("qwen", [[5, 6, 7]], GREEDY)[0]
+    assert [t for item in got for t in item.token_ids] == alone.call(alone.engine.generate, "qwen", [[5, 6, 7]], GREEDY)[0]
     assert srv.engine.memory.params.remapped_layers("llama")  # llama lent layers for qwen's load
-    srv.engine.memory.check_integrity()
+    srv.call(srv.engine.memory.check_integrity)
     for s in (probe, srv, alone):
         s.close()
 
@@ -137,7 +137,7 @@ def test_one_requests_failure_never_touches_another_stream_on_the_replica(server
     """The report that opened issue 12: a temperature of 1e-39 beside a long stream (now greedy),
     and a request whose own step fails: the stream ends with exactly its tokens alone."""
     long = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
-    alone = server.engine.generate("llama", [[5, 6, 7, 8]], long)[0]
+    alone = server.call(server.engine.generate, "llama", [[5, 6, 7, 8]], long)[0]
     real = server.engine.executor.execute
 
     def execute(output, seqs, ring):  # qwen's batch fails inside the model, once
@@ -156,7 +156,56 @@ def test_one_requests_failure_never_touches_another_stream_on_the_replica(server
 
     streamed, tiny, failed = asyncio.run(main())
     assert [t for item in streamed for t in item.token_ids] == alone and streamed[-1].finish_reason == "length"
-    assert [t for item in tiny for t in item.token_ids] == server.engine.generate("llama", [[9, 10]], GREEDY)[0]
+    assert [t for item in tiny for t in item.token_ids] == server.call(server.engine.generate, "llama", [[9, 10]], GREEDY)[0]
     assert failed[-1].failed and "forced failure" in failed[-1].error_message
-    assert not server.engine.has_unfinished()
-    server.engine.memory.check_integrity()
+    assert not server.call(server.engine.has_unfinished)
+    server.call(server.engine.memory.check_integrity)
+
+
+def test_each_step_reaches_the_event_loop_in_one_handoff(server):
+    """The engine thread steps on its own and hands a step's outputs to the loop in one call, however
+    many streams the step fed; every stream still gets every token."""
+    steps, handoffs = [], []
+    real_step, real_deliver = server.engine.step, server._worker._deliver
+
+    def step():
+        out = real_step()
+        steps.append(len(out))
+        return out
+
+    def deliver(outputs):
+        handoffs.append(len(outputs))
+        real_deliver(outputs)
+
+    server.engine.step, server._worker._deliver = step, deliver
+    try:
+        async def main():
+            return await asyncio.gather(*(collect(server, "llama", [5 + i, 6, 7]) for i in range(6)))
+        got = asyncio.run(main())
+    finally:
+        server.engine.step, server._worker._deliver = real_step, real_deliver
+    assert all(sum(len(item.token_ids) for item in items) == 8 for items in got)
+    assert handoffs == [n for n in steps if n] and max(handoffs) > 1  # batched steps, one handoff each
+
+
+def test_a_step_that_raises_fails_the_streams_in_flight_and_the_replica_goes_on(server):
+    """Outside any one batch (a bug in the step itself): the streams in flight end with an error item,
+    their pages come back, and the next request is served as before."""
+    real_step = server.engine.step
+
+    def step():
+        server.engine.step = real_step
+        raise RuntimeError("forced failure of the whole step")
+
+    async def main():
+        stream = asyncio.ensure_future(collect(server, "llama", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        server.engine.step = step
+        return await stream
+
+    failed = asyncio.run(main())
+    assert failed[-1].failed and failed[-1].finish_reason == "error"
+    assert not server.call(server.engine.has_unfinished)
+    server.call(server.engine.memory.check_integrity)
+    again = asyncio.run(collect(server, "llama", [5, 6, 7]))
+    assert [t for item in again for t in item.token_ids] == server.call(server.engine.generate, "llama", [[5, 6, 7]], GREEDY)[0]
