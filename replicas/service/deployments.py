@@ -118,9 +118,9 @@ class EngineReplica(EngineServer):
         if orders is not None:
             await self.apply_orders(orders)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Per-replica stats for the memory-pressure autoscaling policy (autoscaler/serve_policy.py)."""
-        return self._worker.submit(self._autoscaling_stats).result(timeout=10)
+        return await asyncio.wait_for(self._run(self._autoscaling_stats), timeout=10)
 
     def _autoscaling_stats(self) -> dict[str, float]:
         engine, capacity = self.engine, self.engine.capacity()
