@@ -50,7 +50,8 @@ class _Metrics:
         self.tbt = metrics.Histogram("oneiros_tbt_seconds", "Time between tokens", LATENCY_BUCKETS_S, keys)
         self.kv_pages = metrics.Gauge("oneiros_kv_pages", "KV pages held by a tenant", keys)
         self.resident = metrics.Gauge("oneiros_resident_layers", "Layers of a tenant on device", keys)
-        self.free_pages = metrics.Gauge("oneiros_free_pages", "Free pages of the replica's pool", ("replica",))
+        self.pool_pages = metrics.Gauge("oneiros_pool_pages", "Pages of the replica's pool by owner (free, param, "
+                                        "kv, staging): they add up to the pool", ("replica", "owner"))
         self.lent_pages = metrics.Gauge("oneiros_lent_pages", "Parameter pages lent to the KV cache", ("replica",))
         self.remaps = metrics.Counter("oneiros_remap_events", "Layer reclaims and restores", ("replica", "kind"))
         self._remaps_seen = {"reclaim": 0, "restore": 0}  # totals already counted
@@ -70,7 +71,8 @@ class _Metrics:
             self.kv_pages.set(stats.kv_pages_used, tags)
             self.resident.set(stats.resident_layers, tags)
         memory = engine.memory
-        self.free_pages.set(memory.pool.num_free, {"replica": rid})
+        for owner, pages in memory.summary().items():
+            self.pool_pages.set(pages, {"replica": rid, "owner": owner})
         self.lent_pages.set(memory.num_lent_pages(), {"replica": rid})
         for kind, total in (("reclaim", memory.num_reclaims), ("restore", memory.num_restores)):
             if total > self._remaps_seen[kind]:

@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 
+_DASHBOARD: list[str] = []  # the session cluster's job server address, once it runs
+
+
+@pytest.fixture(scope="session")
+def dashboard(cluster) -> str:
+    """Address of the session cluster's job server (Ray's dashboard)."""
+    return _DASHBOARD[-1]
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """(config, base_url) of a running app: 2 engine replicas, 3 tiny tenants, on a local Ray."""
@@ -37,10 +46,14 @@ def cluster():
     from replicas.config import default_config
     from replicas.service.deployments import GRPC_SERVICERS, build_app
 
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
     config = default_config(http={"port": port, "grpc_port": grpc_port},
                             replicas={"num_replicas": 2, "report_period_s": 0.2})
-    ray.init(num_cpus=6, namespace=NAMESPACE, include_dashboard=False, logging_level="warning")
+    # the dashboard runs the job server, as `oneiros serve` starts it; metrics export every second
+    ray.init(num_cpus=6, namespace=NAMESPACE, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, logging_level="warning",
+             _system_config={"metrics_report_interval_ms": 1000})
+    _DASHBOARD.append(f"http://127.0.0.1:{dashboard_port}")
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
