@@ -53,6 +53,7 @@ from typing import Any
 from replicas.bench.client import (
     REQUEST_TIMEOUT_S,
     TOKEN_ID_RANGE,
+    TRACE_STAGES,
     RequestResult,
     StreamTimer,
     check_result,
@@ -168,8 +169,19 @@ async def drive(workload: Sequence[BenchRequest], concurrency: int,
 
 
 async def serve_one(client, req: BenchRequest) -> RequestResult:
-    """One streamed completion through the OpenAI API."""
-    return await stream_completion(client, req.index, request_body(req))
+    """One streamed completion through the OpenAI API, traced (its first chunk says when it reached
+    each stage of the path)."""
+    return await stream_completion(client, req.index, request_body(req), trace=True)
+
+
+def trace_breakdown(results: Sequence[RequestResult]) -> dict[str, dict[str, float]]:
+    """Per stage of the first token (TRACE_STAGES): p50 and p90 of its time in ms over traced requests."""
+    traced = [r.trace for r in results if r.trace and all(k in r.trace for k, _ in TRACE_STAGES)]
+    out = {}
+    for (prev, _), (stage, what) in zip(TRACE_STAGES, TRACE_STAGES[1:]):
+        spans = [1e3 * (t[stage] - t[prev]) for t in traced]
+        out[what] = {"p50_ms": percentile(spans, 50), "p90_ms": percentile(spans, 90), "n": len(spans)}
+    return out
 
 
 class DirectEngines:
@@ -452,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serve p50 TTFT / direct p50 TTFT = {'-' if ratio is None else f'{ratio:.3f}'} "
           f"(target <= {TTFT_TARGET_RATIO}: {'met' if meets else 'NOT met'})")
     print(f"serve tok/s / direct tok/s = {'-' if tput is None else f'{tput:.3f}'} (target >= {THROUGHPUT_TARGET_RATIO})")
+    breakdown = trace_breakdown(serve_res)
+    if breakdown:
+        print("first token through Serve, by stage (wall-clock stamps, ms):  p50 / p90")
+        for what, b in breakdown.items():
+            print(f"  {what:55} {b['p50_ms']:7.1f} / {b['p90_ms']:7.1f}")
     if serve_cpu:
         total = sum(serve_cpu.values())
         wall = summaries["serve"]["wall_s"]
@@ -470,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                "placement": {short[rid]: models for rid, models in placement.items()},
                **summaries, "serve_vs_direct_ttft_p50": ratio, "serve_vs_direct_throughput": tput,
                "ttft_target_ratio": TTFT_TARGET_RATIO, "throughput_target_ratio": THROUGHPUT_TARGET_RATIO,
-               "meets_ttft_target": meets, "serve_cpu_s": serve_cpu}
+               "meets_ttft_target": meets, "serve_cpu_s": serve_cpu,
+               "serve_first_token_stages": breakdown}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

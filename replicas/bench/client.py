@@ -48,6 +48,7 @@ class RequestResult:
     error: str | None = None  # exception or protocol problem; None if the stream ended normally
     start_s: float = 0.0  # perf_counter when sent
     end_s: float = 0.0  # perf_counter when the stream ended
+    trace: dict[str, float] | None = None  # traced requests: wall-clock time of each stage (TRACE_STAGES)
 
 
 def check_result(result: RequestResult, max_tokens: int, need_usage: bool) -> str | None:
@@ -92,15 +93,36 @@ def completion_body(model: str, prompt_ids: Sequence[int], max_tokens: int) -> d
             "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
 
 
-async def stream_completion(client, index: int, body: dict[str, Any]) -> RequestResult:
-    """One streamed completion of `body` through an `openai.AsyncOpenAI` client; errors are recorded."""
+# The stages of a traced request's first token, in order, as Oneiros stamps them (wall clock); the
+# client adds the first and the last. Each stage's time is its stamp minus the previous one's.
+TRACE_STAGES = (
+    ("client_sent", ""),
+    ("ingress_received", "client -> HTTP proxy -> ingress"),
+    ("ingress_dispatched", "ingress: body read from the proxy, parse, tokenize"),
+    ("replica_received", "ingress -> router -> engine replica (gRPC)"),
+    ("engine_added", "replica: to the engine thread, request added"),
+    ("replica_first_token", "engine: prefill step, handoff to the replica's loop"),
+    ("ingress_first_item", "engine replica -> ingress (gRPC)"),
+    ("ingress_first_chunk", "ingress: detokenize, SSE chunk"),
+    ("client_first_token", "ingress -> HTTP proxy -> client"),
+)
+TRACE_HEADER = "X-Oneiros-Trace"  # replicas/service/ingress.py
+
+
+async def stream_completion(client, index: int, body: dict[str, Any], trace: bool = False) -> RequestResult:
+    """One streamed completion of `body` through an `openai.AsyncOpenAI` client; errors are recorded.
+    With `trace`, asks Oneiros for its stage stamps and keeps them in `result.trace`."""
     stream = StreamTimer(index, body["model"])
+    sent = time.time()
     try:
         chunks = await client.completions.create(
             model=body["model"], prompt=body["prompt"], max_tokens=body["max_tokens"],
             temperature=body["temperature"], logprobs=body["logprobs"], stream=True,
-            stream_options=body["stream_options"], extra_body={"ignore_eos": body["ignore_eos"]})
+            stream_options=body["stream_options"], extra_body={"ignore_eos": body["ignore_eos"]},
+            extra_headers={TRACE_HEADER: "1"} if trace else None)
         async for chunk in chunks:
+            if trace and stream.result.trace is None and (stamps := (chunk.model_extra or {}).get("oneiros_trace")):
+                stream.result.trace = {"client_sent": sent, **stamps, "client_first_token": time.time()}
             if chunk.system_fingerprint:
                 stream.result.replica = chunk.system_fingerprint.removeprefix("oneiros-")
             if chunk.usage is not None:

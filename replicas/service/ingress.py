@@ -30,6 +30,9 @@ from replicas.service.openapi import install as install_openapi
 from replicas.service.stream import StreamItem
 
 PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
+# A streamed request sent with this header set to 1 gets, in its first chunk, `oneiros_trace`: the
+# wall-clock time (time.time(), seconds) it reached each stage of the path (docs/latency.md)
+TRACE_HEADER = "x-oneiros-trace"
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +91,18 @@ class OpenAIFrontend:
             for name in self.visible_models(allowed)
         ]}
 
-    async def completions(self, body: bytes | dict, allowed: set[str] | None) -> Response:
-        return await self._respond(api.COMPLETION, *(await self.start(api.COMPLETION, body, allowed)))
+    async def completions(self, body: bytes | dict, allowed: set[str] | None, trace: dict | None = None) -> Response:
+        return await self._respond(api.COMPLETION, *(await self.start(api.COMPLETION, body, allowed, trace)),
+                                   trace=trace)
 
-    async def chat(self, body: bytes | dict, allowed: set[str] | None) -> Response:
-        return await self._respond(api.CHAT, *(await self.start(api.CHAT, body, allowed)))
+    async def chat(self, body: bytes | dict, allowed: set[str] | None, trace: dict | None = None) -> Response:
+        return await self._respond(api.CHAT, *(await self.start(api.CHAT, body, allowed, trace)), trace=trace)
 
-    async def start(self, ep: api.Endpoint, body: bytes | dict, allowed: set[str] | None):
+    async def start(self, ep: api.Endpoint, body: bytes | dict, allowed: set[str] | None, trace: dict | None = None):
         """Validate a request and start it: (request, prompt ids, params, tokenizer, first item, stream).
         Every refusal before the first token is an ApiError (HTTP and gRPC map it to their codes).
-        With n > 1 (HTTP only) the first item and stream are lists, one per choice."""
+        With n > 1 (HTTP only) the first item and stream are lists, one per choice. `trace` (a
+        traced request's wall-clock stamps, see `TRACE_HEADER`) gets the stages up to the first item."""
         req = ep.parse(body)
         self.check_model(req.model, allowed)
         tokenizer = self.catalog.tokenizers[req.model]
@@ -105,7 +110,11 @@ class OpenAIFrontend:
         params = api.to_sampling_params(req, self.catalog.context_len[req.model], len(prompt),
                                         self.catalog.sampling_defaults[req.model])
         if (req.n or 1) == 1:
+            if trace is not None:
+                trace["ingress_dispatched"] = time.time()
             stream, first = await self._place(req.model, prompt, params)
+            if trace is not None:
+                trace |= dict(first.stamps) | {"ingress_first_item": time.time()}
             return req, prompt, params, tokenizer, first, stream
         children = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                     for i in range(req.n)]  # independent samples; seeded ones reproducible per choice
@@ -143,10 +152,10 @@ class OpenAIFrontend:
 
     # ---- the token stream ----------------------------------------------------------------
     async def _respond(self, ep: api.Endpoint, req, prompt: list[int], params: SamplingParams,
-                       tokenizer: Tokenizer, first, stream) -> Response:
+                       tokenizer: Tokenizer, first, stream, trace: dict | None = None) -> Response:
         firsts, streams = (first, stream) if isinstance(first, list) else ([first], [stream])
         if req.stream:
-            return StreamingResponse(self._events(ep, req, prompt, params, tokenizer, firsts, streams),
+            return StreamingResponse(self._events(ep, req, prompt, params, tokenizer, firsts, streams, trace),
                                      media_type="text/event-stream")
         choices = await asyncio.gather(*(_drain(f, s) for f, s in zip(firsts, streams)), return_exceptions=True)
         failed = next((c for c in choices if isinstance(c, BaseException)), None)
@@ -167,9 +176,11 @@ class OpenAIFrontend:
         body = ep.response(req.model, text, reason, len(prompt), len(ids), logprobs)
         return body | {"system_fingerprint": _fingerprint(items[0])}
 
-    async def _events(self, ep: api.Endpoint, req, prompt, params, tokenizer, firsts, streams) -> AsyncIterator[bytes]:
+    async def _events(self, ep: api.Endpoint, req, prompt, params, tokenizer, firsts, streams,
+                      trace: dict | None = None) -> AsyncIterator[bytes]:
         """Server-sent events of every choice, interleaved as their tokens come (each chunk names
-        its choice's index), then usage if asked for, then [DONE]."""
+        its choice's index), then usage if asked for, then [DONE]. A traced request's first chunk
+        carries its stamps as `oneiros_trace`."""
         rid = ep.new_request_id()
         created, num_tokens = int(time.time()), 0
         fresh = set(range(len(firsts))) if ep.role_first else set()  # choices whose role is not sent yet
@@ -187,6 +198,8 @@ class OpenAIFrontend:
                     fresh.discard(index)
                     out = ep.chunk(req.model, piece, reason, logprobs, request_id=rid, created=created, **extra)
                     out["choices"][0]["index"] = index
+                    if trace is not None:
+                        out["oneiros_trace"], trace = trace | {"ingress_first_chunk": time.time()}, None
                     yield api.sse(out | {"system_fingerprint": _fingerprint(firsts[0])})
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield api.sse(api.usage_chunk(ep.kind, req.model, len(prompt), num_tokens, request_id=rid,
@@ -327,6 +340,10 @@ async def _close(stream: Any) -> None:
         logger.debug("closing a stream failed: %r", exc)
 
 
+def _trace(request: Request) -> dict | None:
+    return {"ingress_received": time.time()} if request.headers.get(TRACE_HEADER) == "1" else None
+
+
 def make_app(frontend: OpenAIFrontend) -> FastAPI:
     app = FastAPI(title="Oneiros cluster", version="0.1.0")
 
@@ -344,13 +361,15 @@ def make_app(frontend: OpenAIFrontend) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        trace = _trace(request)
         allowed = frontend.authorize(request.headers.get("authorization", ""))
-        return await frontend.completions(await request.body(), allowed)
+        return await frontend.completions(await request.body(), allowed, trace)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
+        trace = _trace(request)
         allowed = frontend.authorize(request.headers.get("authorization", ""))
-        return await frontend.chat(await request.body(), allowed)
+        return await frontend.chat(await request.body(), allowed, trace)
 
     install_openapi(app)
     return app

@@ -179,6 +179,7 @@ class EngineServer:
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams,
                        avoid: tuple[str, ...] = ()) -> AsyncIterator[StreamItem]:
         """`avoid`: replicas that said they can never load `model`; read by the router, not here."""
+        received = time.time()
         if len(self._queues) >= self.config.replicas.max_pending_requests:
             yield self._refused(429, f"replica {self.replica_id} has {len(self._queues)} unfinished requests", 1.0)
             return
@@ -190,11 +191,12 @@ class EngineServer:
             if refused is not None:
                 yield refused
                 return
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queue, added_at = asyncio.get_running_loop(), asyncio.Queue(), []
 
         def add() -> SeqId:  # on the engine thread: the stream exists before the step that feeds it
             seq_id = self.engine.add_request(model, prompt_ids, params)
             self._queues[seq_id] = (loop, queue)
+            added_at.append(time.time())
             return seq_id
 
         added = self._worker.submit(add)
@@ -213,9 +215,12 @@ class EngineServer:
                 while not queue.empty():  # a slow consumer gets several steps in one item: fewer messages
                     outs.append(queue.get_nowait())
                 finished = outs[-1].finished
+                stamps = (() if added_at is None else
+                          (("replica_received", received), ("engine_added", added_at[0]), ("replica_first_token", time.time())))
+                added_at = None  # stamps go with the first item only
                 yield StreamItem(tuple(t for o in outs for t in o.new_token_ids),
                                  tuple(dict(lp) for o in outs for lp in o.logprobs), finished,
-                                 outs[-1].finish_reason, outs[-1].error, self.replica_id)
+                                 outs[-1].finish_reason, outs[-1].error, self.replica_id, stamps=stamps)
         finally:
             self._queues.pop(seq_id, None)
             if not finished:  # cancelled (client gone) or failed: free its pages now

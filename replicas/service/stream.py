@@ -30,6 +30,8 @@ class StreamItem:
     error_message: str | None = None  # why, with finish_reason "error"
     replica_id: str = "local"
     refusal: Refusal | None = None
+    # on a request's first token item: (stage, time.time()) where the replica saw it (docs/latency.md)
+    stamps: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def refused(cls, status: int, message: str, retry_after_s: float | None = None, code: str | None = None,
