@@ -168,3 +168,21 @@ def test_n_choices_are_independent_samples_streamed_and_not(stack):
     roles = [ch.choices[0].index for ch in chat if ch.choices[0].delta.role == "assistant"]
     assert sorted(roles) == [0, 1]
     assert not server.call(server.engine.has_unfinished)
+
+
+def test_a_traced_stream_says_when_its_first_token_reached_each_stage(stack):
+    """docs/latency.md's breakdown: the first chunk of a traced stream carries the stamps in path order;
+    untraced streams carry none."""
+    from replicas.bench.client import TRACE_STAGES, completion_body, stream_completion
+
+    _server, app = stack
+
+    async def main():
+        c = client(app)
+        return (await stream_completion(c, 0, completion_body("llama", [5, 6, 7], 6), trace=True),
+                await stream_completion(c, 1, completion_body("llama", [5, 6, 7], 6)))
+
+    traced, plain = run(main())
+    assert traced.error is None and traced.num_tokens == 6 and plain.trace is None
+    stamps = [traced.trace[stage] for stage, _ in TRACE_STAGES]
+    assert stamps == sorted(stamps) and stamps[-1] - stamps[0] < 60, traced.trace
