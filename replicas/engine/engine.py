@@ -221,6 +221,8 @@ class LLMEngine:
         cfg = tenant.config
         if not ids:
             raise InvalidRequest("the prompt is empty")
+        if params.num_generated >= len(ids):
+            raise InvalidRequest(f"num_generated={params.num_generated} leaves no prompt of its {len(ids)} tokens")
         if params.stop and tenant.tokenizer is None:
             raise InvalidRequest(f"stop strings need a tokenizer and {model!r} was loaded without one")
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)]

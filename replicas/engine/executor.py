@@ -96,7 +96,8 @@ class TorchExecutor:
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
         params, raw = [s.params for s in chosen], logits.float()
         adjusted, failed = _adjust(raw, chosen)
-        tokens, logprobs, failed_rows = sample(adjusted, params, [s.generator for s in chosen])
+        tokens, logprobs, failed_rows = sample(adjusted, params, [s.generator for s in chosen],
+                                               [s.num_generated for s in chosen])
         if logprobs is not None and adjusted is not raw:  # logprobs are the model's, before penalties (vLLM's)
             logprobs = raw.log_softmax(-1)
         failed |= {chosen[row].seq_id: why for row, why in failed_rows.items()}
@@ -141,4 +142,5 @@ def _adjust(raw: torch.Tensor, chosen: list[Sequence]) -> tuple[torch.Tensor, di
 
 def _history(seq: Sequence) -> History:
     stop_ids = seq.params.stop_token_ids + (() if seq.params.ignore_eos else seq.eos_token_ids)
-    return History(seq.prompt_token_ids, seq.output_token_ids, stop_ids)
+    k = seq.params.num_generated  # a continuation's earlier output sits at the end of its prompt
+    return History(seq.prompt_token_ids[:len(seq.prompt_token_ids) - k], seq.generated_token_ids, stop_ids)

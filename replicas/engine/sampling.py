@@ -1,8 +1,10 @@
 """SamplingParams (validated at the edge) and the sampler that turns logits into token ids.
 
 Greedy is argmax over float32 logits, so it is exactly reproducible. Random sampling uses one torch
-Generator per sequence, seeded from the request's seed (or a fresh one), so a seeded request draws
-the same tokens whatever else is in its batch.
+Generator per sequence. A seeded request reseeds it before each draw from its seed and the token's
+position in its output, so it draws the same tokens whatever else is in its batch, and a request
+continued elsewhere (a failover: `num_generated`) draws what it would have drawn where it started.
+An unseeded request's generator starts from fresh entropy.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]; times each token's count in the output, subtracted
     min_p: float = 0.0  # in [0, 1]; drop tokens less likely than min_p x the most likely (sampling only)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
+    # A continuation (failover): the prompt's last num_generated tokens are this request's own output
+    # from before it moved. Penalties, min_tokens and stop strings count them as output, seeded draws
+    # go on at their position; max_tokens is what is left to generate.
+    num_generated: int = 0
     extra: dict = field(default_factory=dict, compare=False)  # unknown fields, kept for the edge
 
     def __post_init__(self) -> None:
@@ -54,7 +60,9 @@ class SamplingParams:
         _check(isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1, f"top_p must be in (0, 1], got {p}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be an integer in [0, 20], got {self.logprobs}")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        _check(isinstance(self.num_generated, int) and self.num_generated >= 0,
+               f"num_generated must be an integer >= 0, got {self.num_generated}")
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens + self.num_generated,
                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         r = self.repetition_penalty
         _check(isinstance(r, (int, float)) and math.isfinite(r) and r > 0, f"repetition_penalty must be > 0, got {r}")
@@ -143,10 +151,20 @@ def _counts(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
     return counts[:, :vocab]
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw at output `position` (splitmix64 of both)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           positions: list[int] | None = None):
     """Token ids [B] (and log-softmax [B, V] when any request wants logprobs) for float32 logits [B, V],
     and the rows that failed: {row: why}. A failure of one row (non-finite logits, a sampler error)
-    is that request's alone; the other rows keep their tokens."""
+    is that request's alone; the other rows keep their tokens. `positions`: each row's output position
+    (tokens it generated so far), which seeded rows draw at."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     failed: dict[int, str] = {}
@@ -158,6 +176,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             continue
         try:
+            if p.seed is not None and generators[i] is not None:
+                generators[i].manual_seed(position_seed(p.seed, positions[i] if positions else 0))
             tokens[i] = _sample_row(logits[i], p, generators[i])
         except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
             failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"

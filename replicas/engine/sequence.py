@@ -59,6 +59,17 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_generated(self) -> int:
+        """Tokens this request has generated, counting those from before a move (params.num_generated)."""
+        return self.params.num_generated + len(self.output_token_ids)
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        """Everything this request generated: a continuation's earlier output (the prompt's tail), then its own."""
+        k = self.params.num_generated
+        return (self.prompt_token_ids[len(self.prompt_token_ids) - k:] if k else []) + self.output_token_ids
+
+    @property
     def max_num_tokens(self) -> int:
         """Prompt plus every token it may generate: what its KV can grow to (admission's figure)."""
         return len(self.prompt_token_ids) + self.params.max_tokens
@@ -97,13 +108,13 @@ class Sequence:
             return FinishReason.STOP
         if last in self.params.stop_token_ids:
             return FinishReason.STOP
-        if self.params.stop and self.detokenize is not None and len(self.output_token_ids) >= self.params.min_tokens:
+        if self.params.stop and self.detokenize is not None and self.num_generated >= self.params.min_tokens:
             # Only the tail the new token can complete: a stop string of L characters ending in it
             # lies within the last L characters, and STOP_TAIL_TOKENS_PER_CHAR tokens per character
             # cover even byte-level tokens of 4-byte characters. The cost per token does not grow
             # with the output (decoding it all was quadratic).
             longest = max(len(stop) for stop in self.params.stop)
-            text = self.detokenize(self.output_token_ids[-(STOP_TAIL_TOKENS_PER_CHAR * longest + 4):])
+            text = self.detokenize(self.generated_token_ids[-(STOP_TAIL_TOKENS_PER_CHAR * longest + 4):])
             if any(stop in text for stop in self.params.stop):
                 return FinishReason.STOP
         if len(self.output_token_ids) >= self.params.max_tokens:

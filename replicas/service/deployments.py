@@ -165,7 +165,9 @@ class OpenAIIngress:
 
     def __init__(self, engine, config: dict[str, Any]) -> None:
         self._engine = engine
-        self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate)
+        moves = metrics.Counter("oneiros_failovers", "Requests moved off a replica that died mid-stream", ("model",))
+        self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate,
+                                       on_move=lambda model: moves.inc(1, {"model": model}))
         self._grpc = GrpcService(self.frontend)
 
     def _generate(self, model, prompt_ids, params, avoid=()):

@@ -30,6 +30,8 @@ from replicas.service.openapi import install as install_openapi
 from replicas.service.stream import StreamItem
 
 PLACEMENT_RETRY_S = 0.5  # a request whose replica could not load its model asks again this often
+MAX_MOVES = 2  # a request whose replica dies moves to another host at most this often...
+MOVE_DEADLINE_S = 60.0  # ...and only this long after its first move (then the stream ends with an error)
 # A streamed request sent with this header set to 1 gets, in its first chunk, `oneiros_trace`: the
 # wall-clock time (time.time(), seconds) it reached each stage of the path (docs/latency.md)
 TRACE_HEADER = "x-oneiros-trace"
@@ -58,11 +60,19 @@ class _Catalog:
 
 
 class OpenAIFrontend:
-    def __init__(self, config: OneirosConfig, generate: Generate) -> None:
-        self.config, self._generate = config, generate
+    def __init__(self, config: OneirosConfig, generate: Generate,
+                 on_move: Callable[[str], None] | None = None) -> None:
+        """`on_move(model)`: called each time a request moves off a dead replica (a metric)."""
+        self.config, self._generate, self._on_move = config, generate, on_move
+        self.num_moves = 0  # requests' moves off dead replicas since start
         self.catalog = _Catalog(config)
         self._keys = {k.key: (None if k.models is None else set(k.models)) for k in config.api_keys}
         self.created = int(time.time())
+
+    def _moved(self, model: str) -> None:
+        self.num_moves += 1
+        if self._on_move is not None:
+            self._on_move(model)
 
     # ---- checks --------------------------------------------------------------------------
     def authorize(self, authorization: str) -> set[str] | None:
@@ -115,7 +125,7 @@ class OpenAIFrontend:
             stream, first = await self._place(req.model, prompt, params)
             if trace is not None:
                 trace |= dict(first.stamps) | {"ingress_first_item": time.time()}
-            return req, prompt, params, tokenizer, first, stream
+            return req, prompt, params, tokenizer, first, FailoverStream(self, req.model, prompt, params, stream, first)
         children = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                     for i in range(req.n)]  # independent samples; seeded ones reproducible per choice
         placed = await asyncio.gather(*(self._place(req.model, prompt, p) for p in children), return_exceptions=True)
@@ -125,20 +135,30 @@ class OpenAIFrontend:
                 if not isinstance(x, BaseException):
                     await _close(x[0])
             raise failed[0]
-        return req, prompt, params, tokenizer, [first for _, first in placed], [stream for stream, _ in placed]
+        streams = [FailoverStream(self, req.model, prompt, p, stream, first)
+                   for p, (stream, first) in zip(children, placed)]
+        return req, prompt, params, tokenizer, [first for _, first in placed], streams
 
-    async def _place(self, model: str, prompt: list[int], params: SamplingParams):
+    async def _place(self, model: str, prompt: list[int], params: SamplingParams, avoid: set[str] | None = None):
         """(stream, first item) of the request on a replica. A replica that cannot load the model is
         answered by asking again until placement_timeout_s: the router then picks the model's host
         once the controller placed it, or another replica. Replicas that can never load it beside
         their tenants are avoided; when the router has none left but them (one refuses twice), and
-        for a model larger than a whole pool, the 503 comes at once."""
+        for a model larger than a whole pool, the 503 comes at once. A replica that dies before the
+        first item is asked around the same way, MAX_MOVES times."""
         deadline = time.monotonic() + self.config.replicas.placement_timeout_s
-        avoid: set[str] = set()
+        avoid = set(avoid or ())
+        gone = 0
         while True:
             stream = self._generate(model, prompt, params, tuple(sorted(avoid)))
             try:
                 return stream, await _first_item(stream)
+            except ReplicaGone:
+                gone += 1
+                if gone > MAX_MOVES or time.monotonic() >= deadline:
+                    raise
+                logger.warning("a replica failed before the first token of a %s request; asking again", model)
+                self._moved(model)
             except NotPlaced as exc:
                 if exc.code == "model_not_here":
                     if exc.replica_id in avoid:
@@ -276,6 +296,68 @@ async def text_pieces(first: StreamItem, stream, tokenizer: Tokenizer,
         await _close(stream)
 
 
+class FailoverStream:
+    """One choice's engine stream that outlives its replica.
+
+    When the replica dies or cannot be reached mid-stream, the request is placed again (another
+    host, or the replacement the controller places) with every token already streamed appended to
+    its prompt, `max_tokens` reduced by as many and `num_generated` saying so: greedy requests go on
+    token for token, seeded ones draw what they would have drawn (position-seeded), unseeded ones a
+    valid sample. The consumer sees one stream. At most MAX_MOVES moves, within MOVE_DEADLINE_S of
+    the first; after that the error ends the stream as before."""
+
+    def __init__(self, frontend: OpenAIFrontend, model: str, prompt: list[int], params: SamplingParams,
+                 stream: AsyncIterator[StreamItem], first: StreamItem) -> None:
+        self._frontend, self._model, self._prompt, self._params = frontend, model, prompt, params
+        self._stream, self._replica = stream, first.replica_id
+        self._generated = list(first.token_ids)
+        self.moves = 0
+        self._deadline: float | None = None
+
+    def __aiter__(self) -> FailoverStream:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        try:
+            item = await self._stream.__anext__()
+        except (StopAsyncIteration, api.ApiError):
+            raise
+        except Exception as exc:  # the replica died or is unreachable
+            item = await self._move(exc)
+        self._generated += item.token_ids
+        return item
+
+    async def aclose(self) -> None:
+        await _close(self._stream)
+
+    async def _move(self, exc: Exception) -> StreamItem:
+        now = time.monotonic()
+        self._deadline = self._deadline or now + MOVE_DEADLINE_S
+        if self.moves >= MAX_MOVES or now > self._deadline:
+            raise exc
+        self.moves += 1
+        self._frontend._moved(self._model)
+        done = len(self._generated)
+        logger.warning("replica %s failed mid-stream (%r) after %d tokens of a %s request; moving it (move %d)",
+                       self._replica, exc, done, self._model, self.moves)
+        await _close(self._stream)
+        left = self._params.max_tokens - done
+        if left <= 0:  # every token came; only the closing item was lost with the replica
+            return StreamItem(finished=True, finish_reason="length", replica_id=self._replica)
+        params = dataclasses.replace(self._params, max_tokens=left, num_generated=self._params.num_generated + done)
+        self._stream, first = await self._frontend._place(self._model, self._prompt + self._generated, params,
+                                                          avoid={self._replica})
+        self._replica = first.replica_id
+        return first
+
+
+class ReplicaGone(api.ApiError):
+    """The engine call failed before its first item: the replica died or cannot be reached."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(503, "server_error", f"no engine replica could take the request: {type(exc).__name__}")
+
+
 class NotPlaced(api.ApiError):
     """A replica could not load the request's model: not now (`model_not_loaded`), or never beside
     the models it hosts (`model_not_here`). The ingress asks again (see `_place`)."""
@@ -297,8 +379,7 @@ async def _first_item(stream: AsyncIterator[StreamItem]) -> StreamItem:
         if _is_backpressure(exc):
             raise api.too_many_requests(1.0) from None
         logger.warning("engine call failed: %r", exc)
-        raise api.ApiError(503, "server_error", f"no engine replica could take the request: {type(exc).__name__}") \
-            from None
+        raise ReplicaGone(exc) from None
     err = item.refusal
     if err is not None:
         await _close(stream)
