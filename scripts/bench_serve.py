@@ -174,6 +174,69 @@ async def serve_one(client, req: BenchRequest) -> RequestResult:
     return await stream_completion(client, req.index, request_body(req), trace=True)
 
 
+def failover_run(args, config, warmup: list[BenchRequest], workload: list[BenchRequest]) -> int:
+    """--kill-replica-after: the Serve path with one engine replica killed mid-run (issue 19's load test)."""
+    import ray
+
+    cluster = LocalCluster(config)
+    try:
+        base_url = cluster.start()
+        killed: list[str] = []
+
+        def kill() -> None:
+            placement = cluster.placement()
+            victim = max(placement, key=lambda rid: (len(placement[rid]), rid))
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::{config.app_name}#EngineReplica#{victim}", namespace="serve"),
+                     no_restart=True)
+            killed.append(victim)
+            print(f"killed engine replica {victim} (hosting {placement[victim]}) at {args.kill_replica_after:g} s",
+                  flush=True)
+
+        async def run():
+            loop = asyncio.get_running_loop()
+
+            async def kill_later():
+                await asyncio.sleep(args.kill_replica_after)
+                await loop.run_in_executor(None, kill)
+
+            killer = None
+
+            def settle():
+                nonlocal killer
+                cluster.settle()
+                killer = asyncio.run_coroutine_threadsafe(kill_later(), loop)
+
+            out = await run_serve(base_url, warmup, workload, args.concurrency, settle, {})
+            killer.result(timeout=60)
+            return out
+
+        _warm, results = asyncio.run(run())
+    finally:
+        cluster.shutdown()
+    s = summarize(results, args.max_tokens, need_usage=True)
+    ok = [r for r in results if check_result(r, args.max_tokens, True) is None]
+    moved = [r for r in ok if r.moved]
+    p99 = (lambda xs: None if not xs else percentile(xs, 99))
+    out = {"requests": len(results), "completed": s["num_ok"], "failed": s["num_failed"], "moved": len(moved),
+           "p99_ttft_s": p99([r.ttft_s for r in ok if r.ttft_s is not None]),
+           "p99_tbt_s": p99([x for r in ok for x in r.tbt_s]),
+           "moved_p99_tbt_s": p99([x for r in moved for x in r.tbt_s]),
+           "others_p99_tbt_s": p99([x for r in ok if not r.moved for x in r.tbt_s]),
+           "moved_max_gap_s": max((max(r.tbt_s) for r in moved if r.tbt_s), default=None),
+           "killed_replica": killed[0] if killed else None, "kill_after_s": args.kill_replica_after,
+           "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": args.seed, "serve": s}
+    print(f"\nfailover: {out['requests']} requests, {out['completed']} completed, {out['failed']} failed, "
+          f"{out['moved']} moved off the killed replica")
+    for key in ("p99_ttft_s", "p99_tbt_s", "moved_p99_tbt_s", "others_p99_tbt_s", "moved_max_gap_s"):
+        print(f"  {key:18} {'-' if out[key] is None else f'{out[key]:.3f}'}")
+    print_failures("serve", s)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def trace_breakdown(results: Sequence[RequestResult]) -> dict[str, dict[str, float]]:
     """Per stage of the first token (TRACE_STAGES): p50 and p90 of its time in ms over traced requests."""
     traced = [r.trace for r in results if r.trace and all(k in r.trace for k, _ in TRACE_STAGES)]
@@ -407,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, help="requests before each measured run (default: --concurrency)")
     ap.add_argument("--base-url", help="drive this OpenAI endpoint (built-in default config) instead of a local cluster")
     ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--kill-replica-after", type=float, metavar="S",
+                    help="failover run: S seconds into the measured run, kill the engine replica hosting the most "
+                         "models; report what was lost and moved (Serve path only)")
     args = ap.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
         ap.error("--requests, --concurrency and --max-tokens must be >= 1")
@@ -421,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.concurrency} clients, {args.max_tokens} tokens each, prompts {PROMPT_LEN_RANGE} tokens, "
           f"seed {args.seed}; warm-up {len(warmup)} requests per path", flush=True)
 
+    if args.kill_replica_after is not None:
+        if args.base_url:
+            ap.error("--kill-replica-after needs the script's own local cluster (no --base-url)")
+        return failover_run(args, config, warmup, workload)
     cluster = None if args.base_url else LocalCluster(config)
     try:
         base_url = args.base_url or cluster.start()

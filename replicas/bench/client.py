@@ -49,6 +49,7 @@ class RequestResult:
     start_s: float = 0.0  # perf_counter when sent
     end_s: float = 0.0  # perf_counter when the stream ended
     trace: dict[str, float] | None = None  # traced requests: wall-clock time of each stage (TRACE_STAGES)
+    moved: bool = False  # its chunks came from more than one replica (it moved off a dead one)
 
 
 def check_result(result: RequestResult, max_tokens: int, need_usage: bool) -> str | None:
@@ -124,7 +125,9 @@ async def stream_completion(client, index: int, body: dict[str, Any], trace: boo
             if trace and stream.result.trace is None and (stamps := (chunk.model_extra or {}).get("oneiros_trace")):
                 stream.result.trace = {"client_sent": sent, **stamps, "client_first_token": time.time()}
             if chunk.system_fingerprint:
-                stream.result.replica = chunk.system_fingerprint.removeprefix("oneiros-")
+                replica = chunk.system_fingerprint.removeprefix("oneiros-")
+                stream.result.moved |= stream.result.replica not in (None, replica)
+                stream.result.replica = replica
             if chunk.usage is not None:
                 stream.result.usage_tokens = chunk.usage.completion_tokens
             for choice in chunk.choices:

@@ -220,7 +220,7 @@ class OpenAIFrontend:
                     out["choices"][0]["index"] = index
                     if trace is not None:
                         out["oneiros_trace"], trace = trace | {"ingress_first_chunk": time.time()}, None
-                    yield api.sse(out | {"system_fingerprint": _fingerprint(firsts[0])})
+                    yield api.sse(out | {"system_fingerprint": _fingerprint(item)})  # after a move, the new host
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield api.sse(api.usage_chunk(ep.kind, req.model, len(prompt), num_tokens, request_id=rid,
                                               created=created))
