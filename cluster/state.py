@@ -88,6 +88,7 @@ class ClusterState:
         self._loading: dict[tuple[str, str], float] = {}  # (replica id, model) -> when ordered
         self._version = 0
         self._last: Decision | None = None
+        self._lost: list[dict] = []  # the latest LOST_KEPT replicas that stopped reporting, oldest first
 
     # ---- reports in
 
@@ -102,7 +103,10 @@ class ClusterState:
         """Drop replicas not heard from within report_timeout_s; returns their ids, sorted."""
         gone = sorted(rid for rid, rec in self._replicas.items() if not self._is_live(rec, now_s))
         for rid in gone:
-            del self._replicas[rid]
+            rec = self._replicas.pop(rid)
+            self._lost.append({"replica_id": rid, "node_id": rec.report.node_id, "last_report_s": rec.received_at_s,
+                               "forgotten_s": now_s, "models": sorted(t.model for t in rec.report.tenants)})
+        del self._lost[:-LOST_KEPT]
         self._loading = {key: t for key, t in self._loading.items() if key[0] not in gone}
         return gone
 
@@ -259,7 +263,11 @@ class ClusterState:
                 rid: {"cold": sorted(o.cold), "warming": sorted(o.warming), "load": sorted(o.load)}
                 for rid, o in last.orders.items()},
             "reasons": [] if last is None else list(last.reasons),
+            "lost_replicas": list(self._lost),
         }
+
+
+LOST_KEPT = 20  # replicas that stopped reporting, kept for `oneiros status`
 
 
 def _sole_warm_hosts(live: dict[str, _Received], lines: list[_Line]) -> set[str]:

@@ -299,6 +299,10 @@ def format_status(status: dict) -> str:
             lines.append(f"  {t.get('model', '?'):>12}: {t.get('resident_layers')}/{t.get('num_layers')} layers "
                          f"resident, {t.get('kv_pages_used')} KV pages, {t.get('num_running')} running, "
                          f"{t.get('num_waiting')} waiting")
+    for lost in status.get("lost_replicas", []):
+        lines.append(f"lost: replica {lost['replica_id']} on node {str(lost['node_id'])[:12]} (hosting "
+                     f"{', '.join(lost['models']) or 'nothing'}) stopped reporting "
+                     f"at {time.strftime('%H:%M:%S', time.localtime(lost['last_report_s']))}")
     for reason in status.get("reasons", []):
         lines.append(f"decision: {reason}")
     return "\n".join(lines) or "no replica has reported yet"

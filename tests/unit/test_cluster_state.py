@@ -106,6 +106,11 @@ def test_stale_replicas_are_forgotten_and_their_tenants_lose_a_host():
     assert loads(decision) == {"r2": {"a"}}
     assert [(e.replica_id, e.resident_fraction) for e in decision.view.hosts("a")] == [("r2", 0.0)]  # loading it
     assert state.forget_stale(NOW + 11) == []
+    lost = state.snapshot()["lost_replicas"]  # `oneiros status` shows the replica that went away
+    assert [(x["replica_id"], x["models"], x["forgotten_s"]) for x in lost] == [("r1", ["a"], NOW + 11)]
+    from replicas.cli import format_status
+
+    assert "lost: replica r1" in format_status(state.snapshot())
 
 
 def test_decide_leaves_out_a_stale_replica_even_before_it_is_forgotten():

@@ -169,3 +169,23 @@ def test_a_request_moves_at_most_max_moves_times_then_ends_with_a_clear_error(re
     assert "mid-stream" in error["error"]["message"]
     for server in replicas.servers.values():  # nothing left behind on either replica
         assert not server.call(server.engine.has_unfinished)
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_a_grpc_stream_moves_the_same_way(replicas, seed):
+    from replicas.service.grpc import oneiros_pb2 as pb
+    from replicas.service.grpc.service import GrpcService
+
+    knobs = {"temperature": 0.0} if seed is None else {"temperature": 1.0, "seed": seed}
+    want = replicas.alone("qwen", [4, 8, 15], SamplingParams(max_tokens=20, ignore_eos=True, **knobs))
+    request = pb.CompletionRequest(model="qwen", prompt_token_ids=[4, 8, 15],
+                                   sampling=pb.Sampling(max_tokens=20, ignore_eos=True, **knobs))
+    replicas.die_after = {"r0": [6]}
+    moves = replicas.frontend.num_moves
+
+    async def main():
+        return [chunk async for chunk in GrpcService(replicas.frontend).stream("completion", request, None)]
+
+    chunks = asyncio.run(main())
+    assert [t for c in chunks for t in c.token_ids] == want and chunks[-1].finish_reason == "length"
+    assert replicas.frontend.num_moves == moves + 1
