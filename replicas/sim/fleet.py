@@ -9,7 +9,8 @@ fleet; a new replica serves after `startup_s` (a GPU pod plus model loading), a 
 Policies:
     memory   autoscaler.policy.decide on KV pressure, queueing delay and TTFT SLO misses (ours)
     queue    Ray Serve's default: ceil(ongoing requests / target_ongoing_requests) replicas, applied
-             after Serve's default delays (30 s up, 600 s down)
+             after Serve's default delays (30 s up, 600 s down), timed as Serve times them: from the
+             first of an unbroken run of scale-up (scale-down) decisions, whatever count each asked for
 
 GPU-hours integrate the replicas provisioned (starting, serving or draining) over the run.
 """
@@ -17,7 +18,8 @@ GPU-hours integrate the replicas provisioned (starting, serving or draining) ove
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence as Seq
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from autoscaler.policy import ClusterLoad, PolicyState, ScalingConfig, decide
@@ -27,8 +29,15 @@ from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.sim.devices import DeviceProfile
 from replicas.sim.report import summarize
-from replicas.sim.run import (TOKEN_ID, RequestRecord, SimSettings, build_engine, device_pages, engine_config,
-                              request_record)
+from replicas.sim.run import (
+    TOKEN_ID,
+    RequestRecord,
+    SimSettings,
+    build_engine,
+    device_pages,
+    engine_config,
+    request_record,
+)
 
 SERVE_UPSCALE_DELAY_S, SERVE_DOWNSCALE_DELAY_S = 30.0, 600.0  # Ray Serve's autoscaling defaults
 
@@ -149,13 +158,10 @@ def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttf
     starting = len([r for r in replicas if r.ready_at_s > now])
     if fleet.policy == "queue":
         ongoing = sum(r.queue() for r in replicas)
-        desired = min(max(math.ceil(ongoing / fleet.target_ongoing_requests), fleet.scaling.min_replicas),
-                      fleet.scaling.max_replicas)
-        if desired == n:
-            return n, state, None
-        since = pending_since if pending_since and pending_since[0] == desired else (desired, now)
-        delay = SERVE_UPSCALE_DELAY_S if desired > n else SERVE_DOWNSCALE_DELAY_S
-        return (desired, state, None) if now - since[1] >= delay else (n, state, since)
+        desired, pending_since = _serve_delay(math.ceil(ongoing / fleet.target_ongoing_requests), n, now,
+                                              pending_since)
+        # Serve bounds the policy's decision afterwards (AutoscalingState.apply_bounds)
+        return min(max(desired, fleet.scaling.min_replicas), fleet.scaling.max_replicas), state, pending_since
     # stats come from the replicas that serve, as Serve's do (a starting replica reports nothing yet:
     # counting its spare pages hid a burst's pressure for the minute it takes to start)
     engines = [r.engine for r in replicas if not r.draining and r.ready_at_s <= now]
@@ -171,6 +177,28 @@ def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttf
     )
     decision = decide(load, fleet.scaling, state)
     return decision.num_replicas, decision.state, pending_since
+
+
+def _serve_delay(desired: int, target: int, now: float, pending: tuple[int, float] | None):
+    """Ray Serve's `_apply_delay_logic` (ray/serve/autoscaling_policy.py, Ray 2.60), on the default
+    policy's decision (upscaling/downscaling factor 1, so the decision is ceil(ongoing / target)).
+
+    A decision above the current target is a scale-up decision, below it a scale-down one. Serve notes
+    the time of the first of an unbroken run of decisions in one direction and, once the direction's
+    delay has passed since then, applies the count decided at that tick, whatever counts the earlier
+    decisions in the run asked for. A decision for the current target, or one the other way, ends the
+    run. Scaling down goes no lower than 1 unless the target is 1 (scale to zero, which the bounds
+    then clip). `pending` is (direction +1/-1, time of the run's first decision) or None; returns the
+    count to apply and the new `pending`.
+    """
+    if desired == target:
+        return target, None
+    direction = 1 if desired > target else -1
+    since = pending[1] if pending is not None and pending[0] == direction else now
+    delay = SERVE_UPSCALE_DELAY_S if direction > 0 else SERVE_DOWNSCALE_DELAY_S
+    if now - since + 1e-6 < delay:  # Serve's _DELAY_ELAPSED_EPS_S
+        return target, (direction, since)
+    return (desired if direction > 0 or target == 1 else max(1, desired)), None
 
 
 def _resize(replicas, target, now, fleet: FleetSettings, new_replica):
