@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from remap import RemapConfig, VictimOrder
-from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
+from replicas.engine.scheduler import PreemptionMode, SchedulerConfig, SchedulingPolicy
 from replicas.engine.sampling import SAMPLING_DEFAULTS
 from replicas.engine.tokenizer import ROLE_TEMPLATE, Tokenizer
 
@@ -163,9 +163,12 @@ class SchedulerSettings(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1, description="Tokens computed per engine step.")
     max_num_seqs: int = Field(64, ge=1, description="Running sequences per tenant.")
     preemption_mode: PreemptionMode = Field(PreemptionMode.REMAP, description="remap, swap or recompute.")
+    policy: SchedulingPolicy = Field(SchedulingPolicy.CHUNKED, description="chunked (chunked prefill, the oldest "
+                                     "request first) or vllm-v0 (vLLM v0.7.3's default: whole prefills first, no "
+                                     "decodes in a prefill step; prompt + max_tokens must fit max_num_batched_tokens).")
 
     def to_engine(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode, self.policy)
 
 
 class RemapSettings(BaseModel):

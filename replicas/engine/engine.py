@@ -40,7 +40,8 @@ from replicas.engine.metrics import TenantMetrics
 from replicas.engine.remap_driver import RemapDriver
 from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
-from replicas.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.engine.scheduler import (WATERMARK_FRACTION, PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput,
+                                       SchedulingPolicy)
 from replicas.engine.sequence import FinishReason, Sequence
 from replicas.engine.tokenizer import Tokenizer
 
@@ -240,6 +241,13 @@ class LLMEngine:
             )
         need = self.memory.kv[ModelId(model)].num_blocks_for(len(ids) + params.max_tokens)
         most = self._kv_limits[ModelId(model)]
+        sched = self.config.scheduler
+        if sched.policy is SchedulingPolicy.VLLM_V0:  # a recompute prefills it whole, past the watermark
+            if len(ids) + params.max_tokens > sched.max_num_batched_tokens:
+                raise InvalidRequest(
+                    f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the step budget "
+                    f"{sched.max_num_batched_tokens} (scheduler.max_num_batched_tokens; vllm-v0 prefills whole)")
+            most -= int(WATERMARK_FRACTION * most)
         if need > most:
             raise InvalidRequest(
                 f"prompt + max_tokens need {need} KV pages; this device can give one request of {model!r} "

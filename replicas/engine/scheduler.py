@@ -16,6 +16,19 @@ head's tenant is scheduled, the head is admitted first and grows like a running 
 arrivals of every tenant yield to it. That is the progress guarantee: the head runs on every step of
 its tenant until it finishes, and then the next oldest is the head. The scheduler handles integer
 ids only; tensors live in the executor.
+
+Two policies (`SchedulerConfig.policy`):
+
+    chunked   the above (the default): decodes and prefill chunks share each step's token budget
+    vllm-v0   vLLM v0.7.3's default scheduler (`Scheduler._schedule_default`, chunked prefill off), the
+              paper's baseline: a step either prefills whole prompts, FCFS from the waiting queue
+              until the budget, max_num_seqs or a block shortage stops it (admission keeps a 1%
+              watermark of the KV pages free), and then schedules no decodes; or decodes every
+              running sequence, preempting the most recently admitted one on a block shortage (after
+              `make_room`, as the paper's patch does) and putting preempted sequences back at the
+              head of the waiting queue; or, if that step preempted nothing, swaps sequences back in.
+              No head privilege. A prompt is prefilled in one step, so the engine refuses requests
+              longer than the budget.
 """
 
 from __future__ import annotations
@@ -38,14 +51,24 @@ class PreemptionMode(str, enum.Enum):
     RECOMPUTE = "recompute"  # drop KV, recompute prompt + output later (vLLM's default)
 
 
+class SchedulingPolicy(str, enum.Enum):
+    CHUNKED = "chunked"  # chunked prefill, the head first (ours; the default)
+    VLLM_V0 = "vllm-v0"  # vLLM v0.7.3's default: whole prefills first, no decodes in a prefill step
+
+
+WATERMARK_FRACTION = 0.01  # vllm-v0: KV pages admission leaves free (vLLM's block manager watermark)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens computed per step: prefill chunks plus decodes
     max_num_seqs: int = 64  # running sequences per tenant
     preemption_mode: PreemptionMode = PreemptionMode.REMAP
+    policy: SchedulingPolicy = SchedulingPolicy.CHUNKED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preemption_mode", PreemptionMode(self.preemption_mode))
+        object.__setattr__(self, "policy", SchedulingPolicy(self.policy))
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError(f"limits must be >= 1: {self.max_num_batched_tokens=}, {self.max_num_seqs=}")
 
@@ -82,6 +105,7 @@ class Scheduler:
         self.swapped: dict[ModelId, deque[Sequence]] = {}
         self._last_served: dict[ModelId, int] = {}
         self._step = 0
+        self._admissions = 0  # vllm-v0's running-queue order: each sequence's last admission
         self.num_preemptions = 0
         for model in kv:
             self.add_tenant(model)
@@ -117,9 +141,11 @@ class Scheduler:
         """One step of `model`'s batch. `head`, when it is this tenant's, runs first (see above);
         other sequences are admitted or swapped in only while `reserve_pages` (what the head may
         still need) stay free."""
-        kv, budget = self._kv[model], self.config.max_num_batched_tokens
         self._step += 1
         self._last_served[model] = self._step
+        if self.config.policy is SchedulingPolicy.VLLM_V0:
+            return self._schedule_v0(model)
+        kv, budget = self._kv[model], self.config.max_num_batched_tokens
         preempted_before = self.num_preemptions
         if head is not None and head.model == model and head.status is not SeqStatus.RUNNING:
             self._admit_head(head)
@@ -146,11 +172,70 @@ class Scheduler:
             if kv.num_free_pages - need < reserve_pages or kv.alloc(seq.seq_id, need) is None:
                 break
             waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running[model].append(seq)
+            self._run(seq)
             scheduled.append(self._scheduled(seq, n, kv))
             budget -= n
         return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
+
+    def _schedule_v0(self, model: ModelId) -> SchedulerOutput:
+        """One step of vLLM v0.7.3's `_schedule_default` (see the module docstring)."""
+        kv, budget, seats = self._kv[model], self.config.max_num_batched_tokens, self.config.max_num_seqs
+        running, waiting = self.running[model], self.waiting[model]
+        scheduled: list[ScheduledSeq] = []
+        if not self.swapped[model]:  # swapped sequences come back before anything new is prefilled
+            watermark = self.watermark_pages()
+            while waiting and len(running) < seats:
+                seq = waiting[0]
+                n = seq.num_uncomputed_tokens
+                need = kv.num_blocks_for(seq.num_tokens)
+                if n > budget or kv.num_free_pages - need < watermark or kv.alloc(seq.seq_id, need) is None:
+                    break
+                waiting.popleft()
+                self._run(seq)
+                scheduled.append(self._scheduled(seq, n, kv))
+                budget -= n
+            if scheduled:  # "Don't schedule decodes if prefills are scheduled."
+                return SchedulerOutput(model, tuple(scheduled), 0, 0)
+        preempted_before = self.num_preemptions
+        taken: set[SeqId] = set()
+        running.sort(key=_admitted)
+        for seq in list(running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted for an earlier-admitted one
+                continue
+            if not self._grow(seq, 1, taken, key=_admitted):
+                continue
+            scheduled.append(self._scheduled(seq, 1, kv))
+            taken.add(seq.seq_id)
+            budget -= 1
+        swapped_in = 0
+        if self.num_preemptions == preempted_before:  # a preemption means no room to bring any back
+            watermark, swapped = self.watermark_pages(), self.swapped[model]
+            while swapped and budget > 0 and len(running) < seats:
+                seq = swapped[0]
+                if kv.num_free_pages - kv.num_swapped_blocks(seq.seq_id) - 1 < watermark or kv.swap_in(seq.seq_id) is None:
+                    break
+                swapped.popleft()
+                self._run(seq)
+                n = seq.num_uncomputed_tokens
+                kv.alloc(seq.seq_id, kv.num_blocks_for(seq.num_tokens) - len(kv.table(seq.seq_id)))  # the 1 spare page
+                scheduled.append(self._scheduled(seq, n, kv))
+                budget -= n
+                swapped_in += 1
+        return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
+
+    def watermark_pages(self) -> int:
+        """vllm-v0: pages admission leaves free, 1% of the pages KV holds or could take now."""
+        kv_pages = next(iter(self._kv.values())).num_free_pages + sum(k.num_pages_used for k in self._kv.values())
+        return int(WATERMARK_FRACTION * kv_pages)
+
+    def _run(self, seq: Sequence) -> None:
+        """Make a sequence running (admitted or back from host): the latest in vllm-v0's running queue."""
+        self._admissions += 1
+        seq.admitted = self._admissions
+        seq.status = SeqStatus.RUNNING
+        self.running[seq.model].append(seq)
 
     def _admit_head(self, head: Sequence) -> None:
         """Make the head running: back from host, or out of the queue (its blocks then come from
@@ -170,22 +255,23 @@ class Scheduler:
         head.status = SeqStatus.RUNNING
         running.insert(0, head)
 
-    def _grow(self, seq: Sequence, n: int, taken: set[SeqId]) -> bool:
-        """Blocks for n more tokens of a running sequence, preempting later arrivals if needed."""
+    def _grow(self, seq: Sequence, n: int, taken: set[SeqId], key=None) -> bool:
+        """Blocks for n more tokens of a running sequence, preempting later ones (by `key`: arrival,
+        or vllm-v0's admission) if needed."""
         kv = self._kv[seq.model]
         need = kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id))
         while kv.alloc(seq.seq_id, need) is None:
             if self._make_room is not None and self._make_room(seq.model, need):
                 continue
-            victim = self._victim(taken)
+            victim = self._victim(taken, key or _order)
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    def _victim(self, taken: set[SeqId]) -> Sequence:
-        """Latest arrival among every tenant's running sequences not yet in this step's batch."""
-        return max((s for seqs in self.running.values() for s in seqs if s.seq_id not in taken), key=_order)
+    def _victim(self, taken: set[SeqId], key) -> Sequence:
+        """The latest (by `key`) of every tenant's running sequences not yet in this step's batch."""
+        return max((s for seqs in self.running.values() for s in seqs if s.seq_id not in taken), key=key)
 
     def _preempt_after(self, seq: Sequence) -> bool:
         """Preempt the latest running sequence that arrived after `seq`; False if there is none."""
@@ -209,15 +295,22 @@ class Scheduler:
         self.running[seq.model].remove(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        v0 = self.config.policy is SchedulingPolicy.VLLM_V0
         if self.config.preemption_mode is PreemptionMode.SWAP:
             kv.swap_out(seq.seq_id)
             seq.status = SeqStatus.SWAPPED
-            _requeue(self.swapped[seq.model], seq)
+            if v0:  # vLLM: swapped.extend(swapped_out)
+                self.swapped[seq.model].append(seq)
+            else:
+                _requeue(self.swapped[seq.model], seq)
         else:
             kv.free(seq.seq_id)
             seq.num_computed_tokens = 0
             seq.status = SeqStatus.WAITING
-            _requeue(self.waiting[seq.model], seq)
+            if v0:  # vLLM: waiting.extendleft(preempted), each victim admitted before the step's last one
+                self.waiting[seq.model].appendleft(seq)
+            else:
+                _requeue(self.waiting[seq.model], seq)
         logger.debug("preempted seq %d of %s (%s)", seq.seq_id, seq.model, seq.status.value)
 
     def _swap_in(self, model: ModelId, reserve_pages: int) -> int:
@@ -227,8 +320,7 @@ class Scheduler:
             if kv.num_free_pages - kv.num_swapped_blocks(seq.seq_id) < reserve_pages or kv.swap_in(seq.seq_id) is None:
                 break
             swapped.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running[model].append(seq)
+            self._run(seq)
             n += 1
         return n
 
@@ -282,6 +374,8 @@ class Scheduler:
         coming back, and first chunks of waiting ones (up to the token budget)."""
         kv, budget = self._kv[model], self.config.max_num_batched_tokens
         need = sum(kv.num_swapped_blocks(s.seq_id) for s in self.swapped[model])
+        if self.config.policy is SchedulingPolicy.VLLM_V0:
+            return need + self._v0_pages_needed(model, budget)
         for seq in self.running[model]:
             n = min(seq.num_uncomputed_tokens, budget)
             need += max(0, kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id)))
@@ -294,9 +388,28 @@ class Scheduler:
             budget -= n
         return need
 
+    def _v0_pages_needed(self, model: ModelId, budget: int) -> int:
+        """vllm-v0: a page for each running sequence's next token that starts a block, and the whole
+        prompts of the waiting ones its next prefill step would admit, plus the watermark."""
+        kv = self._kv[model]
+        need = sum(kv.num_blocks_for(s.num_tokens) - len(kv.table(s.seq_id)) for s in self.running[model])
+        if self.swapped[model]:
+            return need
+        prompts = 0
+        for seq in list(self.waiting[model])[: max(0, self.config.max_num_seqs - len(self.running[model]))]:
+            if seq.num_uncomputed_tokens > budget:
+                break
+            prompts += kv.num_blocks_for(seq.num_tokens)
+            budget -= seq.num_uncomputed_tokens
+        return need + (prompts + self.watermark_pages() if prompts else 0)
+
 
 def _order(seq: Sequence) -> tuple[float, SeqId]:
     return seq.order
+
+
+def _admitted(seq: Sequence) -> int:
+    return seq.admitted
 
 
 def _requeue(queue: deque[Sequence], seq: Sequence) -> None:

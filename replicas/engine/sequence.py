@@ -52,6 +52,7 @@ class Sequence:
     first_token_s: float | None = None  # engine clock of the first output token
     token_times_s: list[float] = field(default_factory=list)  # engine clock of every output token
     num_preemptions: int = 0
+    admitted: int = 0  # the scheduler's count at its latest admission (vllm-v0 preempts the latest)
     error: str | None = None  # why it failed, with finish_reason ERROR
 
     @property

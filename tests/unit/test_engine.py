@@ -269,6 +269,31 @@ def test_under_kv_exhaustion_remap_admits_more_sequences_than_swap_and_recompute
     assert all(len(out) == 24 for out in results["remap"][1])
 
 
+@pytest.mark.parametrize("mode", ["remap", "swap", "recompute"])
+def test_under_vllm_v0_scheduling_greedy_output_equals_hugging_face_through_preemption_and_remap(mode, reference):
+    """vLLM v0's policy (whole prefills, no decodes in a prefill step, the last admitted preempted) on
+    a pool where KV runs out: every output is Hugging Face's, as under `chunked`."""
+    prompts = [[(7 * i + j) % 120 + 3 for j in range(20 + i)] for i in range(6)]
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    engine = make_engine(num_pages=3 * param_pages(LLAMA) + 6, mode=mode, policy="vllm-v0",
+                         max_num_batched_tokens=64)
+    states = {name: add_tenant(engine, name, LLAMA, seed) for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5))}
+    engine.generate("idle1", [PROMPTS[0]], SamplingParams(max_tokens=2))  # tenants with a past: remap lends them
+    engine.generate("idle2", [PROMPTS[0]], SamplingParams(max_tokens=2))
+    ids = [engine.add_request("hot", p, params) for p in prompts]
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        engine.memory.check_integrity()
+    assert not engine.has_unfinished()
+    assert engine.num_preemptions > 0 or engine.memory.num_reclaims > 0  # KV ran short
+    for prompt, i in zip(prompts, ids):
+        assert engine.sequence(i).output_token_ids == reference(LLAMA, states["hot"], 3, prompt)
+    with pytest.raises(InvalidRequest, match="step budget 64"):  # prefilled whole: longer ones cannot run
+        engine.add_request("hot", [5] * 60, params)
+
+
 def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_them(reference):
     engine = make_engine(num_pages=3 * param_pages(LLAMA) + 15, mode="remap")
     states = {name: add_tenant(engine, name, LLAMA, seed) for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5))}
