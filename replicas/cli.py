@@ -131,14 +131,20 @@ def _add_bench_parser(sub) -> None:
 
 def _add_sim_parser(sub) -> None:
     p = sub.add_parser("sim", help="replay the paper's experiments on the simulator (virtual clock, no GPU)")
-    p.add_argument("--preset", required=True, help="c1, c2, c1-rate, c1-input, c2-rate, c2-input, tiny")
+    p.add_argument("--preset", help="c1, c2, c1-rate, c1-input, c2-rate, c2-input, tiny")
+    p.add_argument("--paper-table", action="store_true",
+                   help="the paper's experiments against its baseline (vLLM v0.7.3, one engine per model), each "
+                        "cell beside the paper's number (replicas/sim/paper.py)")
     p.add_argument("--device", default="gh200", help="gh200 | h100-pcie")
     p.add_argument("--trace", help="AzureLLMInferenceTrace_code.csv (default: ../shared/traces/azure-llm-2023)")
     p.add_argument("--duration", type=float, help="seconds of arrivals to replay (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,oracle")
-    p.add_argument("--max-batched-tokens", type=int, default=2048,
-                   help="tokens per engine step, prefill chunks plus decodes (vLLM's chunked-prefill default)")
+    p.add_argument("--scheduler", default="chunked", choices=("chunked", "vllm-v0"),
+                   help="chunked (ours) or vllm-v0 (vLLM v0.7.3's default, the paper's baseline)")
+    p.add_argument("--max-batched-tokens", type=int,
+                   help="tokens per engine step (default: 2048 chunked, max(max_model_len, 2048) vllm-v0)")
+    p.add_argument("--workers", type=int, help="--paper-table: processes (default: every core)")
     p.add_argument("--json", help="write the per-policy table here")
     p.add_argument("--plots", help="write a PNG of each metric across the sweep points into this folder (matplotlib)")
 

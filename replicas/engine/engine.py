@@ -243,10 +243,10 @@ class LLMEngine:
         most = self._kv_limits[ModelId(model)]
         sched = self.config.scheduler
         if sched.policy is SchedulingPolicy.VLLM_V0:  # a recompute prefills it whole, past the watermark
-            if len(ids) + params.max_tokens > sched.max_num_batched_tokens:
+            if len(ids) + params.max_tokens > sched.budget(model):
                 raise InvalidRequest(
                     f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the step budget "
-                    f"{sched.max_num_batched_tokens} (scheduler.max_num_batched_tokens; vllm-v0 prefills whole)")
+                    f"{sched.budget(model)} (scheduler.max_num_batched_tokens; vllm-v0 prefills whole)")
             most -= int(WATERMARK_FRACTION * most)
         if need > most:
             raise InvalidRequest(

@@ -37,7 +37,7 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from remap import KVBlocks, ModelId, SeqId
 from replicas.engine.sequence import FinishReason, Sequence, SeqStatus
@@ -65,12 +65,18 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences per tenant
     preemption_mode: PreemptionMode = PreemptionMode.REMAP
     policy: SchedulingPolicy = SchedulingPolicy.CHUNKED
+    model_budgets: Mapping[str, int] = field(default_factory=dict)  # per-tenant token budgets (the simulator's
+    # one-engine-per-model vLLM: max(max_model_len, 2048) each); others get max_num_batched_tokens
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preemption_mode", PreemptionMode(self.preemption_mode))
         object.__setattr__(self, "policy", SchedulingPolicy(self.policy))
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError(f"limits must be >= 1: {self.max_num_batched_tokens=}, {self.max_num_seqs=}")
+
+    def budget(self, model: str) -> int:
+        """Tokens one step of `model` may compute."""
+        return self.model_budgets.get(model, self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,8 @@ class Scheduler:
         self._step += 1
         self._last_served[model] = self._step
         if self.config.policy is SchedulingPolicy.VLLM_V0:
-            return self._schedule_v0(model)
-        kv, budget = self._kv[model], self.config.max_num_batched_tokens
+            return self._schedule_v0(model, head, reserve_pages)
+        kv, budget = self._kv[model], self.config.budget(model)
         preempted_before = self.num_preemptions
         if head is not None and head.model == model and head.status is not SeqStatus.RUNNING:
             self._admit_head(head)
@@ -177,18 +183,26 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
 
-    def _schedule_v0(self, model: ModelId) -> SchedulerOutput:
-        """One step of vLLM v0.7.3's `_schedule_default` (see the module docstring)."""
-        kv, budget, seats = self._kv[model], self.config.max_num_batched_tokens, self.config.max_num_seqs
+    def _schedule_v0(self, model: ModelId, head: Sequence | None, reserve_pages: int) -> SchedulerOutput:
+        """One step of vLLM v0.7.3's `_schedule_default` (see the module docstring). With the remap
+        hook, the engine's progress guarantee holds on top: a waiting head goes first in its queue and
+        other admissions leave the head's `reserve_pages` free."""
+        kv, budget, seats = self._kv[model], self.config.budget(model), self.config.max_num_seqs
         running, waiting = self.running[model], self.waiting[model]
         scheduled: list[ScheduledSeq] = []
+        if self._make_room is None:
+            head, reserve_pages = None, 0
+        if head is not None and head.model == model and head.status is SeqStatus.WAITING and waiting[0] is not head:
+            waiting.remove(head)
+            waiting.appendleft(head)
         if not self.swapped[model]:  # swapped sequences come back before anything new is prefilled
             watermark = self.watermark_pages()
             while waiting and len(running) < seats:
                 seq = waiting[0]
                 n = seq.num_uncomputed_tokens
                 need = kv.num_blocks_for(seq.num_tokens)
-                if n > budget or kv.num_free_pages - need < watermark or kv.alloc(seq.seq_id, need) is None:
+                keep = 0 if seq is head else max(watermark, reserve_pages)  # the head: what it was promised
+                if n > budget or kv.num_free_pages - need < keep or kv.alloc(seq.seq_id, need) is None:
                     break
                 waiting.popleft()
                 self._run(seq)
@@ -372,7 +386,7 @@ class Scheduler:
     def kv_pages_needed(self, model: ModelId) -> int:
         """Extra pages the tenant needs for its next step: growth of running sequences, swapped ones
         coming back, and first chunks of waiting ones (up to the token budget)."""
-        kv, budget = self._kv[model], self.config.max_num_batched_tokens
+        kv, budget = self._kv[model], self.config.budget(model)
         need = sum(kv.num_swapped_blocks(s.seq_id) for s in self.swapped[model])
         if self.config.policy is SchedulingPolicy.VLLM_V0:
             return need + self._v0_pages_needed(model, budget)

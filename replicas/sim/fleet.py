@@ -87,7 +87,7 @@ def simulate_fleet(workload: Seq[Request], models: Mapping[str, ModelConfig], de
     pages = device_pages(device, settings)
 
     def new_replica(now: float, ready: float) -> _Replica:
-        engine, sim = build_engine(device, models, engine_config("ours", settings), pages, settings)
+        engine, sim = build_engine(device, models, engine_config("ours", settings, models=models), pages, settings)
         sim.clock.advance_to(now)
         return _Replica(engine, sim.clock, ready, now)
 

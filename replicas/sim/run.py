@@ -16,6 +16,13 @@ Policies (all the same engine and scheduler; only memory handling differs):
     static     how vLLM is deployed today: one engine per model, each with its own parameters plus 1/N of
                the device's KV pages (recompute mode), time-slicing the device: engines take turns one
                step at a time on one clock. The paper's "vLLM" baseline.
+    static-prop  the same with each engine's KV share proportional to its model's token demand (prompt +
+               output tokens of the workload), the split an operator who knows the load would choose
+
+Every policy runs under either scheduler (`SimSettings.scheduler`): `chunked` (ours, the default:
+2048-token steps of decodes and prefill chunks, 64 sequences per tenant) or `vllm-v0` (vLLM v0.7.3 as
+the paper ran it: whole prefills first, no decodes in a prefill step, a budget of max(max_model_len,
+2048) tokens per model, 256 sequences).
     oracle     recompute mode with a pool big enough that KV never runs out (an upper bound)
 
 Invariant: the virtual clock only moves forward, and only by modeled step time or idle jumps to
@@ -52,7 +59,8 @@ class Policy(str, enum.Enum):
     SWAP = "swap"  # one shared pool, preempt by swapping KV to host
     ONEIROS = "oneiros"  # parameter remapping as the paper configures it
     OURS = "ours"  # parameter remapping with this project's defaults and a victim order per workload
-    STATIC = "static"  # one device slice per model, sized by its share of requests
+    STATIC = "static"  # one engine per model, equal KV shares
+    STATIC_PROP = "static-prop"  # one engine per model, KV shares proportional to each model's token demand
     ORACLE = "oracle"  # a pool as large as the whole workload needs: no memory pressure
 
 
@@ -60,7 +68,7 @@ POLICIES = tuple(p.value for p in Policy)
 # policy -> the engine's preemption mode and remap settings (None: the defaults); the one mapping
 _ENGINE = {
     Policy.RECOMPUTE: ("recompute", None), Policy.SWAP: ("swap", None), Policy.STATIC: ("recompute", None),
-    Policy.ORACLE: ("recompute", None), Policy.OURS: ("remap", None),
+    Policy.STATIC_PROP: ("recompute", None), Policy.ORACLE: ("recompute", None), Policy.OURS: ("remap", None),
     # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
     Policy.ONEIROS: ("remap", RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75,
                                           max_staging_slots=None, budget_on_decode=False)),
@@ -69,12 +77,18 @@ PILOT_FRACTION = 0.1  # share of arrivals `ours` may look at to choose its victi
 TOKEN_ID = 7  # every prompt token; the SimExecutor samples token 0 (neither is an eos of the paper's models)
 
 
+SCHEDULERS = ("chunked", "vllm-v0")
+V0_MIN_BUDGET, V0_MAX_NUM_SEQS = 2048, 256  # vLLM v0.7.3, chunked prefill off: max(max_model_len, 2048) tokens
+
+
 @dataclass(frozen=True)
 class SimSettings:
-    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
-    max_num_seqs: int = 64  # running sequences per tenant
+    scheduler: str = "chunked"  # the engine's scheduling policy: chunked | vllm-v0
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 2048 (chunked), max(context, 2048) (vllm-v0)
+    max_num_seqs: int | None = None  # running sequences per tenant; None: 64 (chunked), 256 (vllm-v0)
     page_size_bytes: int = 2 << 20  # the CUDA VMM granularity
-    reserved_fraction: float = 0.1  # device memory kept for activations and the runtime
+    reserved_fraction: float = 0.1  # device memory kept for activations and the runtime: 1 - vLLM's
+    # gpu_memory_utilization (0.9, its default)
     num_pages: int | None = None  # pool size override (tests); None = from the device's memory
     max_steps: int = 50_000_000  # a runaway guard, per engine
 
@@ -163,16 +177,25 @@ def request_record(r: Request, seq) -> RequestRecord:
 
 
 # ---- engines per policy -------------------------------------------------------------------------
-def engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder = VictimOrder.MRU):
-    """The engine settings of a policy (ValueError for an unknown one); `victim_order` is ours."""
+def engine_config(policy: str, settings: SimSettings, victim_order: VictimOrder = VictimOrder.MRU,
+                  models: Mapping[str, ModelConfig] | None = None):
+    """The engine settings of a policy (ValueError for an unknown one); `victim_order` is ours; `models`
+    give vllm-v0 its per-model budgets."""
     from replicas.engine.engine import EngineConfig
-    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.engine.scheduler import SchedulerConfig, SchedulingPolicy
 
     policy = Policy(policy)
     mode, remap = _ENGINE[policy]
     remap = RemapConfig(victim_order=victim_order) if policy is Policy.OURS else remap or RemapConfig()
-    sched = SchedulerConfig(max_num_batched_tokens=settings.max_num_batched_tokens,
-                            max_num_seqs=settings.max_num_seqs, preemption_mode=mode)
+    v0 = SchedulingPolicy(settings.scheduler) is SchedulingPolicy.VLLM_V0
+    budgets = {}
+    if v0 and settings.max_num_batched_tokens is None:
+        budgets = {name: max(c.max_position_embeddings, V0_MIN_BUDGET) for name, c in (models or {}).items()}
+    sched = SchedulerConfig(
+        max_num_batched_tokens=settings.max_num_batched_tokens or (max(budgets.values(), default=V0_MIN_BUDGET)
+                                                                   if v0 else 2048),
+        max_num_seqs=settings.max_num_seqs or (V0_MAX_NUM_SEQS if v0 else 64),
+        preemption_mode=mode, policy=settings.scheduler, model_budgets=budgets)
     return EngineConfig(scheduler=sched, remap=remap)
 
 
@@ -180,7 +203,8 @@ def _probe(models: Mapping[str, ModelConfig], device: DeviceProfile, settings: S
     """An engine with room for everything, to read exact page counts (parameters, KV blocks) off the
     real ParamStore and KV managers instead of re-deriving their rounding here."""
     big = sum(c.num_layers * (-(-layer_param_bytes(c) // settings.page_size_bytes) + 8) for c in models.values())
-    engine, _ = build_engine(device, models, engine_config("recompute", settings), 4 * big + 4096, settings)
+    engine, _ = build_engine(device, models, engine_config("recompute", settings, models=models), 4 * big + 4096,
+                             settings)
     return engine
 
 
@@ -209,29 +233,48 @@ def build_engine(device: DeviceProfile, models: Mapping[str, ModelConfig], engin
 
 
 def _shared_run(policy, workload, models, model_of, device, settings, num_pages, victim_order=VictimOrder.MRU):
-    engine, sim = build_engine(device, models, engine_config(policy, settings, victim_order), num_pages, settings)
+    engine, sim = build_engine(device, models, engine_config(policy, settings, victim_order, models), num_pages,
+                               settings)
     records = _replay(dict.fromkeys(models, engine), sim.clock, workload, model_of, settings.max_steps)
     return records, sim.stats.num_steps, engine.num_preemptions
 
 
-def _static_run(workload, models, model_of, device, settings):
-    """How vLLM is deployed today: one engine per model, each with its own parameters plus an equal
-    1/N share of the KV pages (recompute mode), all time-slicing one device on one clock."""
+def static_split(workload, models, model_of, device, settings, proportional: bool) -> tuple[dict[str, int], str]:
+    """Each engine's KV pages as vLLM would get them on one device: the device's memory times
+    gpu_memory_utilization (1 - reserved_fraction), less every model's parameters, split equally or in
+    proportion to each model's token demand (prompt + output tokens). Also the sentence that says so."""
     total = device_pages(device, settings)
     params = param_pages(models, device, settings)
-    kv_share = (total - sum(params.values())) // len(models)
-    if kv_share <= 0:
+    kv_total = total - sum(params.values())
+    if kv_total < len(models):
         raise ValueError(f"{device.name}: the models' parameters ({sum(params.values())} pages) fill the pool "
                          f"({total} pages)")
+    demand = dict.fromkeys(models, 0)
+    for r in workload:
+        demand[model_of[r.tenant]] += r.prompt_len + r.output_len
+    weights = demand if proportional and sum(demand.values()) else dict.fromkeys(models, 1)
+    shares = {m: max(1, kv_total * w // sum(weights.values())) for m, w in weights.items()}
+    gb = settings.page_size_bytes / 1e9
+    said = (f"{device.memory_bytes / 1e9:.0f} GB x gpu_memory_utilization {1 - settings.reserved_fraction:g} = "
+            f"{total * gb:.1f} GB; parameters " + ", ".join(f"{m} {params[m] * gb:.1f}" for m in models)
+            + f" GB; KV {kv_total * gb:.1f} GB split {'by token demand' if proportional else 'equally'}: "
+            + ", ".join(f"{m} {shares[m] * gb:.1f} GB" for m in models))
+    return {m: params[m] + shares[m] for m in models}, said
+
+
+def _static_run(workload, models, model_of, device, settings, proportional: bool = False):
+    """How vLLM is deployed today: one engine per model, each with its own parameters plus a fixed share
+    of the KV pages (recompute mode), all time-slicing one device on one clock."""
+    pages, said = static_split(workload, models, model_of, device, settings, proportional)
     clock, engines, sims = VirtualClock(), {}, []
     for name, config in models.items():
-        engine, sim = build_engine(device, {name: config}, engine_config("static", settings), params[name] + kv_share,
-                             settings, clock)
+        engine, sim = build_engine(device, {name: config}, engine_config("static", settings, models={name: config}),
+                                   pages[name], settings, clock)
         engines[name] = engine
         sims.append(sim)
     records = _replay(engines, clock, workload, model_of, settings.max_steps)
     return (records, sum(s.stats.num_steps for s in sims),
-            sum(e.num_preemptions for e in engines.values()))
+            sum(e.num_preemptions for e in engines.values()), said)
 
 
 def _oracle_pages(workload, models, model_of, device, settings) -> int:
@@ -286,8 +329,12 @@ def simulate(workload: Seq[Request], models: Mapping[str, ModelConfig], device: 
     workload = sorted(workload, key=lambda r: r.arrival_s)
     notes: dict[str, str] = {}
     start = time.perf_counter()
-    if policy == "static":
-        records, steps, preempted = _static_run(workload, models, model_of, device, settings)
+    if settings.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler {settings.scheduler!r}: expected one of {SCHEDULERS}")
+    notes["scheduler"] = settings.scheduler
+    if policy in ("static", "static-prop"):
+        records, steps, preempted, notes["memory"] = _static_run(workload, models, model_of, device, settings,
+                                                                 proportional=policy == "static-prop")
     elif policy == "oracle":
         pages = max(device_pages(device, settings), _oracle_pages(workload, models, model_of, device, settings))
         notes["num_pages"] = str(pages)

@@ -111,7 +111,69 @@ def test_policies_are_one_enum_and_an_unknown_one_is_an_error_not_a_silent_defau
     modes = {p.value: engine_config(p.value, settings).scheduler.preemption_mode for p in Policy}
     assert modes == {"recompute": PreemptionMode.RECOMPUTE, "swap": PreemptionMode.SWAP,
                      "oneiros": PreemptionMode.REMAP, "ours": PreemptionMode.REMAP,
-                     "static": PreemptionMode.RECOMPUTE, "oracle": PreemptionMode.RECOMPUTE}
+                     "static": PreemptionMode.RECOMPUTE, "static-prop": PreemptionMode.RECOMPUTE,
+                     "oracle": PreemptionMode.RECOMPUTE}
     assert engine_config("oneiros", settings).remap.max_remapped_fraction == 0.75
     with pytest.raises(ValueError, match="'remap' is not a valid Policy"):
         engine_config("remap", settings)
+
+
+def test_vllm_v0_runs_each_model_with_its_own_budget_and_256_sequences():
+    from replicas.sim.run import engine_config
+
+    models = get_preset("c1").models()
+    sched = engine_config("static", SimSettings(scheduler="vllm-v0"), models=models).scheduler
+    assert sched.policy.value == "vllm-v0" and sched.max_num_seqs == 256
+    assert {m: sched.budget(m) for m in models} == {"opt-13b": 2048, "llama-2-13b": 4096, "llama-3-8b": 8192}
+    chunked = engine_config("static", SimSettings(), models=models).scheduler
+    assert chunked.budget("llama-3-8b") == 2048 and chunked.max_num_seqs == 64
+
+
+def test_static_splits_the_kv_left_at_gpu_memory_utilization_equally_or_by_token_demand():
+    from replicas.sim.run import param_pages, static_split
+
+    requests, models = _tiny()
+    settings = SimSettings(page_size_bytes=256 << 10, num_pages=400)
+    model_of = {"t0": "small-a", "t1": "small-b"}
+    params = param_pages(models, GH200, settings)
+    equal, said = static_split(requests, models, model_of, GH200, settings, proportional=False)
+    prop, said_prop = static_split(requests, models, model_of, GH200, settings, proportional=True)
+    kv = {m: equal[m] - params[m] for m in models}
+    assert kv["small-a"] == kv["small-b"] and sum(kv.values()) <= 400 - sum(params.values())
+    demand = {m: sum(r.prompt_len + r.output_len for r in requests if model_of[r.tenant] == m) for m in models}
+    kv_prop = {m: prop[m] - params[m] for m in models}
+    assert (kv_prop["small-a"] > kv_prop["small-b"]) == (demand["small-a"] > demand["small-b"])
+    assert "split equally" in said and "by token demand" in said_prop and "gpu_memory_utilization 0.9" in said
+
+
+@pytest.mark.parametrize("scheduler", ["chunked", "vllm-v0"])
+def test_every_policy_finishes_under_either_scheduler_and_reports_every_tbt_definition(scheduler):
+    requests, models = _tiny(1.0)
+    settings = SimSettings(scheduler=scheduler, num_pages=400, page_size_bytes=256 << 10, max_num_seqs=32)
+    for policy in ("static", "oneiros", "ours"):
+        res = simulate(requests, models, GH200, policy, settings)
+        assert [r.num_tokens for r in res.records] == [q.output_len for q in requests], policy
+        s = res.summary
+        assert s["p99_tpot_s"] <= s["p99_max_tbt_s"] and s["p50_tbt_s"] <= s["p99_tbt_s"] <= s["p99_max_tbt_s"]
+        assert res.notes["scheduler"] == scheduler
+
+
+def test_paper_table_has_every_cell_and_metric_and_checks_signs(tmp_path):
+    from replicas.sim.paper import METRICS, format_paper_table, paper_table, reproduces
+
+    table = paper_table(GH200, 0.5, 0, None, workers=1, cells={"c1": "tiny"},
+                        settings=SimSettings(num_pages=400, page_size_bytes=256 << 10, max_num_seqs=32))
+    assert set(table["cells"]) == {"c1", "pie"} and table["tbt_definition"] == "p99_itl"
+    for cell in table["cells"].values():
+        assert set(cell) == set(METRICS)
+        for entry in cell.values():
+            assert {"paper_pct", "oneiros_pct", "ours_pct"} <= set(entry)
+    assert table["cells"]["c1"]["p99_tbt"]["paper_pct"] == -54.4
+    assert "c1" in format_paper_table(table)
+    assert reproduces("c1", "p99_tbt", -30.0) and not reproduces("c1", "p99_tbt", -20.0)
+    assert not reproduces("c2", "throughput", -5.0) and reproduces("c2", "throughput", 3.4)  # half of +6.6%
+
+
+def test_cli_without_a_preset_or_the_paper_table_is_a_clear_error(capsys):
+    assert main(["sim"]) == 2
+    assert "--preset" in capsys.readouterr().err
