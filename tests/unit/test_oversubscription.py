@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from remap import DeviceMemory, make_backend
+from remap import DeviceMemory, RemapError, make_backend
 from replicas.engine.capacity import LoadRefused
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
@@ -117,6 +117,21 @@ SECOND_BURST_ON_A_SLOW_LINK = dict(
     mode="remap", backend="arena", extra_pages=0, budget=64, max_seqs=64, link=1e3)
 
 
+def check_finishes_within_the_bound(w, num_pages: int, budget: int, policy: str = "chunked") -> None:
+    """Every request finishes on a pool of `num_pages`, with an ample pool's outputs, within the bound."""
+    args = (w["mode"], w["backend"], budget, w["max_seqs"], w["link"], policy)
+    ample = make_engine(w["tenants"], AMPLE_PAGES, *args)
+    want, _ = run(ample, w["requests"], check=False)
+    ample.close()
+    engine = make_engine(w["tenants"], num_pages, *args)
+    got, steps = run(engine, w["requests"], check=True)
+    bound = max(r[3] for r in w["requests"]) + len(w["tenants"]) * sum(
+        math.ceil((len(p) + n) / budget) + n for _, p, n, _ in w["requests"])
+    assert got == want
+    assert steps <= bound, f"{steps} steps > bound {bound}"
+    engine.close()
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 @example(SECOND_BURST_ON_A_SLOW_LINK)
@@ -138,24 +153,22 @@ def test_every_admitted_request_finishes_within_the_bound_with_exact_output(w):
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_under_vllm_v0_every_admitted_request_finishes_within_the_bound_with_exact_output(w):
-    """The same property under vLLM v0's scheduling (no head privilege): its budget holds the longest
-    request (a recompute prefills whole) and its pool its 1% watermark on top. Progress holds because
-    the first-admitted running sequence of all is never a victim and, alone, fits; the bound is the
-    one above, checked rather than proved."""
-    budget = max(len(p) + n for _, p, n, _ in w["requests"])
+    """The same property under vLLM v0's scheduling: its budget holds the longest request (a recompute
+    prefills whole) and its pool its 1% watermark on top. In remap mode the head keeps its privileges
+    (first in its queue, its reservation, urgent plans); otherwise progress comes from the first
+    admitted sequence of each tenant never being its victim. The bound is checked, not proved."""
     num_pages = smallest_pool(w) + w["extra_pages"]
     num_pages += int(WATERMARK_FRACTION * num_pages) + 1
-    args = (w["mode"], w["backend"], budget, w["max_seqs"], w["link"], "vllm-v0")
-    ample = make_engine(w["tenants"], AMPLE_PAGES, *args)
-    want, _ = run(ample, w["requests"], check=False)
-    ample.close()
-    engine = make_engine(w["tenants"], num_pages, *args)
-    got, steps = run(engine, w["requests"], check=True)
-    bound = max(r[3] for r in w["requests"]) + len(w["tenants"]) * sum(
-        math.ceil((len(p) + n) / budget) + n for _, p, n, _ in w["requests"])
-    assert got == want
-    assert steps <= bound, f"{steps} steps > bound {bound}"
-    engine.close()
+    check_finishes_within_the_bound(w, num_pages, max(len(p) + n for _, p, n, _ in w["requests"]), "vllm-v0")
+
+
+@pytest.mark.xfail(strict=True, raises=RemapError, reason="found by hypothesis while shrinking, 2026-12-06, also on "
+                   "76a5c9a: Capacity.kv_pages_for says 65 pages hold both tenants (t1 loading onto lent layers); "
+                   "registering t1 needs 68")
+def test_the_smallest_pool_capacity_promises_loads_every_tenant():
+    w = {"tenants": [("qwen2_tied", 2, 128), ("llama3_rope", 4, 256)], "requests": [(0, [3], 1, 150)] * 4,
+         "mode": "remap", "backend": "arena", "extra_pages": 0, "budget": 8, "max_seqs": 1, "link": 10e9}
+    make_engine(w["tenants"], smallest_pool(w), "remap", "arena", 8, 1).close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
