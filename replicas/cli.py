@@ -139,7 +139,7 @@ def _add_sim_parser(sub) -> None:
     p.add_argument("--trace", help="AzureLLMInferenceTrace_code.csv (default: ../shared/traces/azure-llm-2023)")
     p.add_argument("--duration", type=float, help="seconds of arrivals to replay (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,oracle")
+    p.add_argument("--policies", help="comma-separated subset of recompute,swap,oneiros,ours,static,static-prop,oracle")
     p.add_argument("--scheduler", default="chunked", choices=("chunked", "vllm-v0"),
                    help="chunked (ours) or vllm-v0 (vLLM v0.7.3's default, the paper's baseline)")
     p.add_argument("--max-batched-tokens", type=int,

@@ -7,9 +7,10 @@ sequences are admitted FIFO while the token budget, the running-sequence limit a
 
 When a running sequence needs a block and the pool is empty, `make_room` (the engine's remap hook,
 mode `remap`) may lend parameter pages; otherwise, or if that fails, the most recently arrived
-running sequence of any tenant is preempted: its KV goes to host (`swap`) or is dropped and
-recomputed later (`recompute`). Memory is first come, first served: a sequence never loses its
-pages to a later arrival, and queues stay in arrival order.
+running sequence of its own tenant is preempted (of any tenant, for the head below): its KV goes to
+host (`swap`) or is dropped and recomputed later (`recompute`). Within a tenant memory is first come,
+first served: a sequence never loses its pages to a later arrival, and queues stay in arrival order.
+(Taking other tenants' pages for every growth made tenants take turns preempting each other.)
 
 Admission never preempts, except for the engine's `head` (its oldest unfinished request): when the
 head's tenant is scheduled, the head is admitted first and grows like a running sequence, so later
@@ -27,8 +28,9 @@ Two policies (`SchedulerConfig.policy`):
               running sequence, preempting the most recently admitted one on a block shortage (after
               `make_room`, as the paper's patch does) and putting preempted sequences back at the
               head of the waiting queue; or, if that step preempted nothing, swaps sequences back in.
-              No head privilege. A prompt is prefilled in one step, so the engine refuses requests
-              longer than the budget.
+              With the remap hook the head keeps its privileges on top (first in its queue, its
+              reservation kept free). A prompt is prefilled in one step, so the engine refuses
+              requests longer than the budget.
 """
 
 from __future__ import annotations
