@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from remap import BASE_SLAB, ArenaBackend, DeviceMemory, ModelId, SeqId
 from replicas.engine.models import (
@@ -159,6 +161,65 @@ def test_a_step_mixing_prefill_chunk_and_decodes_matches_each_sequence_alone(set
         alone = step(setup, kv, tokens[cached:], cached, table)  # rewrites the same slots
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(mixed[i], hf_logits(setup, tokens)[-1], atol=1e-4, rtol=0)
+
+
+def mixed_step(s: Setup, shapes: list[tuple[int, int]], seed: int = 5):
+    """One forward over sequences of (cached, new) tokens, their cached parts written first; returns the
+    step's logits, and each sequence's logits alone (the same step for that sequence only)."""
+    seqs = [make_prompt(c + n, seed=10 + i) for i, (c, n) in enumerate(shapes)]
+    kv = make_kv(s.config)
+    pages = random_pages(sum(-(-len(t) // BLOCK) for t in seqs), seed=seed)
+    tables, used = [], 0
+    for t in seqs:
+        tables.append(pages[used : used + -(-len(t) // BLOCK)])
+        used += len(tables[-1])
+    for (cached, _), tokens, table in zip(shapes, seqs, tables):
+        if cached:
+            step(s, kv, tokens[:cached], 0, table)
+    batch = AttentionBatch([n for _, n in shapes], [c for c, _ in shapes], tables)
+    new_ids = torch.tensor([tok for (c, _), t in zip(shapes, seqs) for tok in t[c:]])
+    with CountAttentionCalls() as calls:
+        mixed = s.model.forward(new_ids, batch, kv, s.weights(), s.base)
+    alone = [step(s, kv, tokens[c:], c, table) for (c, _), tokens, table in zip(shapes, seqs, tables)]
+    return mixed, alone, calls.count // s.config.num_layers
+
+
+class CountAttentionCalls(TorchFunctionMode):
+    """Counts SDPA calls made inside the `with` block."""
+
+    count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window", "opt"], indirect=True)
+def test_prefills_of_similar_size_share_one_attention_call_and_decodes_another(setup):
+    mixed, alone, calls_per_layer = mixed_step(setup, [(0, 6), (2, 5), (0, 7), (4, 1), (9, 1), (1, 1)])
+    assert calls_per_layer == 2
+    for i, logits in enumerate(alone):
+        torch.testing.assert_close(mixed[i], logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window"], indirect=True)
+def test_a_short_prefill_beside_a_long_one_gets_its_own_call_rather_than_padding(setup):
+    # 3 x 30 x 30 padded against 30 x 30 + 2 x (2 x 2) real is more than twice the work: the long
+    # prompt takes one short one along (2 x 30 x 30 <= 2 x 904), the other short one gets its own call
+    mixed, alone, calls_per_layer = mixed_step(setup, [(0, 30), (0, 2), (0, 2), (20, 1)])
+    assert calls_per_layer == 3
+    for i, logits in enumerate(alone):
+        torch.testing.assert_close(mixed[i], logits, atol=1e-5, rtol=0)
+
+
+def test_attention_backends_other_than_torch_are_refused_where_they_cannot_run():
+    s = make_setup("llama_gqa")
+    batch = AttentionBatch((5,), (0,), (random_pages(2, seed=1),))
+    ids = torch.tensor(make_prompt(5, seed=1))
+    for backend, why in (("flashinfer", "needs a CUDA device"), ("xformers", "unknown attention backend")):
+        with pytest.raises(ValueError, match=why):
+            CausalLM(s.config, attention_backend=backend).forward(ids, batch, make_kv(s.config), s.weights(), s.base)
 
 
 # ---- (e) the checks above prove something -----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Paged attention over the memory engine's KV layout, with plain torch ops (no custom kernels).
+"""Paged attention over the memory engine's KV layout: torch SDPA (CPU and GPU) behind a backend seam.
 
 A model's KV cache is one tensor over every page of the pool (see remap/kv.py):
 
@@ -9,29 +9,58 @@ t % block_size. One step runs several sequences whose new tokens are concatenate
 batch of rows (vLLM v1 style):
 
     rows:   | seq 0: 7 new (prefill) | seq 1: 1 new | seq 2: 3 new (chunk, 12 cached) | seq 3: 1 new |
-    paths:    prefill, one SDPA        decode: one batched SDPA over seqs 1 and 3
-                                       prefill, one SDPA
+    calls:    prefill group: seqs 0 and 2 padded   decode group: seqs 1 and 3, one SDPA call
+              to 7 queries x 15 keys, one SDPA call
 
 Each layer first writes the step's new K/V into their slots, then reads every sequence's context
-back from the pages, so chunked prefill (cached > 0) and decode need no special cases. Decode
-sequences are gathered together, padded to the longest block table and masked; prefill sequences
-run one at a time. Slots past a sequence's length hold whatever the page held before (pages are
-never zeroed), so padded keys and values are zeroed before use: garbage, even NaN, cannot leak in.
+back from the pages, so chunked prefill (cached > 0) and decode need no special cases. A group's
+sequences are gathered token by token, padded to its longest query count and longest context, and
+masked; the plan (indices, masks) is built once per step and reused by every layer. Prefills share
+one call unless padding would more than double the work (then they split into several groups);
+decodes always share one.
+
+Grouped-query attention is folded into the query axis: the `group = heads / kv_heads` query heads
+that read one KV head become `group` extra query rows of that head, so SDPA sees as many heads in
+q as in k and v, and nothing repeats K/V or upcasts them:
+
+    q [seqs, queries, heads, dim]  ->  [seqs, kv_heads, queries * group, dim]   (row = query * group + g)
+    k [seqs, keys, kv_heads, dim]  ->  [seqs, kv_heads, keys, dim]
+    mask [seqs, 1, queries * group, keys]   (decode: [seqs, 1, 1, keys], broadcast; none if unneeded)
+
+Masks are additive (0 / -inf) in the KV dtype, which SDPA's memory-efficient CUDA kernel takes
+as is; on CUDA the key axis is padded to a multiple of 16 so that kernel needs no copy of the mask.
+
+Padding never reads a slot nobody wrote: padded keys repeat the sequence's own token 0 (always
+written, so finite) and are masked out; padded query rows repeat the sequence's last query and
+its visibility, and their output is dropped. Pages are never zeroed, so a slot past a sequence's
+length can hold anything, NaN included, which a mask cannot neutralise (0 * NaN); gathering token
+by token means such slots are never read.
 
 Sliding windows (Mistral, Qwen2's sliding layers) are a mask: a query at position p sees keys at
 positions p - window < j <= p, the Transformers rule. Blocks that fall out of the window are not
 freed; the engine still allocates blocks for the whole context.
+
+Backends: `torch` (the default, CPU and CUDA) is this module. `flashinfer` is a named seam for
+FlashInfer's batch decode / prefill wrappers over this paged layout: it is accepted only on CUDA
+with the package importable, and planning it raises NotImplementedError, since it was never written
+against a GPU (see plan_attention).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+BACKENDS = ("torch", "flashinfer")
+DEFAULT_BACKEND = "torch"
+MAX_PADDING_FACTOR = 2.0  # a prefill group's padded query x key area may be at most this times its real area
+CUDA_KEY_ALIGN = 16  # key axis padded to this on CUDA: the memory-efficient kernel's mask alignment
 
 
 @dataclass(frozen=True)
@@ -56,13 +85,17 @@ class AttentionBatch:
         """Per sequence: tokens in its context after this step."""
         return [c + n for c, n in zip(self.num_cached_tokens, self.num_new_tokens)]
 
+    def first_rows(self) -> list[int]:
+        """Row of each sequence's first new token in the flat batch."""
+        rows, start = [], 0
+        for n in self.num_new_tokens:
+            rows.append(start)
+            start += n
+        return rows
+
     def last_rows(self) -> list[int]:
         """Row of each sequence's last new token in the flat batch."""
-        rows, end = [], 0
-        for n in self.num_new_tokens:
-            end += n
-            rows.append(end - 1)
-        return rows
+        return [r + n - 1 for r, n in zip(self.first_rows(), self.num_new_tokens)]
 
     def positions(self) -> list[int]:
         """Absolute position of every row."""
@@ -88,8 +121,35 @@ class AttentionBatch:
                 raise ValueError(f"sequence {i}: page ids {bad} outside the cache's {num_pages} pages")
 
 
+def check_backend(name: str, device: torch.device) -> str:
+    """`name` if that attention backend can run on `device`; ValueError saying why not otherwise."""
+    if name == "torch":
+        return name
+    if name != "flashinfer":
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
+    if device.type != "cuda":
+        raise ValueError(f"the flashinfer attention backend needs a CUDA device, not {device}")
+    if importlib.util.find_spec("flashinfer") is None:
+        raise ValueError("the flashinfer attention backend needs the flashinfer package, which is not importable")
+    return name
+
+
+def plan_attention(
+    backend: str, batch: AttentionBatch, kv: Tensor, layer_windows: Sequence[int | None], scale: float
+) -> PagedAttention:
+    """One step's attention on `backend` (see check_backend), planned once for every layer."""
+    if check_backend(backend, kv.device) == "flashinfer":
+        # The seam is here so that gpu_check and a config can name it; the wrappers (BatchDecodeWith-
+        # PagedKVCacheWrapper / BatchPrefillWithPagedKVCacheWrapper, planned once per step over
+        # kv[:, layer] with its page stride) have not been written: no GPU where this code was built.
+        raise NotImplementedError("the flashinfer attention backend is not implemented yet; use 'torch'")
+    return PagedAttention(batch, kv, layer_windows, scale)
+
+
 class PagedAttention:
-    """One step's attention, prepared once (index tensors, masks) and called by every layer."""
+    """One step's attention with torch SDPA, prepared once (index tensors, masks) and called by every layer."""
+
+    backend = "torch"
 
     def __init__(
         self, batch: AttentionBatch, kv: Tensor, layer_windows: Sequence[int | None], scale: float
@@ -105,8 +165,10 @@ class PagedAttention:
         self._write_pages = torch.tensor([t[p // block_size] for t, p in zip(rows_table, positions)], device=dev)
         self._write_slots = self.positions % block_size
         windows = set(self.layer_windows)
-        self._decode = _DecodePlan.build(batch, block_size, windows, dev)
-        self._prefills = _PrefillPlan.build_all(batch, block_size, windows, dev)
+        decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+        prefills = [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
+        groups = ([decodes] if decodes else []) + _prefill_groups(batch, prefills)
+        self._groups = [_Group.build(batch, seqs, block_size, windows, kv.dtype, dev) for seqs in groups]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v [rows, kv_heads, dim] in layer `layer`; attention output [rows, heads, dim]."""
@@ -114,93 +176,128 @@ class PagedAttention:
         k_cache[self._write_pages, self._write_slots] = k
         v_cache[self._write_pages, self._write_slots] = v
         window = self.layer_windows[layer]
+        if len(self._groups) == 1 and self._groups[0].covers_all:
+            return self._groups[0].attend(q, k_cache, v_cache, window, self.scale)
         out = torch.empty_like(q)
-        if self._decode is not None:
-            out[self._decode.rows] = self._decode.attend(q, k_cache, v_cache, window, self.scale)
-        for p in self._prefills:
-            out[p.start : p.end] = p.attend(q, k_cache, v_cache, window, self.scale)
+        for g in self._groups:
+            out[g.out_rows] = g.attend(q, k_cache, v_cache, window, self.scale)
         return out
 
 
-@dataclass(frozen=True)
-class _DecodePlan:
-    """All one-token sequences of the step, gathered token by token and padded to the longest context.
+def _prefill_groups(batch: AttentionBatch, seqs: list[int]) -> list[list[int]]:
+    """Prefill sequences in as few groups as keep each group's padded area (sequences x longest new
+    x longest context) within MAX_PADDING_FACTOR of its real area (sum of new x context)."""
+    order = sorted(seqs, key=lambda i: (batch.num_cached_tokens[i] + batch.num_new_tokens[i],
+                                        batch.num_new_tokens[i]), reverse=True)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and _padded_area(batch, groups[-1] + [i]) <= MAX_PADDING_FACTOR * _real_area(batch, groups[-1] + [i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
-    Padding keys repeat the sequence's own token 0 (always written, so finite) and are masked out.
-    Gathering whole blocks instead would read slots nobody wrote for this sequence: whatever a
-    page's earlier owner left there, NaN included, which a score mask cannot neutralise (0 * NaN).
+
+def _padded_area(batch: AttentionBatch, seqs: list[int]) -> int:
+    news = [batch.num_new_tokens[i] for i in seqs]
+    contexts = [batch.num_cached_tokens[i] + batch.num_new_tokens[i] for i in seqs]
+    return len(seqs) * max(news) * max(contexts)
+
+
+def _real_area(batch: AttentionBatch, seqs: list[int]) -> int:
+    return sum(batch.num_new_tokens[i] * (batch.num_cached_tokens[i] + batch.num_new_tokens[i]) for i in seqs)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Sequences attended in one SDPA call, padded to `num_queries` queries and `num_keys` keys each.
+
+    Index maps (q_rows, pages, slots) hold only real rows and written slots; padding repeats the
+    sequence's last query row and its token 0 (see the module docstring).
     """
 
-    rows: Tensor  # [num_decodes] row of each decode sequence in the flat batch
-    pages: Tensor  # [num_decodes, max_context] page of every key token (padding: the first page)
-    slots: Tensor  # [num_decodes, max_context] slot of every key token in its page (padding: 0)
-    masks: dict[int | None, Tensor]  # window -> [num_decodes, 1, 1, keys] key visible to the query
+    q_rows: Tensor  # [seqs, num_queries] flat-batch row of each query (padding: the sequence's last row)
+    pages: Tensor  # [seqs, num_keys] page of every key token (padding: the page of token 0)
+    slots: Tensor  # [seqs, num_keys] slot of every key token (padding: token 0's slot)
+    masks: dict[int | None, Tensor | None]  # window -> additive [seqs, 1, num_queries, num_keys], or None
+    # where every key is visible to every query
+    out_rows: Tensor  # [real queries] flat-batch row of each real query, in the order `keep` selects
+    keep: Tensor | None  # [real queries] index into the flattened [seqs * num_queries] output; None = all
+    covers_all: bool  # the group's queries are exactly rows 0.. of the flat batch, in order
+    folded: dict = field(default_factory=dict)  # (window, group) -> mask with each query row repeated
+    # per GQA group [seqs, 1, num_queries * group, num_keys]: built at the first layer, reused by the rest
+    gathered: dict = field(default_factory=dict)  # 0 = K | 1 = V -> [seqs, num_keys, kv_heads, dim], the
+    # buffer every layer gathers into (a fresh CPU allocation this size page-faults: 64 MB cost 31 ms
+    # against 6 ms reused, measured on this project's 2-core machine)
 
     @staticmethod
-    def build(batch: AttentionBatch, block_size: int, windows: set[int | None], dev) -> _DecodePlan | None:
-        seqs = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
-        if not seqs:
-            return None
-        context_lens = [batch.num_cached_tokens[i] + 1 for i in seqs]
-        width = max(context_lens)
-        lens = torch.tensor(context_lens, device=dev)
-        key_pos = torch.arange(width, device=dev)[None, :]  # [1, keys]
-        valid = key_pos < lens[:, None]
-        width_blocks = -(-width // block_size)
+    def build(batch: AttentionBatch, seqs: list[int], block_size: int, windows: set[int | None],
+              dtype: torch.dtype, dev: torch.device) -> _Group:
+        news = [batch.num_new_tokens[i] for i in seqs]
+        cached = [batch.num_cached_tokens[i] for i in seqs]
+        contexts = [c + n for c, n in zip(cached, news)]
+        first = batch.first_rows()
+        num_queries, num_keys = max(news), max(contexts)
+        if dev.type == "cuda":
+            num_keys = -(-num_keys // CUDA_KEY_ALIGN) * CUDA_KEY_ALIGN
+        # Index maps, built on the host (small) and moved in one copy each.
+        q_index = torch.arange(num_queries)[None, :]  # [1, queries]
+        new_t, cached_t, ctx_t = torch.tensor(news)[:, None], torch.tensor(cached)[:, None], torch.tensor(contexts)[:, None]
+        real_q = q_index < new_t  # [seqs, queries]
+        q_off = torch.minimum(q_index, new_t - 1)
+        q_rows = torch.tensor([first[i] for i in seqs])[:, None] + q_off
+        query_pos = cached_t + q_off  # padded queries: the last query's position (and visibility)
+        key_pos = torch.arange(num_keys)[None, :]  # [1, keys]
+        valid = key_pos < ctx_t
+        token = torch.where(valid, key_pos, 0)
+        width_blocks = -(-num_keys // block_size)
         tables = []
-        for i, n in zip(seqs, context_lens):
+        for i, n in zip(seqs, contexts):
             table = list(batch.block_tables[i][: -(-n // block_size)])
             tables.append(table + [table[0]] * (width_blocks - len(table)))
-        tables = torch.tensor(tables, device=dev)  # [num_decodes, width_blocks]
-        token = torch.where(valid, key_pos, 0)  # padding -> token 0
-        pages = torch.gather(tables, 1, token // block_size)
-        query_pos = (lens - 1)[:, None]
-        masks = {w: _window(valid, key_pos, query_pos, w)[:, None, None, :] for w in windows}
-        last = batch.last_rows()
-        rows = torch.tensor([last[i] for i in seqs], device=dev)
-        return _DecodePlan(rows, pages, token % block_size, masks)
+        pages = torch.gather(torch.tensor(tables), 1, token // block_size)
+        masks = {}
+        for w in windows:
+            visible = valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [seqs, queries, keys]
+            if w is not None:
+                visible &= key_pos[:, None, :] > query_pos[:, :, None] - w
+            if bool(visible.all()):
+                masks[w] = None
+            else:
+                additive = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+                masks[w] = additive[:, None].to(dev)  # [seqs, 1, queries, keys]
+        keep = real_q.flatten().nonzero().flatten()
+        out_rows = q_rows.flatten()[keep]
+        all_real = bool(real_q.all())
+        covers_all = all_real and out_rows.tolist() == list(range(batch.num_tokens))
+        return _Group(q_rows.to(dev), pages.to(dev), (token % block_size).to(dev), masks, out_rows.to(dev),
+                      None if all_real else keep.to(dev), covers_all)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None, scale: float) -> Tensor:
-        n = len(self.rows)
-        k = k_cache[self.pages, self.slots].transpose(1, 2)  # [n, keys, kv_heads, dim] -> [n, kv_heads, keys, dim]
-        v = v_cache[self.pages, self.slots].transpose(1, 2)
-        query = q[self.rows].view(n, q.shape[1], 1, q.shape[2])  # [n, heads, 1, dim]
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.masks[window], scale=scale, enable_gqa=True)
-        return out.view(n, q.shape[1], q.shape[2])
+        """Output [real queries, heads, dim] of this group's queries, in `out_rows` order."""
+        seqs, num_queries = self.q_rows.shape
+        heads, dim = q.shape[1], q.shape[2]
+        kv_heads = k_cache.shape[2]
+        group = heads // kv_heads
+        # [seqs, queries, kv_heads, group, dim] -> [seqs, kv_heads, queries * group, dim]
+        query = q[self.q_rows].view(seqs, num_queries, kv_heads, group, dim).transpose(1, 2)
+        query = query.reshape(seqs, kv_heads, num_queries * group, dim)
+        key = self._gather(k_cache, 0).transpose(1, 2)  # [seqs, keys, kv_heads, dim] -> [seqs, kv_heads, keys, dim]
+        value = self._gather(v_cache, 1).transpose(1, 2)
+        mask = self.masks[window]
+        if mask is not None and num_queries > 1 and group > 1:
+            mask = self.folded.get((window, group))
+            if mask is None:
+                mask = self.masks[window][:, :, :, None, :].expand(-1, -1, -1, group, -1)
+                mask = self.folded[(window, group)] = mask.reshape(seqs, 1, num_queries * group, -1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        # [seqs, kv_heads, queries * group, dim] -> [seqs * queries, heads, dim]
+        out = out.view(seqs, kv_heads, num_queries, group, dim).transpose(1, 2).reshape(seqs * num_queries, heads, dim)
+        return out if self.keep is None else out[self.keep]
 
-
-@dataclass(frozen=True)
-class _PrefillPlan:
-    """One sequence with several new tokens (a whole prompt or a chunk of one)."""
-
-    start: int  # first row of the sequence in the flat batch
-    end: int  # one past its last row
-    context_len: int  # cached + new tokens
-    table: Tensor  # [blocks] page ids covering the context
-    masks: dict[int | None, Tensor]  # window -> [new, context] key visible to each query
-
-    @staticmethod
-    def build_all(batch: AttentionBatch, block_size: int, windows: set[int | None], dev) -> list[_PrefillPlan]:
-        plans, start = [], 0
-        for n, c, table in zip(batch.num_new_tokens, batch.num_cached_tokens, batch.block_tables):
-            if n > 1:
-                key_pos = torch.arange(c + n, device=dev)[None, :]
-                query_pos = torch.arange(c, c + n, device=dev)[:, None]
-                causal = key_pos <= query_pos
-                masks = {w: _window(causal, key_pos, query_pos, w) for w in windows}
-                blocks = torch.tensor(list(table[: -(-(c + n) // block_size)]), device=dev)
-                plans.append(_PrefillPlan(start, start + n, c + n, blocks, masks))
-            start += n
-        return plans
-
-    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None, scale: float) -> Tensor:
-        # [blocks, slot, kv_heads, dim] -> [1, kv_heads, context, dim]
-        k = k_cache[self.table].flatten(0, 1)[: self.context_len].transpose(0, 1)[None]
-        v = v_cache[self.table].flatten(0, 1)[: self.context_len].transpose(0, 1)[None]
-        query = q[self.start : self.end].transpose(0, 1)[None]  # [1, heads, new, dim]
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.masks[window], scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
-
-
-def _window(visible: Tensor, key_pos: Tensor, query_pos: Tensor, window: int | None) -> Tensor:
-    return visible if window is None else visible & (key_pos > query_pos - window)
+    def _gather(self, cache: Tensor, which: int) -> Tensor:
+        """cache[pages, slots] [seqs, num_keys, kv_heads, dim] into this step's buffer for K or V."""
+        buffer = self.gathered.get(which)
+        if buffer is None:
+            buffer = self.gathered[which] = cache.new_empty((*self.pages.shape, *cache.shape[2:]))
+        return torch.ops.aten.index.Tensor_out(cache, [self.pages, self.slots], out=buffer)

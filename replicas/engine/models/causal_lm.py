@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from replicas.engine.models.architecture import architecture_for
-from replicas.engine.models.attention import AttentionBatch, PagedAttention
+from replicas.engine.models.attention import DEFAULT_BACKEND, AttentionBatch, plan_attention
 from replicas.engine.models.config import ModelConfig
 
 Tensor = torch.Tensor
@@ -47,9 +47,10 @@ class ResidentWeights:
 
 
 class CausalLM:
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: str = DEFAULT_BACKEND) -> None:
         self.config = config
         self.arch = architecture_for(config)
+        self.attention_backend = attention_backend  # checked against the KV's device at each step
 
     def forward(
         self,
@@ -69,7 +70,8 @@ class CausalLM:
         logits_for: rows of the flat batch to compute logits for; default: each sequence's last row.
         """
         self._check(input_ids, batch, kv, base)
-        attend = PagedAttention(batch, kv, self.config.layer_windows, self.config.head_dim**-0.5)
+        attend = plan_attention(self.attention_backend, batch, kv, self.config.layer_windows,
+                                self.config.head_dim**-0.5)
         h = self.arch.embed(base, input_ids, attend.positions)
         step = self.arch.prepare(attend.positions, h.dtype)
         for i in range(self.config.num_layers):
