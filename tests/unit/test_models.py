@@ -26,6 +26,7 @@ from replicas.engine.models import (
     load_hf_folder,
     split_state_dict,
 )
+from replicas.engine.models.ops import stacked
 
 transformers = pytest.importorskip("transformers")
 from tests.unit.hf_reference import KINDS, make_config, make_hf_model
@@ -178,20 +179,21 @@ def mixed_step(s: Setup, shapes: list[tuple[int, int]], seed: int = 5):
             step(s, kv, tokens[:cached], 0, table)
     batch = AttentionBatch([n for _, n in shapes], [c for c, _ in shapes], tables)
     new_ids = torch.tensor([tok for (c, _), t in zip(shapes, seqs) for tok in t[c:]])
-    with CountAttentionCalls() as calls:
+    with CountCalls(F.scaled_dot_product_attention) as calls:
         mixed = s.model.forward(new_ids, batch, kv, s.weights(), s.base)
     alone = [step(s, kv, tokens[c:], c, table) for (c, _), tokens, table in zip(shapes, seqs, tables)]
     return mixed, alone, calls.count // s.config.num_layers
 
 
-class CountAttentionCalls(TorchFunctionMode):
-    """Counts SDPA calls made inside the `with` block."""
+class CountCalls(TorchFunctionMode):
+    """Counts the calls of one torch function made inside the `with` block."""
 
-    count = 0
+    def __init__(self, target) -> None:
+        super().__init__()
+        self.target, self.count = target, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.count += 1
+        self.count += func is self.target
         return func(*args, **(kwargs or {}))
 
 
@@ -329,6 +331,38 @@ def test_greedy_with_weights_and_kv_in_the_memory_engines_pages_matches_transfor
         tokens += new
     mem.check_integrity()
     assert tokens == hf_greedy(s, prompt)
+
+
+# per layer: q, k, v, o, gate, up, down; fused: qkv (Llama) and gate_up (both; Qwen2 packs q/k/v biases between)
+@pytest.mark.parametrize("kind,matmuls_per_layer", [("llama_gqa", 4), ("qwen2_tied", 6), ("opt", 6)])
+def test_projections_that_touch_in_a_slab_run_as_one_matmul_with_the_same_logits(kind, matmuls_per_layer):
+    s = make_setup(kind)
+    mem = DeviceMemory(num_pages=160, page_size_bytes=4096)
+    name = ModelId("tiny")
+    kv_blocks = mem.register_model(name, s.layers, s.base, s.config.kv_geometry())
+    prompt = make_prompt(9, seed=3)
+    kv_blocks.alloc(SeqId(0), kv_blocks.num_blocks_for(len(prompt)))
+    batch = AttentionBatch((len(prompt),), (0,), (kv_blocks.table(SeqId(0)),))
+    with CountCalls(F.linear) as slab_calls:
+        got = s.model.forward(torch.tensor(prompt), batch, kv_blocks.view, PageWeights(mem, name, None),
+                              mem.params.tensors(name, BASE_SLAB))
+    with CountCalls(F.linear) as plain_calls:  # separate tensors: nothing to fuse
+        want = step(s, make_kv(s.config), prompt, 0, random_pages(3, seed=1))
+    per_layer = {"opt": 6}.get(kind, 7)
+    assert plain_calls.count == s.config.num_layers * per_layer
+    assert slab_calls.count == s.config.num_layers * matmuls_per_layer
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+
+
+def test_stacked_is_a_view_of_touching_tensors_and_none_otherwise():
+    slab = torch.arange(40.0)
+    a, b, c = slab[0:8].view(2, 4), slab[8:20].view(3, 4), slab[24:32].view(2, 4)
+    fused = stacked([a, b])
+    assert fused.shape == (5, 4) and fused.data_ptr() == a.data_ptr() and torch.equal(fused, slab[:20].view(5, 4))
+    assert stacked([a, c]) is None  # a gap between them
+    assert stacked([b, a]) is None  # wrong order
+    assert stacked([a, slab[8:16].view(4, 2)]) is None  # another row width
+    assert stacked([a, slab[8:20].clone().view(3, 4)]) is None  # another storage
 
 
 # ---- config parsing and errors -----------------------------------------------------------------

@@ -5,6 +5,11 @@
 
 Mistral differs only by its sliding window and Qwen2 by its q/k/v biases; both are config flags
 (see ModelConfig.layer_windows, qkv_bias), so one block serves all three.
+
+q/k/v and gate/up run as one matmul each where their weights touch in the slab (ops.linears):
+Llama and Mistral without biases; in Qwen2 each bias is packed after its weight, so its q/k/v run
+one by one (packing the weights first would fuse them, but `layer_shapes` order is also the order
+dummy_weights draws in, so that change would change every test model's weights).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import torch
 
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import ModelConfig
-from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, linear, proj_shapes, rms_norm
-from replicas.engine.models.rope import apply_rotary, cos_sin, inv_frequencies
+from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, linear, linears, proj_shapes, rms_norm
+from replicas.engine.models.rope import apply_rotary_qk, cos_sin, inv_frequencies
 
 Tensor = torch.Tensor
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 class Llama:
@@ -63,14 +70,13 @@ class Llama:
     def layer(self, index: int, w: Weights, h: Tensor, attend: PagedAttention, rope: tuple[Tensor, Tensor]) -> Tensor:
         c, rows = self.config, h.shape[0]
         x = rms_norm(h, w["input_layernorm.weight"], c.norm_eps)
-        q = linear(x, w, "self_attn.q_proj").view(rows, c.num_heads, c.head_dim)
-        k = linear(x, w, "self_attn.k_proj").view(rows, c.num_kv_heads, c.head_dim)
-        v = linear(x, w, "self_attn.v_proj").view(rows, c.num_kv_heads, c.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        h = h + linear(attend(index, q, k, v).reshape(rows, -1), w, "self_attn.o_proj")
+        q, k, v = linears(x, w, _QKV)  # one matmul where the slab packs them back to back
+        q, k = apply_rotary_qk(q.view(rows, c.num_heads, c.head_dim), k.view(rows, c.num_kv_heads, c.head_dim), *rope)
+        h = h + linear(attend(index, q, k, v.view(rows, c.num_kv_heads, c.head_dim)).reshape(rows, -1), w,
+                       "self_attn.o_proj")
         x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
-        gated = self._act(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj")
-        return h + linear(gated, w, "mlp.down_proj")
+        gate, up = linears(x, w, _GATE_UP)
+        return h + linear(self._act(gate) * up, w, "mlp.down_proj")
 
     def head(self, base: Weights, h: Tensor) -> Tensor:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""

@@ -2,11 +2,23 @@
 
 A layer's weights are a flat mapping from Hugging Face names (prefix stripped) to tensors; a bias
 that the checkpoint does not have is simply absent, so one `linear` serves every bias flavour.
+
+Projections that read the same input (q, k, v; gate, up) run as one matmul when their weights lie
+back to back in one storage, as they do in a slab (remap/params.py packs a layer's tensors in
+`layer_shapes` order, each at a multiple of 256 bytes, so matrices whose byte sizes are multiples
+of 256 touch):
+
+    slab:  | q_proj.weight | k_proj.weight | v_proj.weight | o_proj.weight | ...
+           |<-------- one [q + 2 kv, hidden] view -------->|
+
+The fused weight is a view (as_strided over the same storage), never a copy. Where they do not
+touch (a bias packed between them, as in Qwen2 and OPT; padding; separate tensors) the
+projections run one by one, with the same result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +33,38 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}  # names as in co
 def linear(x: Tensor, w: Weights, name: str) -> Tensor:
     """x @ W.T + b for the projection `name` ("self_attn.q_proj"); the bias is optional."""
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def linears(x: Tensor, w: Weights, names: Sequence[str]) -> list[Tensor]:
+    """The projections `names` of the same input x, as one matmul where their weights (and biases, if
+    any) lie back to back; each output is a view of the fused result."""
+    weight = stacked([w[n + ".weight"] for n in names])
+    biases = [w.get(n + ".bias") for n in names]
+    bias = None
+    if weight is not None and any(b is not None for b in biases):
+        bias = stacked(biases) if all(b is not None for b in biases) else None
+        weight = weight if bias is not None else None
+    if weight is None:
+        return [linear(x, w, n) for n in names]
+    return list(F.linear(x, weight, bias).split([w[n + ".weight"].shape[0] for n in names], dim=-1))
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One view concatenating `tensors` along dim 0 if they lie back to back in one storage (same dtype,
+    device and trailing shape, each contiguous), else None."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    storage, end = first.untyped_storage(), first.data_ptr()
+    for t in tensors:
+        if (t.data_ptr() != end or not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != storage.data_ptr()):
+            return None
+        end += t.numel() * t.element_size()
+    if end > storage.data_ptr() + storage.nbytes():
+        return None
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

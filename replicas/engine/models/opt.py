@@ -12,9 +12,10 @@ import torch
 
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import OPT_POSITION_OFFSET, ModelConfig
-from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, layer_norm, linear, proj_shapes
+from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, layer_norm, linear, linears, proj_shapes
 
 Tensor = torch.Tensor
+_KVQ = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # in packing order (layer_shapes)
 
 
 class Opt:
@@ -64,9 +65,8 @@ class Opt:
         c, rows = self.config, h.shape[0]
         pre = c.do_layer_norm_before
         x = layer_norm(h, w, "self_attn_layer_norm", c.norm_eps) if pre else h
-        q = linear(x, w, "self_attn.q_proj").view(rows, c.num_heads, c.head_dim)
-        k = linear(x, w, "self_attn.k_proj").view(rows, c.num_kv_heads, c.head_dim)
-        v = linear(x, w, "self_attn.v_proj").view(rows, c.num_kv_heads, c.head_dim)
+        # packed k, v, q: one matmul where they touch (OPT without biases; see ops.linears)
+        k, v, q = (t.view(rows, -1, c.head_dim) for t in linears(x, w, _KVQ))
         h = h + linear(attend(index, q, k, v).reshape(rows, -1), w, "self_attn.out_proj")
         if not pre:
             h = layer_norm(h, w, "self_attn_layer_norm", c.norm_eps)
