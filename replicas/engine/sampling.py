@@ -1,19 +1,29 @@
 """SamplingParams (validated at the edge) and the sampler that turns logits into token ids.
 
-Greedy is argmax over float32 logits, so it is exactly reproducible. Random sampling uses one torch
-Generator per sequence. A seeded request reseeds it before each draw from its seed and the token's
-position in its output, so it draws the same tokens whatever else is in its batch, and a request
-continued elsewhere (a failover: `num_generated`) draws what it would have drawn where it started.
-An unseeded request's generator starts from fresh entropy.
+Greedy is argmax over float32 logits, so it is exactly reproducible. Random sampling is batched on
+the logits' device: every row is warped (temperature, min_p, top-k, top-p, each a per-row tensor)
+in the same few ops whatever the batch holds, and draws by inverse CDF with one uniform number per
+row that the host decides with the sequence's CPU torch.Generator:
+
+    seeded row:    reseeded with splitmix64(seed, output position), then one draw
+    unseeded row:  one draw (the generator was seeded from entropy)
+    token = first index whose cumulative probability (float64) exceeds u x total
+
+The draw never runs on the device, so a seeded request draws the same tokens whatever else is in
+its batch, on CPU or GPU (unless u falls within float rounding, ~1e-7, of a boundary between two
+tokens, where the devices' softmax may differ in the last bit), and a request continued elsewhere
+(a failover: `num_generated`) draws what it would have drawn where it started. No row reads
+anything back from the device: the knobs and uniforms go down in one copy (pinned, asynchronous
+on CUDA) and the tokens come back in one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 
 GREEDY_BELOW = 1e-5  # temperature under which sampling is greedy
 
@@ -96,6 +106,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A sequence's host generator: its unseeded draws' entropy (seeded draws do not read it).
+    The sampler draws from it on the host, so it belongs on the CPU whatever device computes."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
@@ -115,30 +127,29 @@ class History:
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History]) -> torch.Tensor:
     """float32 logits [B, V] with logit_bias, min_tokens, repetition, presence and frequency penalties
     applied, batched over the rows (vLLM's semantics: repetition over prompt and output, presence and
-    frequency over the output)."""
+    frequency over the output). What the histories say is built on the host and copied down once."""
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
-    logits = logits.clone()
-    vocab = logits.shape[1]
-    sub = logits[rows]
-    bias = torch.zeros_like(sub)
+    dev, vocab = logits.device, logits.shape[1]
+    bias = torch.zeros(len(rows), vocab)
+    stop = torch.zeros(len(rows), vocab, dtype=torch.bool)
     for r, i in enumerate(rows):
         for token, b in params[i].logit_bias:
             bias[r, token] += b
-    sub += bias
+        if len(histories[i].output) < params[i].min_tokens and histories[i].stop_ids:
+            stop[r, list(histories[i].stop_ids)] = True
     out_counts = _counts([histories[i].output for i in rows], vocab)
     seen = (out_counts + _counts([histories[i].prompt for i in rows], vocab)) > 0
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=sub.dtype).unsqueeze(1)
+    knobs = torch.tensor([[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty]
+                          for i in rows])
+    index, bias, stop, out_counts, seen, knobs = (
+        to_device(t, dev) for t in (torch.tensor(rows), bias, stop, out_counts, seen, knobs))
+    rep, freq, pres = (knobs[:, j : j + 1] for j in range(3))
+    sub = logits[index] + bias
     sub = torch.where(seen, torch.where(sub < 0, sub * rep, sub / rep), sub)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=sub.dtype).unsqueeze(1)
-    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=sub.dtype).unsqueeze(1)
     sub = sub - freq * out_counts - pres * (out_counts > 0).to(sub.dtype)
-    for r, i in enumerate(rows):
-        if len(histories[i].output) < params[i].min_tokens and histories[i].stop_ids:
-            sub[r, list(histories[i].stop_ids)] = -math.inf
-    logits[rows] = sub
-    return logits
+    return logits.index_put((index,), sub.masked_fill(stop, -math.inf))
 
 
 def _counts(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
@@ -151,6 +162,14 @@ def _counts(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
     return counts[:, :vocab]
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: pinned and asynchronous on CUDA (a pageable
+    copy would synchronise with everything queued before it)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def position_seed(seed: int, position: int) -> int:
     """The generator seed of a seeded request's draw at output `position` (splitmix64 of both)."""
     x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
@@ -159,50 +178,100 @@ def position_seed(seed: int, position: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           positions: list[int] | None = None):
-    """Token ids [B] (and log-softmax [B, V] when any request wants logprobs) for float32 logits [B, V],
-    and the rows that failed: {row: why}. A failure of one row (non-finite logits, a sampler error)
-    is that request's alone; the other rows keep their tokens. `positions`: each row's output position
-    (tokens it generated so far), which seeded rows draw at."""
+def uniform(p: SamplingParams, generator: torch.Generator | None, position: int) -> float:
+    """The row's draw in [0, 1) from its host generator, reseeded from (seed, position) when seeded."""
+    if generator is None:  # a caller without per-sequence generators
+        generator = torch.Generator()
+        if p.seed is None:
+            generator.seed()
+    if p.seed is not None:
+        generator.manual_seed(position_seed(p.seed, position))
+    return float(torch.rand((), dtype=torch.float64, generator=generator, device=generator.device))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: Sequence[torch.Generator | None],
+           positions: Sequence[int] | None = None):
+    """Token ids [B] on the CPU (and log-softmax [B, V] on the logits' device when any request wants
+    logprobs) for float32 logits [B, V], and the rows that failed: {row: why}. A failure of one row
+    (non-finite logits, a sampler error) is that request's alone; the other rows keep their tokens
+    (a failed row's token is -1). `positions`: each row's output position (tokens it generated so
+    far), which seeded rows draw at. One device->host copy, at the end."""
     logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1)
     tokens = logits.argmax(dim=-1)
     failed: dict[int, str] = {}
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not finite[i]:
-            failed[i] = "the model produced non-finite logits for this request"
-            continue
-        if p.greedy:
-            continue
+    if not all(p.greedy for p in params):
+        u = [0.0] * len(params)
+        for i, (p, g) in enumerate(zip(params, generators)):
+            try:
+                u[i] = 0.0 if p.greedy else uniform(p, g, positions[i] if positions else 0)
+            except Exception as exc:  # noqa: BLE001 - this request's generator, nobody else's
+                failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
         try:
-            if p.seed is not None and generators[i] is not None:
-                generators[i].manual_seed(position_seed(p.seed, positions[i] if positions else 0))
-            tokens[i] = _sample_row(logits[i], p, generators[i])
-        except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
-            failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+            tokens = _draw(logits, finite, params, u)
+        except Exception:  # noqa: BLE001 - find whose it is, row by row (syncs, but only on this path)
+            tokens = tokens.clone()
+            for i, p in enumerate(params):
+                if p.greedy or i in failed:
+                    continue
+                try:
+                    tokens[i] = _draw(logits[i : i + 1], finite[i : i + 1], [p], u[i : i + 1])[0]
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong belongs to this request alone
+                    failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+    host = torch.where(finite, tokens, -1).cpu()  # the only device->host copy
+    for i in (host < 0).nonzero().flatten().tolist():
+        failed[i] = "the model produced non-finite logits for this request"
+    for i in failed:
+        host[i] = -1
     logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
-    return tokens, logprobs, failed
+    return host, logprobs, failed
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from finite float32 logits [V]: warped, then a draw from the row's generator."""
-    return int(torch.multinomial(warp(logits, p).softmax(-1), 1, generator=generator).item())
+def _draw(logits: torch.Tensor, finite: torch.Tensor, params: Sequence[SamplingParams], u: Sequence[float]):
+    """Token ids [B] on the logits' device: argmax for greedy rows, an inverse-CDF draw at u for the rest."""
+    knobs = to_device(_knobs(params, u), logits.device)  # the one host->device copy
+    safe = torch.where(finite[:, None], logits, 0.0)  # a non-finite row fails anyway; keep it from poisoning ops
+    probs = warp_rows(safe, params, knobs).softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    target = knobs[:, _U] * cdf[:, -1]
+    drawn = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
+    return torch.where(knobs[:, _GREEDY] > 0, logits.argmax(dim=-1), drawn)
+
+
+_TEMPERATURE, _MIN_P, _TOP_K, _TOP_P, _U, _GREEDY = range(6)  # columns of _knobs
+
+
+def _knobs(params: Sequence[SamplingParams], u: Sequence[float]) -> torch.Tensor:
+    """float64 [B, 6] per-row sampling knobs on the host; neutral values where a knob is off (greedy
+    rows warp at temperature 1, top_p 1 becomes 2 so that rounding in the cumsum never drops a token)."""
+    return torch.tensor([[1.0 if p.greedy else p.temperature, p.min_p, p.top_k, p.top_p if p.top_p < 1.0 else 2.0,
+                          x, float(p.greedy)] for p, x in zip(params, u)], dtype=torch.float64)
 
 
 def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Logits [V] scaled by the temperature after subtracting the max (so no temperature >=
-    GREEDY_BELOW overflows), then min_p, top-k and top-p as vLLM orders them (-inf = dropped)."""
-    row = (logits - logits.max()) / p.temperature
-    if p.min_p:
+    """One row's warped logits [V] (see warp_rows)."""
+    return warp_rows(logits[None], [p], to_device(_knobs([p], [0.0]), logits.device))[0]
+
+
+def warp_rows(logits: torch.Tensor, params: Sequence[SamplingParams], knobs: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] scaled by each row's temperature after subtracting its max (so no temperature >=
+    GREEDY_BELOW overflows), then min_p, top-k and top-p as vLLM orders them (-inf = dropped). Each
+    knob is a column of `knobs` (_knobs, on the logits' device); a step no row uses is skipped."""
+    vocab = logits.shape[1]
+    temperature, min_p, top_p = (knobs[:, j : j + 1].to(logits.dtype) for j in (_TEMPERATURE, _MIN_P, _TOP_P))
+    row = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if any(p.min_p for p in params):
         probs = row.softmax(-1)
-        row = row.masked_fill(probs < p.min_p * probs.max(), -math.inf)
-    if p.top_k:
-        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-        row = row.masked_fill(row < kth, -math.inf)
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+        row = row.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -math.inf)
+    max_k = min(max(p.top_k for p in params), vocab)
+    if max_k:
+        k = knobs[:, _TOP_K].long().clamp(max=vocab)
+        top = torch.topk(row, max_k).values  # [B, max_k], descending
+        kth = top.gather(1, (k.clamp(min=1) - 1)[:, None])
+        row = row.masked_fill((row < kth) & (k > 0)[:, None], -math.inf)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = torch.sort(row, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest prefix reaching top_p
+        row = row.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
     return row

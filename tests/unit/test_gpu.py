@@ -1,5 +1,6 @@
 """The GPU path on a real CUDA device (skipped with a reason elsewhere): copy-stream restores and
-streamed layers are bit-identical, and the engine stays token-exact with remapping on CUDA."""
+streamed layers are bit-identical, the engine stays token-exact with remapping on CUDA, and seeded
+sampling on CUDA draws what it draws on the CPU."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def test_copy_stream_restore_and_streaming_are_bit_identical_on_cuda():
 
 
 def test_engine_greedy_output_on_cuda_with_remapping_equals_cpu():
-    from tests.unit.test_engine import LLAMA, PARAMS, PROMPTS, add_tenant, make_engine  # noqa: PLC0415
     from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
     from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
+    from tests.unit.test_engine import LLAMA, PARAMS, PROMPTS, add_tenant, make_engine
 
     cpu = make_engine(mode="recompute")
     add_tenant(cpu, "m", LLAMA, seed=3)
@@ -60,3 +61,29 @@ def test_engine_greedy_output_on_cuda_with_remapping_equals_cpu():
     while gpu.has_unfinished():
         gpu.step()
     assert [gpu.sequence(i).output_token_ids for i in ids] == want
+
+
+def test_sampling_on_cuda_draws_the_tokens_it_draws_on_the_cpu():
+    from replicas.engine.sampling import SamplingParams, sample
+
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=0.5 + (i % 4) * 0.3, top_k=(0, 20)[i % 2], top_p=(1.0, 0.9, 0.7)[i % 3],
+                             min_p=(0.0, 0.05)[i % 2], seed=i) for i in range(64)]
+    on_cpu, _, _ = sample(logits, params, [None] * 64, list(range(64)))
+    on_cuda, _, failed = sample(logits.cuda(), params, [None] * 64, list(range(64)))
+    assert failed == {} and on_cuda.device.type == "cpu"
+    assert on_cuda.tolist() == on_cpu.tolist()
+
+
+def test_seeded_engine_output_on_cuda_equals_the_cpu_engines():
+    from remap import DeviceMemory
+    from replicas.engine.engine import EngineConfig, LLMEngine
+    from replicas.engine.sampling import SamplingParams
+    from tests.unit.test_engine import LLAMA, PROMPTS, add_tenant, make_engine
+
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=7, ignore_eos=True)
+    cpu = make_engine()
+    add_tenant(cpu, "m", LLAMA, seed=3)
+    gpu = LLMEngine(DeviceMemory(256, 16 << 10, device="cuda"), EngineConfig(link_bytes_per_s=1e10))
+    add_tenant(gpu, "m", LLAMA, seed=3)
+    assert gpu.generate("m", PROMPTS, params) == cpu.generate("m", PROMPTS, params)

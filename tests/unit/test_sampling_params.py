@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from replicas.engine.sampling import History, SamplingParams, adjust_logits, warp
+from replicas.engine.sampling import History, SamplingParams, adjust_logits, sample, warp
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf  # noqa: E402
@@ -93,6 +94,69 @@ def test_greedy_with_penalty_and_bias_equals_hugging_face_generate():
     assert got == out[0, len(prompt):].tolist()
     plain = engine.generate("m", [prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert got != plain  # the processors did change the output
+
+
+MIXED = [SamplingParams(temperature=0.8, seed=3), SamplingParams(), SamplingParams(temperature=1.2, top_k=7, seed=4),
+         SamplingParams(temperature=0.6, top_p=0.8, min_p=0.02, seed=5), SamplingParams(temperature=1.0)]
+READS = {"cpu", "item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+
+class RecordOps(TorchFunctionMode):
+    """(name, shapes of tensor arguments) of every torch call inside the `with` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        shapes = [tuple(a.shape) for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        self.ops.append((getattr(func, "__name__", str(func)), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def sample_rows(num_rows: int):
+    """Tokens, and the torch calls sample() made, for num_rows rows cycling through MIXED."""
+    params = [MIXED[i % len(MIXED)] for i in range(num_rows)]
+    logits = torch.randn(num_rows, V, generator=torch.Generator().manual_seed(num_rows)) * 3
+    with RecordOps() as record:
+        tokens, _, failed = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(num_rows)],
+                                   list(range(num_rows)))
+    assert failed == {}
+    return tokens, record.ops
+
+
+def test_sampling_runs_the_same_ops_for_five_rows_as_for_sixty_four_and_reads_back_once():
+    _, few = sample_rows(len(MIXED))  # every knob once
+    _, many = sample_rows(64)
+
+    def over_the_vocabulary(ops):
+        return [name for name, shapes in ops if any(s[-1:] == (V,) for s in shapes)]
+
+    def reads(ops):  # a per-row .item() would be one per row; the host generators' scalar draws are 0-dim
+        return [name for name, shapes in ops if name in READS and shapes and shapes[0] != ()]
+
+    assert over_the_vocabulary(few) == over_the_vocabulary(many) and len(over_the_vocabulary(few)) < 40
+    assert reads(few) == reads(many) and reads(few).count("cpu") == 1
+
+
+def test_a_seeded_row_draws_the_same_token_alone_or_in_any_batch():
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(9)) * 2
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=21)] + MIXED
+    for position in range(20):
+        alone, _, _ = sample(logits[:1], params[:1], [torch.Generator()], [position])
+        batched, _, _ = sample(logits, params, [torch.Generator() for _ in params], [position] * len(params))
+        again, _, _ = sample(logits.flip(0), params[::-1], [None] * len(params), [position] * len(params))
+        assert alone[0] == batched[0] == again[-1]
+    drawn = {int(sample(logits[:1], params[:1], [torch.Generator()], [p])[0][0]) for p in range(20)}
+    assert len(drawn) > 3  # the position does move the draw
+
+
+def test_a_row_with_non_finite_logits_fails_alone_and_gets_no_token():
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
+    logits[1, 4] = float("nan")
+    tokens, _, failed = sample(logits, [SamplingParams(temperature=0.7, seed=1)] * 3, [None] * 3, [0, 0, 0])
+    assert list(failed) == [1] and "non-finite" in failed[1] and tokens[1] == -1
+    assert tokens[0] >= 0 and tokens[2] >= 0
 
 
 def test_bad_values_are_refused_with_the_field_named():
