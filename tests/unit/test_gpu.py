@@ -1,8 +1,13 @@
 """The GPU path on a real CUDA device (skipped with a reason elsewhere): copy-stream restores and
 streamed layers are bit-identical, the engine stays token-exact with remapping on CUDA, and seeded
-sampling on CUDA draws what it draws on the CPU."""
+sampling on CUDA draws what it draws on the CPU. One CPU test: scripts/gpu_check.py, which runs
+these, says why it cannot run without CUDA and runs its parts on a shrunken model with --device cpu."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
 
 import pytest
 import torch
@@ -10,9 +15,8 @@ import torch
 from remap import CudaTransferEngine, ModelId, SeqId
 from tests.unit.factories import add_model, make_memory
 
-pytestmark = pytest.mark.gpu
 
-
+@pytest.mark.gpu
 def test_copy_stream_restore_and_streaming_are_bit_identical_on_cuda():
     mem = make_memory(num_pages=64, device="cuda")
     assert isinstance(mem.transfer, CudaTransferEngine)
@@ -41,6 +45,7 @@ def test_copy_stream_restore_and_streaming_are_bit_identical_on_cuda():
     mem.check_integrity()
 
 
+@pytest.mark.gpu
 def test_engine_greedy_output_on_cuda_with_remapping_equals_cpu():
     from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
@@ -63,6 +68,7 @@ def test_engine_greedy_output_on_cuda_with_remapping_equals_cpu():
     assert [gpu.sequence(i).output_token_ids for i in ids] == want
 
 
+@pytest.mark.gpu
 def test_sampling_on_cuda_draws_the_tokens_it_draws_on_the_cpu():
     from replicas.engine.sampling import SamplingParams, sample
 
@@ -75,6 +81,7 @@ def test_sampling_on_cuda_draws_the_tokens_it_draws_on_the_cpu():
     assert on_cuda.tolist() == on_cpu.tolist()
 
 
+@pytest.mark.gpu
 def test_seeded_engine_output_on_cuda_equals_the_cpu_engines():
     from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
@@ -87,3 +94,22 @@ def test_seeded_engine_output_on_cuda_equals_the_cpu_engines():
     gpu = LLMEngine(DeviceMemory(256, 16 << 10, device="cuda"), EngineConfig(link_bytes_per_s=1e10))
     add_tenant(gpu, "m", LLAMA, seed=3)
     assert gpu.generate("m", PROMPTS, params) == cpu.generate("m", PROMPTS, params)
+
+
+def load_gpu_check():
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_says_why_without_cuda_and_runs_its_parts_on_the_cpu(tmp_path):
+    gpu_check = load_gpu_check()
+    if not torch.cuda.is_available():
+        assert gpu_check.main([str(tmp_path / "cuda")]) == 2
+        assert json.loads((tmp_path / "cuda" / "gpu_check.json").read_text())["environment"]["torch"] == torch.__version__
+    assert gpu_check.main([str(tmp_path / "cpu"), "--device", "cpu", "--skip-scale"]) == 0
+    got = json.loads((tmp_path / "cpu" / "gpu_check.json").read_text())
+    assert got["failed_parts"] == [] and got["decode"]["attention_backend"] == "torch"
+    assert got["decode"]["b8"]["step_ms"] > 0 and got["streaming"]["alpha_4_ms"] > 0
