@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from replicas.engine.models.ops import to_device
+
 GREEDY_BELOW = 1e-5  # temperature under which sampling is greedy
 
 
@@ -160,14 +162,6 @@ def _counts(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
         ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     counts = torch.zeros(len(token_lists), vocab + 1).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
     return counts[:, :vocab]
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for it: pinned and asynchronous on CUDA (a pageable
-    copy would synchronise with everything queued before it)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def position_seed(seed: int, position: int) -> int:

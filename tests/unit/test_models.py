@@ -26,6 +26,7 @@ from replicas.engine.models import (
     load_hf_folder,
     split_state_dict,
 )
+from replicas.engine.models.attention import StepMetadata
 from replicas.engine.models.ops import stacked
 
 transformers = pytest.importorskip("transformers")
@@ -213,6 +214,14 @@ def test_a_short_prefill_beside_a_long_one_gets_its_own_call_rather_than_padding
     assert calls_per_layer == 3
     for i, logits in enumerate(alone):
         torch.testing.assert_close(mixed[i], logits, atol=1e-5, rtol=0)
+
+
+def test_a_steps_index_arrays_travel_to_the_device_as_views_of_one_buffer():
+    meta = StepMetadata()
+    at = [meta.add([3, 1, 4]), meta.add([[1, 5], [9, 2]]), meta.add([])]
+    sent = meta.send(torch.device("cpu"))
+    assert [t.tolist() for t in (sent[i] for i in at)] == [[3, 1, 4], [[1, 5], [9, 2]], []]
+    assert len({t.untyped_storage().data_ptr() for t in sent}) == 1
 
 
 def test_attention_backends_other_than_torch_are_refused_where_they_cannot_run():

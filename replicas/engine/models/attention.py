@@ -15,7 +15,8 @@ batch of rows (vLLM v1 style):
 Each layer first writes the step's new K/V into their slots, then reads every sequence's context
 back from the pages, so chunked prefill (cached > 0) and decode need no special cases. A group's
 sequences are gathered token by token, padded to its longest query count and longest context, and
-masked; the plan (indices, masks) is built once per step and reused by every layer. Prefills share
+masked; the plan is built once per step and reused by every layer: its integer index arrays go to
+the device in one copy (StepMetadata), the masks are computed there. Prefills share
 one call unless padding would more than double the work (then they split into several groups);
 decodes always share one.
 
@@ -49,11 +50,13 @@ against a GPU (see plan_attention).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from replicas.engine.models.ops import to_device
 
 Tensor = torch.Tensor
 
@@ -157,18 +160,24 @@ class PagedAttention:
         num_pages, _, _, block_size = kv.shape[:4]
         batch.check(block_size, num_pages)
         self.kv, self.scale, self.layer_windows = kv, scale, tuple(layer_windows)
-        dev = kv.device
         positions = batch.positions()
         tables = [list(t) for t in batch.block_tables]
         rows_table = [tables[i] for i, n in enumerate(batch.num_new_tokens) for _ in range(n)]
-        self.positions = torch.tensor(positions, dtype=torch.long, device=dev)  # [rows]
-        self._write_pages = torch.tensor([t[p // block_size] for t, p in zip(rows_table, positions)], device=dev)
-        self._write_slots = self.positions % block_size
-        windows = set(self.layer_windows)
+        meta = StepMetadata()
+        positions_at = meta.add(positions)
+        pages_at = meta.add([t[p // block_size] for t, p in zip(rows_table, positions)])
+        last_rows_at = meta.add(batch.last_rows())
         decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         prefills = [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
         groups = ([decodes] if decodes else []) + _prefill_groups(batch, prefills)
-        self._groups = [_Group.build(batch, seqs, block_size, windows, kv.dtype, dev) for seqs in groups]
+        key_align = CUDA_KEY_ALIGN if kv.device.type == "cuda" else 1
+        plans = [_GroupPlan.build(batch, seqs, block_size, key_align, meta) for seqs in groups]
+        on_device = meta.send(kv.device)  # the step's one host->device copy
+        self.positions = on_device[positions_at]  # [rows] absolute position of every row
+        self.last_rows = on_device[last_rows_at]  # [seqs] row of each sequence's last new token
+        self._write_pages, self._write_slots = on_device[pages_at], self.positions % block_size
+        windows = set(self.layer_windows)
+        self._groups = [p.finish(on_device, windows, kv.dtype) for p in plans]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v [rows, kv_heads, dim] in layer `layer`; attention output [rows, heads, dim]."""
@@ -182,6 +191,25 @@ class PagedAttention:
         for g in self._groups:
             out[g.out_rows] = g.attend(q, k_cache, v_cache, window, self.scale)
         return out
+
+
+class StepMetadata:
+    """A step's integer index arrays, gathered on the host and moved to the device in one copy (pinned
+    and asynchronous on CUDA), instead of one synchronising copy per array."""
+
+    def __init__(self) -> None:
+        self._parts: list[Tensor] = []
+
+    def add(self, values: Sequence[int] | Sequence[Sequence[int]] | Tensor) -> int:
+        """Register an int64 array (any shape); its index into what `send` returns."""
+        self._parts.append(torch.as_tensor(values, dtype=torch.long))
+        return len(self._parts) - 1
+
+    def send(self, device: torch.device) -> list[Tensor]:
+        """Every registered array on `device`, in order, as views of one buffer."""
+        flat = torch.cat([p.flatten() for p in self._parts]) if self._parts else torch.empty(0, dtype=torch.long)
+        flat = to_device(flat, device)
+        return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in self._parts]), self._parts)]
 
 
 def _prefill_groups(batch: AttentionBatch, seqs: list[int]) -> list[list[int]]:
@@ -209,6 +237,71 @@ def _real_area(batch: AttentionBatch, seqs: list[int]) -> int:
 
 
 @dataclass(frozen=True)
+class _GroupPlan:
+    """A group's host-side plan: where its index arrays sit in the step's metadata, and what the host
+    knows without looking at the device (shapes, which masks are unneeded)."""
+
+    at: dict[str, int]  # array name -> index into StepMetadata.send's result
+    num_queries: int  # longest new-token count of the group's sequences
+    num_keys: int  # longest context, rounded up to the key alignment
+    block_size: int
+    all_visible: Callable[[int | None], bool]  # window -> every query sees every key (no mask needed)
+    all_real: bool  # no padded queries
+    covers_all: bool  # the group's queries are exactly rows 0.. of the flat batch, in order
+
+    @staticmethod
+    def build(batch: AttentionBatch, seqs: list[int], block_size: int, key_align: int,
+              meta: StepMetadata) -> _GroupPlan:
+        news = [batch.num_new_tokens[i] for i in seqs]
+        cached = [batch.num_cached_tokens[i] for i in seqs]
+        contexts = [c + n for c, n in zip(cached, news)]
+        first = batch.first_rows()
+        num_queries = max(news)
+        num_keys = -(-max(contexts) // key_align) * key_align
+        offsets = [[min(j, n - 1) for j in range(num_queries)] for n in news]  # padding: the last query again
+        q_rows = [[first[i] + j for j in row] for i, row in zip(seqs, offsets)]
+        query_pos = [[c + j for j in row] for c, row in zip(cached, offsets)]
+        width_blocks = -(-num_keys // block_size)
+        tables = []
+        for i, n in zip(seqs, contexts):
+            table = list(batch.block_tables[i][: -(-n // block_size)])
+            tables.append(table + [table[0]] * (width_blocks - len(table)))
+        keep = [s * num_queries + j for s, n in enumerate(news) for j in range(n)]
+        out_rows = [first[i] + j for i, n in zip(seqs, news) for j in range(n)]
+        at = {"q_rows": meta.add(q_rows), "query_pos": meta.add(query_pos), "tables": meta.add(tables),
+              "contexts": meta.add(contexts), "out_rows": meta.add(out_rows), "keep": meta.add(keep)}
+        full = num_queries == 1 and all(c == num_keys for c in contexts)  # decodes of one length, unpadded
+
+        def all_visible(window: int | None) -> bool:
+            return full and (window is None or window >= num_keys)
+
+        all_real = len(keep) == len(seqs) * num_queries
+        return _GroupPlan(at, num_queries, num_keys, block_size, all_visible, all_real,
+                          all_real and out_rows == list(range(batch.num_tokens)))
+
+    def finish(self, arrays: list[Tensor], windows: set[int | None], dtype: torch.dtype) -> _Group:
+        """The group's device tensors: key maps and masks computed on the device from the sent arrays."""
+        a = {name: arrays[i] for name, i in self.at.items()}
+        key_pos = torch.arange(self.num_keys, device=a["contexts"].device)[None, :]  # [1, keys]
+        valid = key_pos < a["contexts"][:, None]  # [seqs, keys]
+        token = torch.where(valid, key_pos, 0)  # padding keys: token 0 (always written, so finite)
+        pages = torch.gather(a["tables"], 1, token // self.block_size)
+        masks = {}
+        for w in windows:
+            if self.all_visible(w):
+                masks[w] = None
+                continue
+            query_pos = a["query_pos"][:, :, None]
+            visible = valid[:, None, :] & (key_pos[:, None, :] <= query_pos)  # [seqs, queries, keys]
+            if w is not None:
+                visible &= key_pos[:, None, :] > query_pos - w
+            masks[w] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+                ~visible, float("-inf"))[:, None]  # [seqs, 1, queries, keys]
+        return _Group(a["q_rows"], pages, token % self.block_size, masks, a["out_rows"],
+                      None if self.all_real else a["keep"], self.covers_all)
+
+
+@dataclass(frozen=True)
 class _Group:
     """Sequences attended in one SDPA call, padded to `num_queries` queries and `num_keys` keys each.
 
@@ -229,49 +322,6 @@ class _Group:
     gathered: dict = field(default_factory=dict)  # 0 = K | 1 = V -> [seqs, num_keys, kv_heads, dim], the
     # buffer every layer gathers into (a fresh CPU allocation this size page-faults: 64 MB cost 31 ms
     # against 6 ms reused, measured on this project's 2-core machine)
-
-    @staticmethod
-    def build(batch: AttentionBatch, seqs: list[int], block_size: int, windows: set[int | None],
-              dtype: torch.dtype, dev: torch.device) -> _Group:
-        news = [batch.num_new_tokens[i] for i in seqs]
-        cached = [batch.num_cached_tokens[i] for i in seqs]
-        contexts = [c + n for c, n in zip(cached, news)]
-        first = batch.first_rows()
-        num_queries, num_keys = max(news), max(contexts)
-        if dev.type == "cuda":
-            num_keys = -(-num_keys // CUDA_KEY_ALIGN) * CUDA_KEY_ALIGN
-        # Index maps, built on the host (small) and moved in one copy each.
-        q_index = torch.arange(num_queries)[None, :]  # [1, queries]
-        new_t, cached_t, ctx_t = torch.tensor(news)[:, None], torch.tensor(cached)[:, None], torch.tensor(contexts)[:, None]
-        real_q = q_index < new_t  # [seqs, queries]
-        q_off = torch.minimum(q_index, new_t - 1)
-        q_rows = torch.tensor([first[i] for i in seqs])[:, None] + q_off
-        query_pos = cached_t + q_off  # padded queries: the last query's position (and visibility)
-        key_pos = torch.arange(num_keys)[None, :]  # [1, keys]
-        valid = key_pos < ctx_t
-        token = torch.where(valid, key_pos, 0)
-        width_blocks = -(-num_keys // block_size)
-        tables = []
-        for i, n in zip(seqs, contexts):
-            table = list(batch.block_tables[i][: -(-n // block_size)])
-            tables.append(table + [table[0]] * (width_blocks - len(table)))
-        pages = torch.gather(torch.tensor(tables), 1, token // block_size)
-        masks = {}
-        for w in windows:
-            visible = valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [seqs, queries, keys]
-            if w is not None:
-                visible &= key_pos[:, None, :] > query_pos[:, :, None] - w
-            if bool(visible.all()):
-                masks[w] = None
-            else:
-                additive = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
-                masks[w] = additive[:, None].to(dev)  # [seqs, 1, queries, keys]
-        keep = real_q.flatten().nonzero().flatten()
-        out_rows = q_rows.flatten()[keep]
-        all_real = bool(real_q.all())
-        covers_all = all_real and out_rows.tolist() == list(range(batch.num_tokens))
-        return _Group(q_rows.to(dev), pages.to(dev), (token % block_size).to(dev), masks, out_rows.to(dev),
-                      None if all_real else keep.to(dev), covers_all)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, window: int | None, scale: float) -> Tensor:
         """Output [real queries, heads, dim] of this group's queries, in `out_rows` order."""

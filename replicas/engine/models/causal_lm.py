@@ -81,7 +81,7 @@ class CausalLM:
             finally:
                 weights.release(i)
         if logits_for is None:
-            logits_for = torch.tensor(batch.last_rows(), device=h.device)
+            logits_for = attend.last_rows
         return self.arch.head(base, h[logits_for]).float()
 
     def _check(self, input_ids: Tensor, batch: AttentionBatch, kv: Tensor, base: Mapping[str, Tensor]) -> None:

@@ -79,6 +79,14 @@ def layer_norm(x: Tensor, w: Weights, name: str, eps: float) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], w.get(name + ".weight"), w.get(name + ".bias"), eps)
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for it: pinned and asynchronous on CUDA (a pageable
+    copy would synchronise with everything queued before it)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def proj_shapes(name: str, out_features: int, in_features: int, bias: bool) -> Shapes:
     """Parameter shapes of a linear projection in Hugging Face layout (weight is [out, in])."""
     shapes: Shapes = {name + ".weight": (out_features, in_features)}
