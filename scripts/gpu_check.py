@@ -198,7 +198,7 @@ def gpu_tests(out: pathlib.Path, modules: list[str], left_out: dict[str, str]) -
     xml = out / "gpu_tests.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "gpu",
                            f"--junitxml={xml}", *modules], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=900, check=False)
+                          capture_output=True, text=True, timeout=420, check=False)
     counts = _junit_counts(xml) if xml.exists() else {}
     ok = proc.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("skipped")
     return {"ok": ok, "modules": modules, "left_out": left_out, "returncode": proc.returncode, **counts,
