@@ -94,6 +94,7 @@ class _Tenant:
 
 @dataclass
 class _Stage:
+    model: ModelId  # the tenant that runs this step
     ring: StagingRing | None
     ran: bool = False  # the step computed a batch
 
@@ -128,8 +129,9 @@ class LLMEngine:
         self._finished: OrderedDict[SeqId, Sequence] = OrderedDict()  # the last MAX_FINISHED, for lookups
         self._ids = itertools.count()
         self.remap = RemapDriver(memory, self.controller, self.config.remap, self.link_bytes_per_s, clock,
-                                 lambda: {m: t.metrics for m, t in self._tenants.items()})
-        make_room = self.remap.make_room if self.mode is PreemptionMode.REMAP else None
+                                 lambda: {m: t.metrics for m, t in self._tenants.items()},
+                                 plans=self.mode is PreemptionMode.REMAP)
+        make_room = self.remap.make_room if self.remap.plans else None
         self.scheduler = self.remap.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
         self.executor = executor or TorchExecutor(memory)
         self._reserve = 0  # KV pages the head (the oldest unfinished request) may still need
@@ -281,7 +283,7 @@ class LLMEngine:
         if model is None:
             return []
         with self._staging(model, head) as stage:
-            batch = _Batch(model, self.scheduler.schedule(model, head, self._reserve), stage.ring)
+            batch = _Batch(stage.model, self.scheduler.schedule(stage.model, head, self._reserve), stage.ring)
             if not batch.output.seqs:
                 return []
             stage.ran = True
@@ -297,17 +299,18 @@ class LLMEngine:
         self._reserve = self.remap.remaining_need(head) if head is not None else 0
         self.remap.reserved = {head.model: self._reserve} if self._reserve else {}
         model = self.scheduler.next_tenant()
-        urgent = self.remap.replan(self._clock(), model, head) if self.mode is PreemptionMode.REMAP else None
-        self.remap.urgent = urgent
+        urgent = self.remap.replan(self._clock(), head) if self.remap.plans else None
         return urgent or model
 
     @contextlib.contextmanager
     def _staging(self, model: ModelId, head: Sequence | None):
-        """The tenant's staging ring for one step (`ring` None with every layer resident). Its layers
+        """The staging ring of the tenant that runs this step (`ring` None with every layer resident):
+        `model`'s, or the head's tenant's when `model` has no room for it (RemapDriver.open_ring). Its layers
         cannot change while the block runs; after it, the ring closes if the step ran nothing or the
         tenant has no work left (its slots go back to the pool), else stays with the layers of this
         pass for the next one."""
-        stage = _Stage(self.remap.ring_for(model, head))
+        model, ring = self.remap.open_ring(model, head)
+        stage = _Stage(model, ring)
         self.remap.ring_model = model
         try:
             yield stage

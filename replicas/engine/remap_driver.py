@@ -17,9 +17,13 @@ from collections.abc import Callable, Mapping
 from remap import DeviceMemory, MemorySnapshot, ModelId, RemapConfig, RemapController, StagingRing
 from replicas.engine.metrics import TenantMetrics
 from replicas.engine.scheduler import Scheduler
-from replicas.engine.sequence import Sequence
+from replicas.engine.sequence import SeqStatus, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+class NoRoomForRing(Exception):
+    """A tenant other than the head's cannot open its staging ring without another tenant's KV."""
 
 
 class RemapDriver:
@@ -34,9 +38,10 @@ class RemapDriver:
 
     def __init__(self, memory: DeviceMemory, controller: RemapController, config: RemapConfig,
                  link_bytes_per_s: float, clock: Callable[[], float],
-                 tenants: Callable[[], Mapping[ModelId, TenantMetrics]]) -> None:
+                 tenants: Callable[[], Mapping[ModelId, TenantMetrics]], plans: bool = True) -> None:
         self.memory, self.controller, self.config = memory, controller, config
         self.link_bytes_per_s, self._clock, self._tenants = link_bytes_per_s, clock, tenants
+        self.plans = plans  # False: layers move only by hand (the engine's recompute and swap modes, tests)
         self.scheduler: Scheduler | None = None  # set by the engine (the scheduler calls make_room)
         self.ring_model: ModelId | None = None  # whose ring is open this step: its layers cannot change
         self.urgent: ModelId | None = None  # this step's tenant when its plan is urgent
@@ -78,26 +83,40 @@ class RemapDriver:
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
                               urgent)
 
-    def replan(self, now: float, model: ModelId | None, head: Sequence | None) -> ModelId | None:
-        """The step's memory plan. Under pressure for the head (the plan is short, or free pages are
-        short of its reservation) the head's tenant is served instead and its plan is urgent (see
-        the progress guarantee above): another tenant's step would take back, as its ring or as
-        restores, the layers the head's plan lends. Returns the urgent tenant, or None."""
+    def replan(self, now: float, head: Sequence | None) -> ModelId | None:
+        """The step's memory plan. When the head cannot take its next step (`_head_is_short`) its
+        tenant is served and the plan is urgent (see the progress guarantee above): another tenant's
+        step would take back, as its ring or as restores, the layers the head's plan lends. Returns
+        the urgent tenant, or None."""
+        self.urgent = None
         plan = self.controller.plan(self.snapshot(now))
-        urgent = None
-        reserved = self.reserved.get(head.model, 0) if head is not None else 0
-        if head is not None and (plan.num_pages_short > 0
-                                 or self.memory.pool.num_free + self._ring_pages(head.model) < reserved):
-            urgent = head.model
-            for other in list(self._tenants()):
-                if other != urgent and self.memory.ring(other) is not None:
-                    self.memory.close_stream(other)  # they do not compute this step; slots are caches
-            logger.debug("progress: %s's oldest request may still need %d KV pages, %d are free: every other tenant "
-                         "lends up to its cap", urgent, self.reserved.get(urgent, 0), self.memory.pool.num_free)
-            plan = self.controller.plan(self.snapshot(now, None, urgent))
-        if not plan.is_noop:
+        if head is not None and self._head_is_short(head, plan):
+            self.make_urgent(now, head)
+        elif not plan.is_noop:
             self.apply(plan)
-        return urgent
+        return self.urgent
+
+    def _head_is_short(self, head: Sequence, plan) -> bool:
+        """The head waits for pages the plan cannot find, or the free pages are short of what it may
+        still need. A plan short of other requests' demand alone is not urgent: every tenant keeps
+        its turn (serving only the head's would stall every other stream for seconds), and no
+        later request is admitted into the head's reservation."""
+        reserved = self.reserved.get(head.model, 0)
+        return ((head.status is not SeqStatus.RUNNING and plan.num_pages_short > 0)
+                or self.memory.pool.num_free + self._ring_pages(head.model) < reserved)
+
+    def make_urgent(self, now: float, head: Sequence) -> None:
+        """Serve only the head's tenant this step: every other tenant lends up to its cap like an
+        idle one, and their rings close (they do not compute this step; slots are caches)."""
+        self.urgent = head.model
+        for other in list(self._tenants()):
+            if other != head.model and self.memory.ring(other) is not None:
+                self.memory.close_stream(other)
+        logger.debug("progress: %s's oldest request may still need %d KV pages, %d are free: every other tenant "
+                     "lends up to its cap", head.model, self.reserved.get(head.model, 0), self.memory.pool.num_free)
+        plan = self.controller.plan(self.snapshot(now, None, self.urgent)) if self.plans else None
+        if plan is not None and not plan.is_noop:
+            self.apply(plan)
 
     def apply(self, plan) -> None:
         self.memory.apply(plan)  # rings of the models whose layers move close first (DeviceMemory)
@@ -117,6 +136,16 @@ class RemapDriver:
             self.apply(plan)
         return self.memory.pool.num_free > free_before
 
+    def open_ring(self, model: ModelId, head: Sequence | None) -> tuple[ModelId, StagingRing | None]:
+        """(the tenant that runs this step, its ring): `model`'s, or the head's tenant's, made urgent,
+        when `model` has no room for its ring."""
+        try:
+            return model, self.ring_for(model, head)
+        except NoRoomForRing:
+            logger.debug("no room for %s's staging ring: %s's head runs instead", model, head.model)
+            self.make_urgent(self._clock(), head)
+            return head.model, self.ring_for(head.model, head)
+
     def ring_for(self, model: ModelId, head: Sequence | None) -> StagingRing | None:
         """The staging ring of the model's remapped layers, kept across its steps (its slots still
         hold the layers of the last pass); opened when missing, preempting later arrivals than the
@@ -135,8 +164,23 @@ class RemapDriver:
                 ring = self.memory.open_stream(model, slots)
                 if ring is not None:
                     return ring
-            # KV fills every page: free some by recompute, the way the pool's last resort always is;
-            # the head yields only if it holds more than admission allowed it (tests force that)
+            # Other tenants' rings are caches (they do not compute this step): they go first
+            others = [m for m in self._tenants() if m != model and self.memory.ring(m) is not None]
+            if others:
+                for other in others:
+                    self.memory.close_stream(other)
+                continue
+            # KV fills every page: free some by recompute, the way the pool's last resort always is.
+            # A tenant other than the head's takes only from itself, and skips its turn when that is
+            # not enough; the head's takes from every tenant, and the head yields only if it holds
+            # more than admission allowed it (tests force that)
+            if head is not None and head.model != model:
+                if not self.scheduler.preempt_latest(keep=head, model=model):
+                    raise NoRoomForRing(model)
+                continue
+            if head is not None and self.urgent is None and self.plans:  # every other tenant lends up to its cap
+                self.make_urgent(self._clock(), head)
+                continue
             if not self.scheduler.preempt_latest(keep=head) and not self.scheduler.preempt_latest():
                 ring = self.memory.open_stream(model, 1)
                 if ring is not None:

@@ -303,10 +303,10 @@ class Scheduler:
         self._preempt(max(later, key=_order))
         return True
 
-    def preempt_latest(self, keep: Sequence | None = None) -> bool:
-        """Preempt the latest-arriving running sequence of any tenant but `keep` (the engine's head);
-        False if none is left to preempt."""
-        running = [s for seqs in self.running.values() for s in seqs if s is not keep]
+    def preempt_latest(self, keep: Sequence | None = None, model: ModelId | None = None) -> bool:
+        """Preempt the latest-arriving running sequence but `keep` (the engine's head), of `model` or
+        of any tenant; False if none is left to preempt."""
+        running = [s for m, seqs in self.running.items() if model in (None, m) for s in seqs if s is not keep]
         if not running:
             return False
         self._preempt(max(running, key=_order))
