@@ -205,8 +205,11 @@ class Scheduler:
                 seq = waiting[0]
                 n = seq.num_uncomputed_tokens
                 need = kv.num_blocks_for(seq.num_tokens)
-                keep = 0 if seq is head else max(watermark, reserve_pages)  # the head: what it was promised
-                if n > budget or kv.num_free_pages - need < keep or kv.alloc(seq.seq_id, need) is None:
+                if seq is head:  # what it was promised: later arrivals of any tenant yield their pages
+                    if n > budget or not self._alloc_head(head, need):
+                        break
+                elif n > budget or kv.num_free_pages - need < max(watermark, reserve_pages) or kv.alloc(
+                        seq.seq_id, need) is None:
                     break
                 waiting.popleft()
                 self._run(seq)
@@ -242,6 +245,15 @@ class Scheduler:
                 budget -= n
                 swapped_in += 1
         return SchedulerOutput(model, tuple(scheduled), self.num_preemptions - preempted_before, swapped_in)
+
+    def _alloc_head(self, head: Sequence, need: int) -> bool:
+        """vllm-v0: the waiting head's blocks, lending parameters or preempting later arrivals of any
+        tenant for them; False while nothing later holds device memory."""
+        kv = self._kv[head.model]
+        while kv.alloc(head.seq_id, need) is None:
+            if not self._make_room(head.model, need) and not self._preempt_after(head):
+                return False
+        return True
 
     def watermark_pages(self) -> int:
         """vllm-v0: pages admission leaves free, 1% of the pages KV holds or could take now."""

@@ -150,3 +150,30 @@ def test_every_sequence_finishes_and_frees_its_pages(mode):
     assert all(s.status is SeqStatus.FINISHED and len(s.output_token_ids) == s.params.max_tokens
                for s in seqs.values())
     assert kv.num_pages_used == 0 and kv.num_free_pages == 12
+
+
+def test_a_waiting_head_takes_its_pages_from_later_arrivals_of_another_tenant():
+    # remap mode keeps the engine's progress guarantee on top of V0: the oldest request, waiting,
+    # is admitted by preempting later arrivals of any tenant once nothing more can be lent (seen in
+    # the C2 simulation: without it the head's tenant ran empty steps forever)
+    probe = make_memory(256)
+    add_model(probe, "m0")
+    add_model(probe, "m1")
+    params = probe.pool.num_pages - probe.pool.num_free
+    mem = make_memory(params + 12)
+    add_model(mem, "m0")
+    add_model(mem, "m1")
+    config = SchedulerConfig(max_num_batched_tokens=64, preemption_mode="remap", policy=SchedulingPolicy.VLLM_V0)
+    sched = Scheduler(config, mem.kv, make_room=lambda model, pages: False)  # nothing left to lend
+    m1 = ModelId("m1")
+    head = seq(0, 16)  # 4 pages, arrived first
+    later = [Sequence(i, m1, [5] * 16, SamplingParams(max_tokens=50, ignore_eos=True), float(i)) for i in (1, 2, 3)]
+    sched.add(head)
+    for s in later:
+        sched.add(s)
+    out = sched.schedule(m1)
+    assert [s.seq_id for s in out.seqs] == [1, 2, 3] and mem.kv[m1].num_free_pages == 0
+    out = sched.schedule(M, head, reserve_pages=4)
+    assert [s.seq_id for s in out.seqs] == [0] and head.status is SeqStatus.RUNNING
+    assert later[2].status is SeqStatus.WAITING and later[2].num_preemptions == 1  # the latest yielded
+    assert [s.status for s in later[:2]] == [SeqStatus.RUNNING] * 2
