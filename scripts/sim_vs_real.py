@@ -115,7 +115,8 @@ def measured_params(profile, base: dict) -> CostParams:
     per_seq_layer = max(0.0, ((step_4_b16 - step_4) - (step_1_b16 - step_1)) / 3 / 15)
     return CostParams(flops_efficiency=efficiency, hbm_efficiency=1.0, kernel_floor_s=floor,
                       step_overhead_s=max(0.0, step_1 - per_layer - floor), seq_overhead_s=per_seq,
-                      attention_efficiency=_attention_efficiency(profile, base), seq_layer_overhead_s=per_seq_layer)
+                      attention_efficiency=_attention_efficiency(profile, base), seq_layer_overhead_s=per_seq_layer,
+                      copies_overlap=False)  # the CPU engine copies inline (SyncTransferEngine)
 
 
 def _attention_efficiency(profile, base: dict, batch: int = 16, context: int = 512) -> float:

@@ -41,6 +41,8 @@ class CostParams:
     seq_overhead_s: float = 0.0  # per sequence in the step: its block table, positions, sampling (host side)
     attention_efficiency: float = 1.0  # achieved / HBM bandwidth of paged-KV reads (a gather, not a stream)
     seq_layer_overhead_s: float = 0.0  # per sequence per layer beyond the roofline (small-batch CPU ops)
+    copies_overlap: bool = True  # streamed layers copy beside compute (a GPU's copy engine); False: inline,
+    # on the cores that compute (the CPU engine's SyncTransferEngine), so every copy adds to the step
 
 
 # fit_vidur() on Vidur's H100 TP=1 linear-operator medians (Llama-2-7b/70b, CodeLlama-34b, Qwen-72B,
@@ -123,7 +125,7 @@ class CostModel:
         compute = self.compute_s(config, batch)
         mixed = swap_out_bytes > 0  # d2h swap traffic shares the link's step
         transfer = self.link_s(streamed_bytes, mixed)
-        exposed = max(0.0, transfer - compute) if num_slots >= 2 else transfer
+        exposed = max(0.0, transfer - compute) if num_slots >= 2 and self.params.copies_overlap else transfer
         blocking = (self.link_s(swap_out_bytes + swap_in_bytes + restore_bytes, mixed)
                     + (2 * migrate_bytes / self._bytes if migrate_bytes else 0.0))
         return StepCost(compute, transfer, exposed, blocking, compute + exposed + blocking)

@@ -104,6 +104,7 @@ class SimExecutor:
         self._resident: dict[ModelId, frozenset[int]] = {}
         self._swapped_blocks: dict[SeqId, int] = {}  # swapped-out sequence -> blocks it took to host
         self._migrated = memory.num_blocks_migrated
+        self._rings: dict[ModelId, tuple[StagingRing, frozenset[int]] | None] = {}  # model -> last step's ring
         self._keep_steps = keep_steps
         self.stats = SimStats()
 
@@ -123,7 +124,7 @@ class SimExecutor:
         swap_out, swap_in = self._swap_traffic(seqs)
         cost = self.cost.step(
             config, batch,
-            streamed_bytes=num_streamed * self._memory.params.max_layer_bytes(model),
+            streamed_bytes=self._copied_layers(model, ring, num_streamed) * self._memory.params.max_layer_bytes(model),
             num_slots=ring.num_slots if ring else 2,
             swap_out_bytes=swap_out, swap_in_bytes=swap_in,
             restore_bytes=self._restored_bytes(),
@@ -135,6 +136,15 @@ class SimExecutor:
         return ExecutorResult(sampled, {}, num_streamed, cost.exposed_transfer_s)  # not compute: see engine.step
 
     # ---- what the engine moved since the last step ---------------------------------------
+    def _copied_layers(self, model: ModelId, ring: StagingRing | None, num_streamed: int) -> int:
+        """Streamed layers copied this step: all of them, unless the ring has a slot for each and
+        already held them in its last pass (a slot keeps its layer across passes: remap/staging.py)."""
+        layers = frozenset(self._memory.params.resident_layers(model))
+        last = self._rings.get(model)
+        kept = ring is not None and num_streamed <= ring.num_slots and last is not None and last[0] is ring and last[1] == layers
+        self._rings[model] = (ring, layers) if ring is not None else None
+        return 0 if kept else num_streamed
+
     def _swap_traffic(self, seqs: Mapping[SeqId, Sequence]) -> tuple[float, float]:
         """(bytes swapped out, bytes swapped in) since the last step, from the sequences' states."""
         out_bytes = in_bytes = 0.0

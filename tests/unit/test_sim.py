@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from remap import RemapConfig
+from remap import ModelId, RemapConfig
 from replicas.engine.engine import EngineConfig
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import SchedulerConfig
@@ -61,6 +62,26 @@ def test_streamed_layers_cost_only_what_compute_does_not_hide():
     assert exposed.total_s == pytest.approx(exposed.transfer_s)  # max(compute, transfer)
     serial = cost.step(config, batch, streamed_bytes=1 * layer, num_slots=1)
     assert serial.total_s == pytest.approx(serial.compute_s + serial.transfer_s)
+    inline = CostModel(H100_SXM, dataclasses.replace(H100_FIT, copies_overlap=False))  # a CPU's inline copies
+    inline_cost = inline.step(config, batch, streamed_bytes=1 * layer)
+    assert inline_cost.total_s == pytest.approx(inline_cost.compute_s + inline_cost.transfer_s)
+
+
+def test_a_ring_with_a_slot_per_streamed_layer_copies_them_once():
+    # a slot keeps its layer across passes (remap/staging.py): with one lent layer and two slots only
+    # the first step copies; with three lent layers every step copies all three
+    for lent, copies_per_step in ((1, [1, 0, 0]), (3, [3, 3, 3])):
+        engine, sim = _make(mode="recompute", max_num_batched_tokens=512)  # recompute: the layers stay lent
+        layer_bytes = engine.memory.params.max_layer_bytes(ModelId("a"))
+        engine.add_request("a", [7] * 8, SamplingParams(max_tokens=10))
+        for layer in range(1, 1 + lent):
+            engine.memory.reclaim(ModelId("a"), 3 * layer)
+        copied = []
+        for _ in range(3):
+            engine.step()
+            cost = sim.stats.steps[-1][1]
+            copied.append(round(cost.transfer_s / sim.cost.link_s(layer_bytes, False)))
+        assert copied == copies_per_step and engine.num_layers_streamed == 3 * lent
 
 
 def test_cpu_profile_measures_this_machine():
