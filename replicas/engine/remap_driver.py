@@ -30,11 +30,13 @@ class RemapDriver:
     # The progress guarantee.
     # The head is the oldest unfinished request. What it may still need is reserved: every plan
     # counts it as demand, and no later request is admitted into it. When its tenant is scheduled
-    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler). Under
-    # pressure (the plan is short, or free pages are short of the reservation) only its tenant
-    # computes and the plan is urgent: every other tenant lends up to its cap like an idle one
-    # (their rings close). Admission only takes requests whose need fits `Capacity.kv_pages_for`,
-    # so the head runs on every step of its tenant until it ends; then the next oldest is the head.
+    # it runs first and later arrivals of any tenant yield their KV to it (Scheduler). When it
+    # cannot take its next step (it waits and the plan is short, or free pages are short of the
+    # reservation) only its tenant computes and the plan is urgent: every other tenant lends up to
+    # its cap like an idle one (their rings close). Another tenant's ring takes only that tenant's
+    # KV; when that is not enough, the head's tenant runs instead (`open_ring`). Admission only takes
+    # requests whose need fits `Capacity.kv_pages_for`, so the head runs on every step of its tenant
+    # until it ends; then the next oldest is the head.
 
     def __init__(self, memory: DeviceMemory, controller: RemapController, config: RemapConfig,
                  link_bytes_per_s: float, clock: Callable[[], float],
