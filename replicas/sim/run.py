@@ -163,7 +163,10 @@ def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Re
             stalled.clear()
         else:
             stalled.add(k)
-            if i < n and stalled >= {b for b, e in enumerate(distinct) if e.has_unfinished()}:
+            if stalled >= {b for b, e in enumerate(distinct) if e.has_unfinished()}:
+                if i >= n:  # found on C2 under vllm-v0 (b7e53ed): 50M empty steps at one instant
+                    raise RuntimeError(f"no engine can run a step and no request is left to arrive "
+                                       f"({len(live)} requests live, t={clock.now():.3f} s): the engine livelocks")
                 clock.advance_to(requests[i].arrival_s)  # no step could run: nothing to do until the next arrival
                 stalled.clear()
     return records

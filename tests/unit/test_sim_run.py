@@ -177,3 +177,32 @@ def test_paper_table_has_every_cell_and_metric_and_checks_signs(tmp_path):
 def test_cli_without_a_preset_or_the_paper_table_is_a_clear_error(capsys):
     assert main(["sim"]) == 2
     assert "--preset" in capsys.readouterr().err
+
+
+class _StuckEngine:
+    """An engine seam that accepts requests and never runs a step (a livelocked engine)."""
+
+    def __init__(self) -> None:
+        self.num = 0
+
+    def add_request(self, model, prompt, params):
+        self.num += 1
+        return self.num
+
+    def sequence(self, seq_id):
+        return seq_id
+
+    def has_unfinished(self) -> bool:
+        return self.num > 0
+
+    def step(self):
+        return []
+
+
+def test_a_replay_whose_engines_cannot_step_fails_instead_of_spinning():
+    from replicas.sim.clock import VirtualClock
+    from replicas.sim.run import _replay
+
+    requests = [Request(0.0, "t0", 4, 4), Request(1.0, "t0", 4, 4)]
+    with pytest.raises(RuntimeError, match="livelocks"):
+        _replay({"m": _StuckEngine()}, VirtualClock(), requests, {"t0": "m"}, max_steps=1_000_000)
