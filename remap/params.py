@@ -110,9 +110,12 @@ class ParamStore:
         layouts = [pack_layout(t) for _, t in parts]
         page = self._pool.page_size_bytes
         need = sum(-(-nbytes // page) for _, nbytes in layouts)
-        if need > self._pool.num_pages:
+        # with up to max_lent layers lent, the fewest pages it can load into: the largest ones lent
+        most_lent = sum(sorted((-(-nbytes // page) for _, nbytes in layouts[1:]), reverse=True)[:max_lent])
+        if need - most_lent > self._pool.num_pages:
+            lent = f" ({need - most_lent} with {max_lent} of its layers lent)" if max_lent else ""
             raise RemapError(
-                f"model {model!r} needs {need} pages of {page} B but the pool has only {self._pool.num_pages}"
+                f"model {model!r} needs {need} pages of {page} B{lent} but the pool has only {self._pool.num_pages}"
             )
         free = self._pool.num_free
         self._num_layers[model] = len(layers)

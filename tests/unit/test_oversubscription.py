@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from remap import DeviceMemory, RemapError, make_backend
+from remap import DeviceMemory, make_backend
 from replicas.engine.capacity import LoadRefused
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
@@ -162,13 +162,13 @@ def test_under_vllm_v0_every_admitted_request_finishes_within_the_bound_with_exa
     check_finishes_within_the_bound(w, num_pages, max(len(p) + n for _, p, n, _ in w["requests"]), "vllm-v0")
 
 
-@pytest.mark.xfail(strict=True, raises=RemapError, reason="found by hypothesis while shrinking, 2026-12-06, also on "
-                   "76a5c9a: Capacity.kv_pages_for says 65 pages hold both tenants (t1 loading onto lent layers); "
-                   "registering t1 needs 68")
-def test_the_smallest_pool_capacity_promises_loads_every_tenant():
-    w = {"tenants": [("qwen2_tied", 2, 128), ("llama3_rope", 4, 256)], "requests": [(0, [3], 1, 150)] * 4,
-         "mode": "remap", "backend": "arena", "extra_pages": 0, "budget": 8, "max_seqs": 1, "link": 10e9}
-    make_engine(w["tenants"], smallest_pool(w), "remap", "arena", 8, 1).close()
+def test_the_smallest_pool_capacity_promises_loads_every_tenant_and_serves_it():
+    # found by hypothesis while shrinking (2026-12-06): Capacity said 65 pages hold both tenants, t1
+    # loading onto lent layers, but registering refused any model whose every slab exceeds the pool
+    w = {"tenants": [("qwen2_tied", 2, 128), ("llama3_rope", 4, 256)], "requests": [(0, [3], 1, 150)] * 4
+         + [(1, [4, 5], 6, 151)], "mode": "remap", "backend": "arena", "extra_pages": 0, "budget": 8,
+         "max_seqs": 1, "link": 10e9}
+    check_finishes_within_the_bound(w, smallest_pool(w), w["budget"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
