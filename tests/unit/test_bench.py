@@ -288,5 +288,57 @@ def test_bench_job_defaults_to_the_head_proxy_and_fails_clearly():
     assert bench_argv(["--rate", "2"]) == ["bench", "--base-url", DEFAULT_BASE_URL, "--rate", "2"]
     assert bench_argv(["--base-url=http://x/v1"]) == ["bench", "--base-url=http://x/v1"]
     done = subprocess.run([sys.executable, str(root / "scripts" / "bench_job.py"), "--base-url", "http://127.0.0.1:9/v1",
-                           "--duration", "1", "--quiet"], capture_output=True, text=True, timeout=120)
+                           "--duration", "1", "--quiet"], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "cannot reach http://127.0.0.1:9/v1" in done.stderr
+
+
+# ---- scripts/bench_engine.py -------------------------------------------------------------------
+
+def _bench_engine():
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import bench_engine
+    finally:
+        sys.path.pop(0)
+    return bench_engine
+
+
+def test_bench_engine_prompts_are_fresh_per_run_and_the_same_for_both_engines():
+    w = _bench_engine().Workload("prefill", 4, 8, 1, True)
+    assert w.prompts(1, 1024) == w.prompts(1, 1024) != w.prompts(2, 1024)
+    assert all(3 <= t < 64 for p in w.prompts(0, 64) for t in p) and len(w.prompts(0, 64)) == 4
+    assert w.num_tokens == 32 and w.tok_s_key == "prefill_tok_s_b4"
+
+
+def test_bench_engine_speedup_is_vllms_median_seconds_over_ours():
+    be = _bench_engine()
+    workloads = (be.Workload("decode_b1", 1, 4, 8, False), be.Workload("prefill", 2, 16, 1, True))
+    ours = {"decode_b1": {"seconds": [1.0, 2.0, 9.0], "token_ids": [[5, 6]]},
+            "prefill": {"seconds": [0.5], "token_ids": [[7], [8]]}}
+    vllm = {"workloads": {"decode_b1": {"seconds": [4.0, 3.0, 3.0], "token_ids": [[5, 6]]},
+                          "prefill": {"seconds": [0.25], "token_ids": [[7], [9]]}}}
+    out = be.compare(workloads, ours, vllm)
+    assert out["decode_tok_s_b1"] == 4.0 and out["vllm_decode_tok_s_b1"] == 8 / 3
+    assert out["speedup_vs_vllm_decode_b1"] == 1.5 and out["speedup_vs_vllm_prefill"] == 0.5
+    assert out["ours"]["decode_b1"]["tok_s_min"] == 8 / 9 and out["ours"]["decode_b1"]["tok_s_max"] == 8.0
+    assert out["vllm_same_output_fraction"] == {"decode_b1": 1.0, "prefill": 0.5}
+    without = be.compare(workloads, ours, {})
+    assert without["speedup_vs_vllm_decode_b1"] is None and without["vllm"] is None
+    assert without["prefill_tok_s_b2"] == 64.0
+
+
+def test_bench_engine_quick_runs_without_vllm_and_writes_null_speedups(tmp_path):
+    import torch
+
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        assert _bench_engine().main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process's threads, as a script may
+    results = json.loads(out.read_text())
+    assert {k: results[k] for k in results if k.startswith("speedup")} == {
+        "speedup_vs_vllm_decode_b1": None, "speedup_vs_vllm_decode_b16": None, "speedup_vs_vllm_prefill": None}
+    assert all(results[k] > 0 for k in ("decode_tok_s_b1", "decode_tok_s_b16", "prefill_tok_s_b16"))
+    assert set(results["p99_tbt_s"]) == {"remap", "recompute", "swap"}
