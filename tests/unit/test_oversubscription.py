@@ -136,18 +136,7 @@ def check_finishes_within_the_bound(w, num_pages: int, budget: int, policy: str 
 @given(workloads())
 @example(SECOND_BURST_ON_A_SLOW_LINK)
 def test_every_admitted_request_finishes_within_the_bound_with_exact_output(w):
-    num_pages = smallest_pool(w) + w["extra_pages"]
-    args = (w["mode"], w["backend"], w["budget"], w["max_seqs"], w["link"])
-    ample = make_engine(w["tenants"], AMPLE_PAGES, *args)
-    want, _ = run(ample, w["requests"], check=False)
-    ample.close()
-    engine = make_engine(w["tenants"], num_pages, *args)
-    got, steps = run(engine, w["requests"], check=True)
-    bound = max(r[3] for r in w["requests"]) + len(w["tenants"]) * sum(
-        math.ceil((len(p) + n) / w["budget"]) + n for _, p, n, _ in w["requests"])
-    assert got == want
-    assert steps <= bound, f"{steps} steps > bound {bound}"
-    engine.close()
+    check_finishes_within_the_bound(w, smallest_pool(w) + w["extra_pages"], w["budget"])
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
