@@ -42,6 +42,16 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound now, or None (checked before Ray starts, for a one-line error)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror
+    return None
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneiros", description="Oneiros cluster: multi-tenant LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
@@ -52,7 +62,7 @@ def make_parser() -> argparse.ArgumentParser:
                               "(replaces the config's models)")
     serve_p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                          help="a folder to serve under NAME (repeatable; with PATHs, replaces the config's models)")
-    serve_p.add_argument("--host", help="address the HTTP proxy binds (overrides the config)")
+    serve_p.add_argument("--host", help="address the HTTP API binds (overrides the config)")
     serve_p.add_argument("--port", type=int, help="HTTP port (overrides the config)")
     serve_p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                          help="a bearer key clients must send (repeatable; adds to the config's keys)")
@@ -237,7 +247,7 @@ def _serve(args) -> int:
     from ray import serve
 
     from cluster.actor import NAMESPACE
-    from replicas.service.deployments import GRPC_SERVICERS, build_app
+    from replicas.service.deployments import build_app, serve_start_options
 
     num_cpus = args.num_cpus
     if args.address is None and num_cpus is None:  # logical CPUs: room for every replica and the ingress
@@ -247,11 +257,17 @@ def _serve(args) -> int:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     dashboard = {} if args.address else {"include_dashboard": bool(args.dashboard_port),
                                          "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port or None}
+    if (busy := _port_taken(config.http.host, config.http.port)) is not None:
+        print(f"oneiros: cannot serve on {config.http.host}:{config.http.port}: {busy}", file=sys.stderr)
+        return 1
     ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, **dashboard)
-    serve.start(http_options={"host": config.http.host, "port": config.http.port},
-                grpc_options={"port": config.http.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+    serve.start(**serve_start_options(config))
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     base = f"http://{config.http.host}:{config.http.port}/v1"
+    if args.address is not None and config.http.ingress == "direct":
+        print("oneiros: http.ingress is direct: the API listens on the node that runs the ingress replica, "
+              "which on a multi-node cluster may not be this one (http.ingress: proxy listens on every node)",
+              file=sys.stderr)
     print(f"oneiros: serving {[m.name for m in config.models]} at {base}, gRPC on port {config.http.grpc_port} "
           "(Ctrl-C stops)", flush=True)
     first = config.models[0]  # a real model gets a chat question, random weights a completion

@@ -194,9 +194,16 @@ class ApiKey(BaseModel):
 class HttpSettings(BaseModel):
     model_config = _STRICT
 
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port; the API is under /v1.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy.")
+    ingress: Literal["direct", "proxy"] = Field("direct", description=(
+        "direct: the ingress replica serves HTTP on host:port itself, a hop fewer for every request and "
+        "streamed token (docs/latency.md); clients must reach the node that runs it (a one-node cluster, "
+        "as `oneiros serve` starts it). Serve's HTTP proxy then listens on proxy_port. "
+        "proxy: Serve's HTTP proxy on host:port forwards to the ingress (any node takes requests; KubeRay)."))
+    proxy_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Port of Serve's HTTP proxy when ingress is direct; null: a free port chosen at start."))
 
 
 class OneirosConfig(BaseModel):

@@ -315,14 +315,14 @@ class LocalCluster:
         from ray import serve
 
         from cluster.actor import NAMESPACE
-        from replicas.service.deployments import build_app
+        from replicas.service.deployments import build_app, serve_start_options
 
         r, http = self.config.replicas, self.config.http
         num_cpus = max(os.cpu_count() or 1, math.ceil(r.num_replicas * r.num_cpus + 1))  # as cli._serve
         ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
                  logging_level="warning", log_to_driver=False)
         self.started = True
-        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.start(**serve_start_options(self.config))
         serve.run(build_app(self.config), name=self.config.app_name, route_prefix="/", blocking=False)
         self._wait(lambda st: len(st["tenants"]) == len(self.config.models), PLACEMENT_TIMEOUT_S, "models placed")
         return f"http://{http.host}:{http.port}/v1"

@@ -27,7 +27,7 @@ from cluster.actor import find_controller, get_or_create_controller
 from cluster.state import ControllerConfig
 from replicas.config import OneirosConfig, default_config
 from replicas.service.grpc.service import GrpcService
-from replicas.service.ingress import OpenAIFrontend, make_app
+from replicas.service.ingress import DirectHttp, OpenAIFrontend, make_app
 from replicas.service.router import MemoryAwareRouter
 from replicas.service.server import EngineServer
 
@@ -156,6 +156,8 @@ class EngineReplica(EngineServer):
 # client went away) cancels the gRPC call on the loop that owns it, and the replica aborts the
 # request; with Serve's defaults (a separate router loop) the cancel is lost and the request runs to
 # its end. Measured in docs/latency.md.
+INGRESS_DRAIN_S = 4.0  # direct HTTP streams get this long to finish when the ingress stops...
+INGRESS_SHUTDOWN_S = INGRESS_DRAIN_S + 2.0  # ...within Serve's graceful shutdown of the replica
 INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
@@ -166,9 +168,12 @@ class OpenAIIngress:
     def __init__(self, engine, config: dict[str, Any]) -> None:
         self._engine = engine
         moves = metrics.Counter("oneiros_failovers", "Requests moved off a replica that died mid-stream", ("model",))
-        self.frontend = OpenAIFrontend(OneirosConfig.model_validate(config), self._generate,
-                                       on_move=lambda model: moves.inc(1, {"model": model}))
+        oneiros = OneirosConfig.model_validate(config)
+        self.frontend = OpenAIFrontend(oneiros, self._generate, on_move=lambda model: moves.inc(1, {"model": model}))
         self._grpc = GrpcService(self.frontend)
+        self._app = make_app(self.frontend)
+        http = oneiros.http
+        self._direct = DirectHttp(self._app, http.host, http.port) if http.ingress == "direct" else None
 
     def _generate(self, model, prompt_ids, params, avoid=()):
         # _by_reference=False: Serve's gRPC transport between the two deployments instead of Ray
@@ -176,8 +181,12 @@ class OpenAIIngress:
         return self._engine.options(stream=True, _by_reference=False).generate.remote(
             model, prompt_ids, params, avoid=avoid)
 
-    def __serve_build_asgi_app__(self):
-        return make_app(self.frontend)
+    def __serve_build_asgi_app__(self):  # what Serve's HTTP proxy forwards to
+        return self._app
+
+    async def __del__(self):  # Serve calls it at shutdown, after its graceful wait for its own requests
+        if self._direct is not None:
+            await self._direct.stop(timeout_s=INGRESS_DRAIN_S)
 
     # gRPC: Serve's gRPC proxy calls the method named like the RPC (replicas/service/grpc/oneiros.proto)
     async def Completions(self, request, grpc_context=None):  # noqa: N802 - RPC names
@@ -233,18 +242,31 @@ def build_app(config: OneirosConfig):
     )
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": INGRESS_ENV}},
-                               max_ongoing_requests=4 * r.max_pending_requests, graceful_shutdown_timeout_s=5.0)
+                               max_ongoing_requests=4 * r.max_pending_requests,
+                               graceful_shutdown_timeout_s=INGRESS_SHUTDOWN_S)
     plain = config.model_dump(mode="json")
     return ingress.bind(engine.bind(plain), plain)
 
 
 def app_builder(args: dict[str, Any]):
     """For `serve run` / `serve deploy` / KubeRay: args `config: path.yaml`, or the whole Oneiros
-    config inline as `oneiros: {...}`, or nothing for the built-in default."""
+    config inline as `oneiros: {...}`, or nothing for the built-in default. There the Serve config's
+    http_options own the HTTP port, so the ingress stays behind Serve's proxy (http.ingress: proxy)."""
     if args.get("oneiros"):
         config = OneirosConfig.model_validate(args["oneiros"])
     elif args.get("config"):
         config = OneirosConfig.load(args["config"])
     else:
         config = default_config()
-    return build_app(config)
+    return build_app(config.model_copy(update={"http": config.http.model_copy(update={"ingress": "proxy"})}))
+
+
+def serve_start_options(config: OneirosConfig) -> dict[str, Any]:
+    """serve.start's arguments for a cluster that `config` is deployed on by `build_app`: Serve's
+    HTTP proxy on http.port, or beside it when the ingress serves http.port itself."""
+    from replicas.cli import free_port
+
+    http = config.http
+    proxy_port = http.port if http.ingress == "proxy" else http.proxy_port or free_port()
+    return {"http_options": {"host": http.host, "port": proxy_port},
+            "grpc_options": {"port": http.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS}}

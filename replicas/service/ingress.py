@@ -10,10 +10,12 @@ an OpenAI error body; errors after it end the event stream with an error event a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -454,3 +456,40 @@ def make_app(frontend: OpenAIFrontend) -> FastAPI:
 
     install_openapi(app)
     return app
+
+
+class DirectHttp:
+    """The app served on host:port from the ingress replica's own event loop (`http.ingress: direct`):
+    requests and every streamed chunk skip Serve's HTTP proxy and its actor call (docs/latency.md).
+    The socket has SO_REUSEPORT, so a replacement replica on the same node binds while the old one
+    drains. A client that disconnects cancels its response task here, which cancels its stream."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(
+                f"the ingress cannot serve HTTP on {host}:{port}: {exc.strerror}. With http.ingress: direct "
+                "nothing else may listen there (Serve's own HTTP proxy goes on http.proxy_port); "
+                "http.ingress: proxy serves through Serve's proxy instead") from exc
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", access_log=False, log_config=None,
+                                                    timeout_keep_alive=30))
+        self.server.capture_signals = contextlib.nullcontext  # Ray owns the process's signals
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
+        self.address = f"{host}:{port}"
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop listening, give open streams `timeout_s` to finish, then close them."""
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
+        except asyncio.TimeoutError:
+            self.server.force_exit = True
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self.task, 1.0)

@@ -44,7 +44,7 @@ def cluster():
 
     from cluster.actor import NAMESPACE, find_controller
     from replicas.config import default_config
-    from replicas.service.deployments import GRPC_SERVICERS, build_app
+    from replicas.service.deployments import build_app, serve_start_options
 
     port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
     config = default_config(http={"port": port, "grpc_port": grpc_port},
@@ -54,8 +54,7 @@ def cluster():
              dashboard_port=dashboard_port, logging_level="warning",
              _system_config={"metrics_report_interval_ms": 1000})
     _DASHBOARD.append(f"http://127.0.0.1:{dashboard_port}")
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+    serve.start(**serve_start_options(config))  # the ingress serves HTTP on `port` itself, as `oneiros serve`
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     controller = find_controller(config.app_name)
     deadline = time.monotonic() + 60

@@ -145,3 +145,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(cluster):
         if num_aborted() == aborted + 1:  # freed by the abort, not by finishing its 1000 tokens
             return
     pytest.fail("three disconnected streams ran to their end: the disconnect never aborted the request")
+
+
+def test_an_ingress_killed_comes_back_on_the_same_port(cluster):
+    """The ingress serves HTTP on the API port itself (http.ingress: direct): a replacement replica
+    that Serve starts after a crash binds the same port, and requests succeed again."""
+    from ray.util.state import list_actors
+
+    config, base = cluster
+    assert config.http.ingress == "direct"
+    (ingress,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.endswith(":OpenAIIngress")]
+    ray.kill(ray.get_actor(ingress.name, namespace="serve"), no_restart=True)
+    c = client(base)
+    wait_until(lambda: c.completions.create(model="llama", prompt=[1, 2], max_tokens=3, temperature=0)
+               .usage.completion_tokens == 3, what="the API back on its port")
+    (again,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.endswith(":OpenAIIngress")]
+    assert again.name != ingress.name

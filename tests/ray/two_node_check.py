@@ -29,8 +29,9 @@ def main() -> int:
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     nodes.add_node(num_cpus=2)
     ray.init(address=nodes.address, namespace=NAMESPACE, logging_level="warning")
-    # 1.5 CPUs per replica on 2-CPU nodes: one replica per node
-    config = default_config(http={"port": port}, replicas={"num_replicas": 2, "num_cpus": 1.5, "report_period_s": 0.2})
+    # 1.5 CPUs per replica on 2-CPU nodes: one replica per node; the ingress behind Serve's proxy, as on
+    # any multi-node cluster
+    config = default_config(http={"port": port, "ingress": "proxy"}, replicas={"num_replicas": 2, "num_cpus": 1.5, "report_period_s": 0.2})
     try:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
