@@ -73,11 +73,22 @@ def slab_num_pages(tensors: Mapping[str, torch.Tensor], page_size_bytes: int) ->
     return -(-pack_layout(tensors)[1] // page_size_bytes)
 
 
-def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> dict[str, torch.Tensor]:
+class SlabViews(dict):
+    """name -> tensor view of one slab where it lies now. `derived` caches what a model computes from
+    the views once per placement (fused projections), dropped with them when the slab moves."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, views) -> None:
+        super().__init__(views)
+        self.derived: dict = {}
+
+
+def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> SlabViews:
     """Tensor views of a slab's packed bytes `data` (device pages, a staging slot, or the host)."""
-    return {
-        s.name: data[s.offset_bytes : s.offset_bytes + s.num_bytes].view(s.dtype).view(s.shape) for s in specs
-    }
+    return SlabViews(
+        (s.name, data[s.offset_bytes : s.offset_bytes + s.num_bytes].view(s.dtype).view(s.shape)) for s in specs
+    )
 
 
 class ParamStore:

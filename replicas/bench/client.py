@@ -98,14 +98,14 @@ def completion_body(model: str, prompt_ids: Sequence[int], max_tokens: int) -> d
 # client adds the first and the last. Each stage's time is its stamp minus the previous one's.
 TRACE_STAGES = (
     ("client_sent", ""),
-    ("ingress_received", "client -> HTTP proxy -> ingress"),
-    ("ingress_dispatched", "ingress: body read from the proxy, parse, tokenize"),
+    ("ingress_received", "client -> ingress (HTTP; via Serve's proxy if ingress: proxy)"),
+    ("ingress_dispatched", "ingress: body read, parse, tokenize"),
     ("replica_received", "ingress -> router -> engine replica (gRPC)"),
     ("engine_added", "replica: to the engine thread, request added"),
     ("replica_first_token", "engine: prefill step, handoff to the replica's loop"),
     ("ingress_first_item", "engine replica -> ingress (gRPC)"),
     ("ingress_first_chunk", "ingress: detokenize, SSE chunk"),
-    ("client_first_token", "ingress -> HTTP proxy -> client"),
+    ("client_first_token", "ingress -> client (HTTP)"),
 )
 TRACE_HEADER = "X-Oneiros-Trace"  # replicas/service/ingress.py
 

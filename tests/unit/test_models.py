@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from remap import BASE_SLAB, ArenaBackend, DeviceMemory, ModelId, SeqId
+from remap import BASE_SLAB, ArenaBackend, DeviceMemory, ModelId, SeqId, pack_layout, slab_views
 from replicas.engine.models import (
     AttentionBatch,
     CausalLM,
@@ -27,7 +27,7 @@ from replicas.engine.models import (
     split_state_dict,
 )
 from replicas.engine.models.attention import StepMetadata
-from replicas.engine.models.ops import stacked
+from replicas.engine.models.ops import linears, stacked
 
 transformers = pytest.importorskip("transformers")
 from tests.unit.hf_reference import KINDS, make_config, make_hf_model
@@ -372,6 +372,26 @@ def test_stacked_is_a_view_of_touching_tensors_and_none_otherwise():
     assert stacked([b, a]) is None  # wrong order
     assert stacked([a, slab[8:16].view(4, 2)]) is None  # another row width
     assert stacked([a, slab[8:20].clone().view(3, 4)]) is None  # another storage
+
+
+def test_fused_projections_are_found_once_per_placement_of_a_slab():
+    # rows of 64 floats: each tensor fills whole 256-byte alignment units, so they lie back to back
+    tensors = {"q.weight": torch.randn(8, 64), "k.weight": torch.randn(4, 64), "v.weight": torch.randn(4, 64)}
+    specs, size = pack_layout(tensors)
+    data = torch.zeros(size, dtype=torch.uint8)
+    views = slab_views(specs, data)
+    for name, t in tensors.items():
+        views[name].copy_(t)
+    x, names = torch.randn(3, 64), ("q", "k", "v")
+    got = linears(x, views, names)
+    weight, _, sizes = views.derived[names]  # kept with the views: a slab placed elsewhere gets new ones
+    assert weight.untyped_storage().data_ptr() == data.untyped_storage().data_ptr() and sizes == [8, 4, 4]
+    for out, name in zip(got, names):
+        torch.testing.assert_close(out, x @ tensors[name + ".weight"].T)
+    with CountCalls(F.linear) as calls:  # found again from the cache, still one matmul
+        again = linears(x, views, names)
+    assert calls.count == 1 and all(torch.equal(a, b) for a, b in zip(got, again))
+    assert slab_views(specs, data).derived == {}
 
 
 # ---- config parsing and errors -----------------------------------------------------------------

@@ -35,18 +35,31 @@ def linear(x: Tensor, w: Weights, name: str) -> Tensor:
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
-def linears(x: Tensor, w: Weights, names: Sequence[str]) -> list[Tensor]:
+def linears(x: Tensor, w: Weights, names: tuple[str, ...]) -> list[Tensor]:
     """The projections `names` of the same input x, as one matmul where their weights (and biases, if
-    any) lie back to back; each output is a view of the fused result."""
+    any) lie back to back; each output is a view of the fused result. The fused views are found once
+    per placement of a slab (remap's SlabViews.derived), not per call."""
+    cache = getattr(w, "derived", None)
+    fused = cache.get(names) if cache is not None else None
+    if fused is None:
+        fused = _fuse(w, names)
+        if cache is not None:
+            cache[names] = fused
+    weight, bias, sizes = fused
+    if weight is None:
+        return [linear(x, w, n) for n in names]
+    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
+
+
+def _fuse(w: Weights, names: Sequence[str]) -> tuple[Tensor | None, Tensor | None, list[int]]:
+    """(weight, bias, output sizes) of `names` as one projection; weight None where they cannot fuse."""
     weight = stacked([w[n + ".weight"] for n in names])
     biases = [w.get(n + ".bias") for n in names]
     bias = None
     if weight is not None and any(b is not None for b in biases):
         bias = stacked(biases) if all(b is not None for b in biases) else None
         weight = weight if bias is not None else None
-    if weight is None:
-        return [linear(x, w, n) for n in names]
-    return list(F.linear(x, weight, bias).split([w[n + ".weight"].shape[0] for n in names], dim=-1))
+    return weight, bias, [w[n + ".weight"].shape[0] for n in names]
 
 
 def stacked(tensors: Sequence[Tensor]) -> Tensor | None:
