@@ -211,7 +211,8 @@ class EngineServer:
         finished = False
         try:
             while not finished:
-                outs = [await asyncio.wait_for(queue.get(), QUEUE_WAIT_TIMEOUT_S)]
+                async with asyncio.timeout(QUEUE_WAIT_TIMEOUT_S):  # no task per item, as wait_for makes one
+                    outs = [await queue.get()]
                 while not queue.empty():  # a slow consumer gets several steps in one item: fewer messages
                     outs.append(queue.get_nowait())
                 finished = outs[-1].finished
