@@ -43,6 +43,7 @@ def scaling_app(cluster):
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
                                   "downscale_delay_s": 4.0, "cooldown_s": 2.0}},
         memory={"num_pages": 24},  # ~15 pages of parameters: KV room for ~1.1k tokens, plus what remapping lends
+        http={"ingress": "proxy"},  # driven through its handle; its ingress stays off the API port
     )
     serve.run(build_app(config), name=APP, route_prefix="/as", blocking=False)
     wait_for(lambda: running_replicas() == 1, 60, "the app to start")

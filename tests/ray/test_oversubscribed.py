@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from cluster.actor import find_controller
 from remap import DeviceMemory
+from replicas.cli import free_port
 from replicas.config import TINY_MODELS, default_config
 from replicas.service.deployments import build_app
 from replicas.engine.engine import EngineConfig, LLMEngine
@@ -66,6 +67,7 @@ def app(cluster, tmp_path_factory):
     write_folder(root / "huge", "tiny-llama", 5, num_hidden_layers=12, intermediate_size=2048)
     models.append({"name": "huge", "path": str(root / "huge"), "min_replicas": 0})
     config = default_config(app_name=APP, models=models, memory={"page_size_bytes": PAGE, "num_pages": 1},
+                            http={"port": free_port()},  # its own ingress serves HTTP there
                             replicas={"num_replicas": 2, "num_cpus": 0.5, "report_period_s": 0.2})
     sizes = sorted(param_pages(config.model(name)) for name, _, _ in FOLDERS)
     # Two models per replica only fit by lending: the pool is 3/4 of the two largest, plus KV room.
@@ -80,9 +82,8 @@ def app(cluster, tmp_path_factory):
         ray.kill(controller)
 
 
-def test_four_models_that_fit_only_by_lending_all_answer_exactly_with_no_503(app, cluster):
-    _, base = cluster
-    client = openai.OpenAI(base_url=base.replace("/v1", "/os/v1"), api_key="unused", max_retries=0, timeout=120)
+def test_four_models_that_fit_only_by_lending_all_answer_exactly_with_no_503(app):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http.port}/v1", api_key="unused", max_retries=0, timeout=120)
     jobs = [(name, [5 + i, 17, 33 + i, 9, 70]) for i in range(6) for name, _, _ in FOLDERS]  # 24 requests
 
     def ask(job):
@@ -97,9 +98,8 @@ def test_four_models_that_fit_only_by_lending_all_answer_exactly_with_no_503(app
         assert text == alone(app.model(name), prompt, 12), name
 
 
-def test_a_model_too_big_even_with_lending_gets_an_immediate_clear_503(app, cluster):
-    _, base = cluster
-    client = openai.OpenAI(base_url=base.replace("/v1", "/os/v1"), api_key="unused", max_retries=0, timeout=120)
+def test_a_model_too_big_even_with_lending_gets_an_immediate_clear_503(app):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http.port}/v1", api_key="unused", max_retries=0, timeout=120)
     start = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
         client.completions.create(model="huge", prompt=[5, 6, 7], max_tokens=4)
