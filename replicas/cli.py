@@ -242,6 +242,9 @@ def _serve(args) -> int:
     config = serve_config(args)
     if config is None:
         return 2
+    if (busy := _port_taken(config.http.host, config.http.port)) is not None:
+        print(f"oneiros: cannot serve on {config.http.host}:{config.http.port}: {busy}", file=sys.stderr)
+        return 1
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import serve
@@ -257,9 +260,6 @@ def _serve(args) -> int:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     dashboard = {} if args.address else {"include_dashboard": bool(args.dashboard_port),
                                          "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port or None}
-    if (busy := _port_taken(config.http.host, config.http.port)) is not None:
-        print(f"oneiros: cannot serve on {config.http.host}:{config.http.port}: {busy}", file=sys.stderr)
-        return 1
     ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, **dashboard)
     serve.start(**serve_start_options(config))
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)

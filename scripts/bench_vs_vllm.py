@@ -3,14 +3,16 @@
     python scripts/bench_vs_vllm.py --vllm-python ../vllm-venv/bin/python --json out/bench_vs_vllm.json
                                     [--rate 3] [--duration 40] [--num-pages 64] [--seed 0]
     python scripts/bench_vs_vllm.py --single --vllm-python ../vllm-venv/bin/python --json out/single.json
-                                    [--rate 8] [--requests 200] [--repetitions 3]
+                                    [--rate 8] [--requests 200] [--repetitions 3] [--proxy-door]
 
 --single: the serving path at light load, where memory is not short. One model (tiny-llama, fp32)
 under one `vllm serve` and under our stack with one replica (as `oneiros serve` starts it), both up
 at once and driven in turn by the same client with the same seeded Poisson workload (64 tokens in,
 32 out, greedy, ignore_eos): vLLM, ours, vLLM, ours, ... `--repetitions` times. JSON: the raw
 figures of every run, and ours / vLLM of the medians: ttft_p50_ratio, ttft_p99_ratio, itl_p50_ratio,
-itl_p99_ratio, throughput_ratio (goal: latency ratios <= 1.5, throughput >= 0.95).
+itl_p99_ratio, throughput_ratio (goal: latency ratios <= 1.5, throughput >= 0.95). Ours is reached
+at the ingress's own port (`http.ingress: direct`); --proxy-door also drives it through Serve's HTTP
+proxy in each round (`oneiros_proxy` in the JSON), which measures what that hop costs.
 
 Both sides get the default config's three tiny tenants (llama, qwen, opt; random weights) and one seeded
 Zipf-Poisson workload, replayed by `oneiros bench`'s client (replicas/bench), one stream per request:
@@ -55,6 +57,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from replicas.bench import report
 from replicas.bench import workload as wl
 from replicas.bench.client import make_client, run_workload
+from replicas.cli import free_port
 from replicas.config import TINY_MODELS, default_config
 
 BLOCK_TOKENS = 128  # --single: vLLM's block size; our 256 KiB page holds 128 tokens of tiny-llama KV
@@ -157,8 +160,10 @@ def run_single(args) -> int:
     from bench_serve import LocalCluster
 
     name, arch = "llama", "tiny-llama"
+    proxy_port = free_port()  # Serve's HTTP proxy: the other door to the same ingress (--proxy-door)
     config = default_config(models=[{"name": name, "architecture": arch, "seed": 1}],
-                            replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages})
+                            replicas={"num_replicas": 1}, memory={"num_pages": args.num_pages},
+                            http={"proxy_port": proxy_port})
     facts = pool_facts(config)[name]
     blocks = (args.num_pages - facts["param_pages"]) * config.memory.page_size_bytes // (
         BLOCK_TOKENS * facts["kv_bytes_per_token"])
@@ -169,20 +174,23 @@ def run_single(args) -> int:
     warmup = [wl.Request(0.05 * i, wl.tenant_name(0), 64, 8) for i in range(2 * WARMUP_PER_TENANT)]
     print(f"--single: {len(work.requests)} requests at {rate:g}/s, 64 in / 32 out; vLLM {blocks} KV blocks of "
           f"{BLOCK_TOKENS} tokens, ours {args.num_pages} pages", flush=True)
-    runs: dict[str, list[dict]] = {"vllm": [], "oneiros": []}
+    systems = ["vllm", "oneiros"] + (["oneiros_proxy"] if args.proxy_door else [])
+    runs: dict[str, list[dict]] = {system: [] for system in systems}
     with tempfile.TemporaryDirectory() as tmp:
         servers, cluster = VllmServers(args.vllm_python, pathlib.Path(tmp)), LocalCluster(config)
         try:
             write_folder(pathlib.Path(tmp) / name, TINY_MODELS[arch])
             servers.start(name, pathlib.Path(tmp) / name, args.port, blocks)
             servers.wait()
-            ours = cluster.start()
+            urls = {"vllm": servers.urls[name], "oneiros": cluster.start(),
+                    "oneiros_proxy": f"http://{config.http.host}:{proxy_port}/v1"}
             for rep in range(args.repetitions):
-                for system, url in (("vllm", servers.urls[name]), ("oneiros", ours)):
+                for system in systems:
+                    url = urls[system]
                     records = asyncio.run(drive(url, warmup, work, mapping, args.seed))
                     overall = report.summarize(records, args.slo_ttft_s, args.slo_tbt_s)["overall"]
                     runs[system].append(overall)
-                    print(f"rep {rep + 1} {system:8} " + "  ".join(
+                    print(f"rep {rep + 1} {system:13} " + "  ".join(
                         f"{k} {overall[k]:.1f}" for k in SINGLE_KEYS.values()) + f"  failed {overall['num_failed']}",
                         flush=True)
         finally:
@@ -193,7 +201,7 @@ def run_single(args) -> int:
                for system, rs in runs.items()}
     ratios = {key: medians["oneiros"][k] / medians["vllm"][k] for key, k in SINGLE_KEYS.items()}
     print("\n| | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | output tok/s |\n|---|---:|---:|---:|---:|---:|")
-    for system in ("vllm", "oneiros"):
+    for system in systems:
         print(f"| {system} | " + " | ".join(f"{medians[system][k]:.1f}" for k in SINGLE_KEYS.values()) + " |")
     print("| ours / vLLM | " + " | ".join(f"{ratios[k]:.2f}" for k in SINGLE_KEYS) + " |")
     print(f"\nmedians of {args.repetitions} interleaved runs; ms; ITL per streamed chunk, pooled (vLLM's way)")
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single", action="store_true", help="one model, one server each: the light-load latency check")
     ap.add_argument("--requests", type=int, default=200, help="--single: requests per run")
     ap.add_argument("--repetitions", type=int, default=3, help="--single: interleaved runs per system")
+    ap.add_argument("--proxy-door", action="store_true",
+                    help="--single: also drive ours through Serve's HTTP proxy in each round (`oneiros_proxy`)")
     ap.add_argument("--rate", type=float, default=None, help="requests per second, all tenants (default 3; 8 with --single)")
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
     ap.add_argument("--output-len", default="fixed:32")

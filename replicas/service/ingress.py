@@ -489,7 +489,7 @@ class DirectHttp:
         self.server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.server.force_exit = True
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self.task, 1.0)

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from replicas import pull
-from replicas.cli import make_parser, serve_config
+from replicas.cli import main, make_parser, serve_config
 from replicas.config import REAL_MODEL_NUM_PAGES
 from replicas.pull import PullError
 
@@ -63,3 +63,27 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
                            (["serve", "--api-key", "short"], "bad flags")]:
         assert serve_config(make_parser().parse_args(argv)) is None
         assert fragment in capsys.readouterr().err
+
+
+def test_serve_s_proxy_keeps_off_the_port_the_ingress_serves_itself():
+    serve_start_options = pytest.importorskip("replicas.service.deployments").serve_start_options
+    from replicas.config import default_config
+
+    direct = serve_start_options(default_config(http={"port": 8123, "proxy_port": 8124}))
+    assert direct["http_options"] == {"host": "127.0.0.1", "port": 8124} and direct["grpc_options"]["port"] == 9000
+    chosen = serve_start_options(default_config(http={"port": 8123}))["http_options"]["port"]
+    assert chosen != 8123  # a free port
+    proxied = serve_start_options(default_config(http={"port": 8123, "ingress": "proxy"}))
+    assert proxied["http_options"]["port"] == 8123
+
+
+def test_a_busy_port_is_a_one_line_error_before_ray_starts(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--config", str(ROOT / "replicas/oneiros.yaml"), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"oneiros: cannot serve on 127.0.0.1:{port}: Address already in use"
