@@ -261,9 +261,13 @@ def _serve(args) -> int:
     dashboard = {} if args.address else {"include_dashboard": bool(args.dashboard_port),
                                          "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port or None}
     ray.init(address=args.address, num_cpus=num_cpus, namespace=NAMESPACE, **dashboard)
-    serve.start(**serve_start_options(config))
+    options = serve_start_options(config)
+    serve.start(**options)
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     base = f"http://{config.http.host}:{config.http.port}/v1"
+    if config.http.ingress == "direct":  # Serve's own "ready at" line above names its proxy's port
+        print(f"oneiros: the ingress serves HTTP on port {config.http.port} itself; Serve's HTTP proxy "
+              f"listens on port {options['http_options']['port']}", flush=True)
     if args.address is not None and config.http.ingress == "direct":
         print("oneiros: http.ingress is direct: the API listens on the node that runs the ingress replica, "
               "which on a multi-node cluster may not be this one (http.ingress: proxy listens on every node)",

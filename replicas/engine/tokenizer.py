@@ -7,13 +7,18 @@ from a hub.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import re
 from collections.abc import Sequence
 
 
 ROLE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # random-weight models' chat default
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -61,6 +66,11 @@ class Tokenizer:
         backend.add_special_tokens(specials)
         return cls(backend, eos_token_id=2, bos_token_id=1)
 
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of byte-fallback tokens (`<0x00>` .. `<0xFF>`, as SentencePiece vocabularies have)."""
+        return frozenset(i for token, i in self._backend.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size()
@@ -70,6 +80,34 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """The text of a growing list of token ids, a new piece per `push`, the pieces adding up to
+    `tokenizer.decode(all ids)`. It decodes only a window of the last tokens (vLLM's prefix and read
+    offsets), so a long stream costs the same per token at its end as at its start: the window starts
+    at the last piece's first token, whose decoding the new text is measured against, so a decoder
+    that treats a call's first token specially (a stripped leading space) does so on both sides.
+    A piece that would end in an incomplete character (U+FFFD) waits for the next token, and so does
+    one that ends in a byte-fallback token (`<0xE3>`): such a decoder renders a run of byte tokens as
+    one group, all of it U+FFFD if invalid, so a later byte can change how the earlier ones print."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._byte_tokens = tokenizer.byte_token_ids
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # the window starts at _prefix; text up to _read is sent
+
+    def push(self, new_ids: Sequence[int], final: bool = False) -> str:
+        """The text `new_ids` add; with `final`, whatever is held back too."""
+        self.ids += new_ids
+        decode = self._tokenizer.decode
+        sent = decode(self.ids[self._prefix:self._read])
+        text = decode(self.ids[self._prefix:])
+        if len(text) <= len(sent) or not final and (text.endswith("\ufffd") or self.ids[-1] in self._byte_tokens):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(sent):]
 
 
 def _chat_template(folder: pathlib.Path, config: dict) -> str | None:

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from replicas.config import OneirosConfig, TINY_MODELS
 from replicas.engine.models import ModelConfig
 from replicas.engine.sampling import SamplingParams
-from replicas.engine.tokenizer import Tokenizer
+from replicas.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from replicas.service import openai_api as api
 from replicas.service.openapi import install as install_openapi
 from replicas.service.stream import StreamItem
@@ -271,18 +271,12 @@ async def text_pieces(first: StreamItem, stream, tokenizer: Tokenizer,
     stop strings as OpenAI does. Raises ApiError when the engine or its replica fails; always closes
     the engine stream (which frees the request's pages if it is still running).
     """
-    ids, sent = [], ""
+    text = IncrementalDetokenizer(tokenizer)
     trimmer = api.StopTrimmer(params.stop, params.include_stop_str_in_output)
     item = first
     try:
         while True:
-            ids += item.token_ids
-            text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") and not item.finished:
-                delta = ""
-            else:
-                delta, sent = text[len(sent):], text
-            piece = trimmer.push(delta)
+            piece = trimmer.push(text.push(item.token_ids, final=item.finished))
             if item.finished:
                 _raise_if_failed(item)
                 yield piece + trimmer.flush(), item

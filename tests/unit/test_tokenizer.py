@@ -141,3 +141,69 @@ def test_a_config_without_architectures_is_read_from_its_model_type():
     hf = make_config("qwen2_tied")
     del hf["architectures"]
     assert ModelConfig.from_hf(hf).architecture == "Qwen2ForCausalLM"
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A SentencePiece-style tokenizer (Metaspace decoder: "▁" is a space, stripped before a call's
+    first token) whose pieces include multi-byte characters and byte fallbacks."""
+    from tokenizers import Tokenizer as Backend, decoders, models
+
+    pieces = ["<unk>", "▁", "▁the", "▁é", "t", "he", "é", "日本", "▁語", "ab"]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    backend = Backend(models.BPE(vocab={p: i for i, p in enumerate(pieces + bytes_)}, merges=[], byte_fallback=True,
+                                 unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    return Tokenizer(backend)
+
+
+def _smollm2_tokenizer() -> Tokenizer:
+    from replicas import pull
+
+    folder = pull.pulled("smollm2")
+    if folder is None:
+        pytest.skip("SmolLM2 is not pulled here (`oneiros pull smollm2`)")
+    return Tokenizer.from_folder(folder)
+
+
+TOKENIZERS = {"byte-level": Tokenizer.byte_level, "metaspace": _metaspace_tokenizer, "smollm2": _smollm2_tokenizer}
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+def test_incremental_pieces_add_up_to_the_whole_decode(kind):
+    """Any ids, pushed in any chunks: the pieces concatenate to decode(all ids), and a piece never
+    ends in half a character unless it is the last."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from replicas.engine.tokenizer import IncrementalDetokenizer
+
+    tokenizer = TOKENIZERS[kind]()
+    ids = st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=40)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(ids, st.lists(st.integers(1, 4), min_size=40, max_size=40))
+    def check(all_ids, sizes):
+        text, pieces, at = IncrementalDetokenizer(tokenizer), [], 0
+        for size in sizes:
+            chunk, at = all_ids[at:at + size], at + size
+            last = at >= len(all_ids)
+            pieces.append(text.push(chunk, final=last))
+            if last:
+                break
+        assert "".join(pieces) == tokenizer.decode(all_ids)
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+    check()
+
+
+def test_incremental_decoding_reads_a_window_not_the_whole_stream():
+    from replicas.engine.tokenizer import IncrementalDetokenizer
+
+    tokenizer = Tokenizer.byte_level()
+    lengths = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kw: lengths.append(len(ids)) or decode(ids, **kw)
+    text = IncrementalDetokenizer(tokenizer)
+    ids = tokenizer.encode("a long stream of text " * 50)
+    assert "".join(text.push([i]) for i in ids) == decode(ids)
+    assert max(lengths) <= 2
