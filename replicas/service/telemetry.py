@@ -26,8 +26,13 @@ class DeviceTelemetry:
     pcie_width: int | None = None  # current PCIe link width (lanes)
 
 
-def read_device(index: int = 0, nvml: Any = None) -> DeviceTelemetry:
-    """Telemetry of GPU `index`; `nvml` is the pynvml module (injectable for tests)."""
+def read_device(index: int = 0, nvml: Any = None, uuid: str | None = None) -> DeviceTelemetry:
+    """Telemetry of this process's CUDA device `index`; `nvml` is the pynvml module (injectable for
+    tests). NVML numbers the machine's GPUs and ignores CUDA_VISIBLE_DEVICES, which Ray sets per
+    replica, so the device is looked up by its UUID (`uuid`, else the one CUDA reports for `index`);
+    by index only where no UUID is known."""
+    if uuid is None and nvml is None:
+        uuid = device_uuid(index)
     if nvml is None:
         try:
             import pynvml as nvml  # the `gpu` extra: nvidia-ml-py
@@ -38,7 +43,7 @@ def read_device(index: int = 0, nvml: Any = None) -> DeviceTelemetry:
     except Exception as exc:  # no driver, no GPU
         return DeviceTelemetry(source=f"nvml init failed: {exc}")
     try:
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else nvml.nvmlDeviceGetHandleByIndex(index)
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
         name = nvml.nvmlDeviceGetName(handle)
         return DeviceTelemetry(
@@ -58,6 +63,16 @@ def read_device(index: int = 0, nvml: Any = None) -> DeviceTelemetry:
             nvml.nvmlShutdown()
         except Exception:  # noqa: BLE001 - shutdown of a half-initialized library
             pass
+
+
+def device_uuid(index: int) -> str | None:
+    """NVML's name ("GPU-<uuid>") of this process's CUDA device `index`, or None without CUDA."""
+    try:
+        import torch
+
+        return f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+    except Exception:  # noqa: BLE001 - no CUDA, or a torch without the field: look up by index
+        return None
 
 
 def _optional(fn, handle) -> int | None:

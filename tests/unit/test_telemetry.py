@@ -21,8 +21,11 @@ class FakeNvml:
     def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
         return index
 
+    def nvmlDeviceGetHandleByUUID(self, uuid):  # noqa: N802
+        return int(uuid.removeprefix("GPU-"))  # the fake machine's GPU n has UUID "GPU-n"
+
     def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
-        return SimpleNamespace(used=30 << 30, total=80 << 30)
+        return SimpleNamespace(used=(30 + handle) << 30, total=80 << 30)
 
     def nvmlDeviceGetName(self, handle):  # noqa: N802
         return b"NVIDIA H100 80GB HBM3"
@@ -54,3 +57,10 @@ def test_no_gpu_or_no_link_info_is_a_clean_unknown_not_an_error():
 
 def test_this_machine_reports_without_raising():
     assert read_device(0).source  # CPU-only here: a reason, whatever is installed
+
+
+def test_the_device_is_found_by_uuid_not_by_the_process_s_cuda_index():
+    # Ray gave this replica the machine's GPU 3 (CUDA_VISIBLE_DEVICES=3): it is CUDA device 0 here,
+    # NVML's device 0 is another replica's GPU
+    assert read_device(0, FakeNvml(), uuid="GPU-3").memory_used_bytes == 33 << 30
+    assert read_device(0, FakeNvml()).memory_used_bytes == 30 << 30  # no UUID known: by index
