@@ -184,6 +184,10 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self):  # what Serve's HTTP proxy forwards to
         return self._app
 
+    def check_health(self) -> None:  # Serve's periodic check: a dead HTTP server fails it
+        if self._direct is not None:
+            self._direct.check()
+
     async def __del__(self):  # Serve calls it at shutdown, after its graceful wait for its own requests
         if self._direct is not None:
             await self._direct.stop(timeout_s=INGRESS_DRAIN_S)

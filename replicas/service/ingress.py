@@ -478,6 +478,12 @@ class DirectHttp:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
         self.address = f"{host}:{port}"
 
+    def check(self) -> None:
+        """RuntimeError if the server has stopped (Serve's health check then replaces the replica)."""
+        if self.task.done():
+            why = "stopped" if self.task.cancelled() or self.task.exception() is None else repr(self.task.exception())
+            raise RuntimeError(f"the ingress's HTTP server on {self.address} is down: {why}")
+
     async def stop(self, timeout_s: float) -> None:
         """Stop listening, give open streams `timeout_s` to finish, then close them."""
         self.server.should_exit = True

@@ -186,3 +186,35 @@ def test_a_traced_stream_says_when_its_first_token_reached_each_stage(stack):
     assert traced.error is None and traced.num_tokens == 6 and plain.trace is None
     stamps = [traced.trace[stage] for stage, _ in TRACE_STAGES]
     assert stamps == sorted(stamps) and stamps[-1] - stamps[0] < 60, traced.trace
+
+
+def test_the_ingress_serves_http_on_its_port_shares_it_and_reports_a_stopped_server(stack):
+    """DirectHttp (http.ingress: direct) over a real socket: a stream through it equals one through
+    the ASGI app in-process; a second server binds the same port (a replacement replica); a stopped
+    server fails the health check."""
+    from replicas.cli import free_port
+    from replicas.service.ingress import DirectHttp
+
+    _, app = stack
+    port = free_port()
+    body = dict(model="llama", prompt=[5, 6, 7], max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+    async def scenario():
+        first, second = DirectHttp(app, "127.0.0.1", port), DirectHttp(app, "127.0.0.1", port)
+        while not (first.server.started and second.server.started):
+            await asyncio.sleep(0.01)
+        over_socket = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        texts = []
+        for c in (over_socket, client(app)):
+            texts.append("".join([ch.choices[0].text async for ch in await c.completions.create(stream=True, **body)]))
+        await over_socket.close()
+        first.check()
+        await first.stop(timeout_s=2)
+        with pytest.raises(RuntimeError, match="is down"):
+            first.check()
+        second.check()  # still serving the port
+        await second.stop(timeout_s=2)
+        return texts
+
+    over_socket, in_process = run(scenario())
+    assert over_socket == in_process and over_socket
