@@ -151,13 +151,14 @@ class EngineReplica(EngineServer):
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
 
+INGRESS_DRAIN_S = 4.0  # direct HTTP streams get this long to finish when the ingress stops...
+INGRESS_SHUTDOWN_S = INGRESS_DRAIN_S + 2.0  # ...within Serve's graceful shutdown of the replica
+
 # The ingress's handle to the engine replicas speaks gRPC (_by_reference=False, below). Its router
 # and the ingress's own code run on the replica's one event loop: then cancelling a stream (the
 # client went away) cancels the gRPC call on the loop that owns it, and the replica aborts the
 # request; with Serve's defaults (a separate router loop) the cancel is lost and the request runs to
 # its end. Measured in docs/latency.md.
-INGRESS_DRAIN_S = 4.0  # direct HTTP streams get this long to finish when the ingress stops...
-INGRESS_SHUTDOWN_S = INGRESS_DRAIN_S + 2.0  # ...within Serve's graceful shutdown of the replica
 INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
