@@ -70,7 +70,8 @@ def device_uuid(index: int) -> str | None:
     try:
         import torch
 
-        return f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+        uuid = str(torch.cuda.get_device_properties(index).uuid)  # "58ff7e4c-..." as torch prints it
+        return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
     except Exception:  # noqa: BLE001 - no CUDA, or a torch without the field: look up by index
         return None
 
