@@ -13,8 +13,8 @@ import torch
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import ModelConfig
 from replicas.engine.models.llama import Llama
-from replicas.engine.models.opt import Opt
 from replicas.engine.models.ops import Shapes, Weights
+from replicas.engine.models.opt import Opt
 
 Tensor = torch.Tensor
 

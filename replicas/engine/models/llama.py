@@ -18,7 +18,16 @@ import torch
 
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import ModelConfig
-from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, linear, linears, proj_shapes, rms_norm
+from replicas.engine.models.ops import (
+    ACTIVATIONS,
+    Shapes,
+    Weights,
+    linear,
+    linears,
+    proj_shapes,
+    project,
+    rms_norm,
+)
 from replicas.engine.models.rope import apply_rotary_qk, cos_sin, inv_frequencies
 
 Tensor = torch.Tensor
@@ -81,5 +90,5 @@ class Llama:
     def head(self, base: Weights, h: Tensor) -> Tensor:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
         x = rms_norm(h, base["model.norm.weight"], self.config.norm_eps)
-        return x @ base.get("lm_head.weight", base["model.embed_tokens.weight"]).T
+        return project(x, base.get("lm_head.weight", base["model.embed_tokens.weight"]))
 

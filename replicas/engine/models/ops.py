@@ -30,9 +30,34 @@ Shapes = dict[str, tuple[int, ...]]  # parameter name -> shape
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}  # names as in config.json
 
 
+def project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias: F.linear, except float32 on the CPU, where oneDNN's kernels run on the weight
+    in place (the slab's own bytes, no reordered copy). PyTorch sends float32 F.linear on the CPU to MKL's
+    sgemm, which on this project's AMD EPYC reads weights at 5-13 GB/s against oneDNN's 25-50
+    (docs/benchmarks.md, "Engine against vLLM"); results differ in the last bits, as any two GEMMs do."""
+    if _ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32:
+        return _ONEDNN(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear():
+    """oneDNN's linear (the op Inductor's CPU backend calls), or None where this torch lacks it."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        one = torch.ones(1, 1)
+        return op if op(one, one, None, "none", [], "").item() == 1.0 else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN = _onednn_linear()
+
+
 def linear(x: Tensor, w: Weights, name: str) -> Tensor:
     """x @ W.T + b for the projection `name` ("self_attn.q_proj"); the bias is optional."""
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    return project(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
 def linears(x: Tensor, w: Weights, names: tuple[str, ...]) -> list[Tensor]:
@@ -48,7 +73,7 @@ def linears(x: Tensor, w: Weights, names: tuple[str, ...]) -> list[Tensor]:
     weight, bias, sizes = fused
     if weight is None:
         return [linear(x, w, n) for n in names]
-    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
+    return list(project(x, weight, bias).split(sizes, dim=-1))
 
 
 def _fuse(w: Weights, names: Sequence[str]) -> tuple[Tensor | None, Tensor | None, list[int]]:

@@ -12,7 +12,7 @@ import torch
 
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import OPT_POSITION_OFFSET, ModelConfig
-from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, layer_norm, linear, linears, proj_shapes
+from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, layer_norm, linear, linears, proj_shapes, project
 
 Tensor = torch.Tensor
 _KVQ = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # in packing order (layer_shapes)
@@ -78,5 +78,5 @@ class Opt:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
         if self.config.has_final_norm:
             h = layer_norm(h, base, "model.decoder.final_layer_norm", self.config.norm_eps)
-        return h @ base.get("lm_head.weight", base["model.decoder.embed_tokens.weight"]).T
+        return project(h, base.get("lm_head.weight", base["model.decoder.embed_tokens.weight"]))
 
