@@ -118,8 +118,19 @@ def hf_logits(s: Setup, tokens: list[int]) -> torch.Tensor:
         return s.hf(torch.tensor([tokens])).logits[0]
 
 
+@pytest.fixture(params=["mkl", "onednn"])
+def matmul(request, monkeypatch):
+    """The CPU GEMM that ops.project runs for these tiny weights: their own (F.linear, MKL) or the one a
+    mid-size model's weights take (oneDNN)."""
+    if request.param == "onednn":
+        if ops._ONEDNN is None:
+            pytest.skip("this torch has no oneDNN linear")
+        monkeypatch.setattr(ops, "ONEDNN_MIN_WEIGHT", 0)
+    return request.param
+
+
 # ---- (a) prefill ---------------------------------------------------------------------------
-def test_prefill_logits_of_every_position_match_transformers(setup):
+def test_prefill_logits_of_every_position_match_transformers(setup, matmul):
     prompt = make_prompt(13, seed=1)
     batch = AttentionBatch((13,), (0,), (random_pages(4, seed=2),))
     rows = torch.arange(13)
@@ -129,7 +140,7 @@ def test_prefill_logits_of_every_position_match_transformers(setup):
 
 
 # ---- (b), (c) greedy generation --------------------------------------------------------------
-def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup):
+def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul):
     prompt = make_prompt(9, seed=3)
     assert greedy(setup, prompt) == hf_greedy(setup, prompt)
 
@@ -323,7 +334,7 @@ class PageWeights:
             self.ring.release(layer)
 
 
-def test_greedy_with_weights_and_kv_in_the_memory_engines_pages_matches_transformers():
+def test_greedy_with_weights_and_kv_in_the_memory_engines_pages_matches_transformers(matmul):
     s = make_setup("llama_gqa")
     mem = DeviceMemory(num_pages=160, page_size_bytes=4096)
     name = ModelId("tiny")
@@ -365,6 +376,20 @@ def test_projections_that_touch_in_a_slab_run_as_one_matmul_with_the_same_logits
     assert plain_calls.count == s.config.num_layers * per_layer + 1
     assert slab_calls.count == s.config.num_layers * matmuls_per_layer + 1
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+
+
+def test_project_takes_onednn_for_large_float32_weights_and_f_linear_otherwise():
+    if ops._ONEDNN is None:
+        pytest.skip("this torch has no oneDNN linear")
+    rows = ops.ONEDNN_MIN_WEIGHT // 64
+    slab = torch.randn(rows * 64 + 64) * 0.1
+    weight, bias = slab[64:].view(rows, 64), slab[:rows]  # a view into a slab, as the engine passes it
+    x = torch.randn(5, 64)
+    for w, b, want in [(weight, bias, ops._ONEDNN), (weight[:-1], None, F.linear), (weight.double(), None, F.linear)]:
+        with CountCalls(ops._ONEDNN) as calls:
+            got = ops.project(x.to(w.dtype), w, b)
+        assert calls.count == (want is ops._ONEDNN)
+        torch.testing.assert_close(got, F.linear(x.to(w.dtype), w, b), atol=1e-5, rtol=1e-5)
 
 
 def test_stacked_is_a_view_of_touching_tensors_and_none_otherwise():

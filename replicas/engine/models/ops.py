@@ -31,13 +31,22 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}  # names as in co
 
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias: F.linear, except float32 on the CPU, where oneDNN's kernels run on the weight
-    in place (the slab's own bytes, no reordered copy). PyTorch sends float32 F.linear on the CPU to MKL's
-    sgemm, which on this project's AMD EPYC reads weights at 5-13 GB/s against oneDNN's 25-50
-    (docs/benchmarks.md, "Engine against vLLM"); results differ in the last bits, as any two GEMMs do."""
-    if _ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32:
+    """x @ weight.T + bias: F.linear, except for a large float32 weight on the CPU, where oneDNN's kernels
+    run on it in place (the slab's own bytes, no reordered copy).
+
+    PyTorch sends float32 F.linear on the CPU to MKL's sgemm, which on this project's AMD EPYC streams a
+    model's weights at about half oneDNN's rate (docs/benchmarks.md, "Engine against vLLM"). oneDNN
+    costs ~13 us more per call, so below ONEDNN_MIN_WEIGHT elements MKL stays faster. Results differ in
+    the last bits, as any two GEMMs do; greedy output still equals Hugging Face's (tests/unit)."""
+    if (_ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.numel() >= ONEDNN_MIN_WEIGHT):
         return _ONEDNN(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# Where oneDNN overtakes MKL at every batch from 1 to 256 rows on the 2-core EPYC (measured per shape:
+# 576 x 576 was still MKL's at one row, 1024 x 512 oneDNN's everywhere).
+ONEDNN_MIN_WEIGHT = 1 << 19
 
 
 def _onednn_linear():
