@@ -17,8 +17,9 @@ Three cases, each run by both:
 The CPU profile comes from microbenchmarks only, never from the workload: matmul FLOP/s and copy
 bandwidth (replicas.sim.cpu_profile), a per-kernel floor (the time of a tiny op) and a per-step
 overhead (an engine step of a one-layer, one-token model). Both sides plan with the profile's copy
-rate. Prints P50 and P99 TBT, P99 TTFT and throughput of both and their ratio (the target: within
-25%); asserts nothing.
+rate. The real engine runs each case --repeats times and the calibration is repeated as often; each
+figure is the median. Prints P50 and P99 TBT, P99 TTFT and throughput of both and their ratio (the
+target: within 25%); asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ import time
 
 import torch
 
-from remap import DeviceMemory
-from replicas.engine.engine import EngineConfig, LLMEngine
+from remap import BASE_SLAB, DeviceMemory, ModelId, SeqId
 from remap.params import slab_num_pages
-from replicas.engine.models import AttentionBatch, ModelConfig, PagedAttention, dummy_weights
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.executor import LayerSource
+from replicas.engine.models import AttentionBatch, CausalLM, ModelConfig, PagedAttention, dummy_weights
 from replicas.engine.models.loader import load_hf_folder
+from replicas.engine.models.ops import project
 from replicas.engine.models.weights import split_state_dict
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import SchedulerConfig
 from replicas.sim import CostModel, cpu_profile, make_sim_engine, meta_weights
-from replicas.sim.cost import CostParams, linear_shapes
+from replicas.sim.cost import CostParams, layer_param_bytes, linear_shapes
 
 BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 256,
         "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -98,12 +101,20 @@ def _pct(xs: list[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(xs, dtype=torch.float64), q / 100))
 
 
+def calibrated(profile, base: dict, repeats: int) -> CostParams:
+    """measured_params taken `repeats` times, each field the median: one probe's steps vary by up to
+    half on this machine, and the per-layer floor is a difference of two of them."""
+    runs = [dataclasses.asdict(measured_params(profile, base)) for _ in range(repeats)]
+    return CostParams(**{k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k]
+                         for k in runs[0]})
+
+
 def measured_params(profile, base: dict) -> CostParams:
     """From microbenchmarks, never the workload: GEMM efficiency at a decode-sized shape, then engine
     steps of 1- and 4-layer models of the same family at batch 1 (kernel-floor bound): the difference
     per layer gives the per-kernel floor, the rest of a 1-layer step the fixed per-step overhead."""
     a, w = torch.randn(16, base["hidden_size"]), torch.randn(base["intermediate_size"], base["hidden_size"])
-    gemm_s = min(_timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(200))
+    gemm_s = min(_timed(lambda: project(a, w)) for _ in range(200))  # the GEMM the engine picks for this shape
     efficiency = min(1.0, 2 * a.shape[0] * w.numel() / gemm_s / profile.peak_flops)
     step_1, step_4 = (_step_s(base, layers, 1) for layers in (1, 4))  # batch 1
     per_layer = max(0.0, (step_4 - step_1) / 3)
@@ -116,7 +127,44 @@ def measured_params(profile, base: dict) -> CostParams:
     return CostParams(flops_efficiency=efficiency, hbm_efficiency=1.0, kernel_floor_s=floor,
                       step_overhead_s=max(0.0, step_1 - per_layer - floor), seq_overhead_s=per_seq,
                       attention_efficiency=_attention_efficiency(profile, base), seq_layer_overhead_s=per_seq_layer,
-                      copies_overlap=False)  # the CPU engine copies inline (SyncTransferEngine)
+                      copies_overlap=False,  # the CPU engine copies inline (SyncTransferEngine)
+                      stream_layer_overhead_s=_stream_layer_overhead(profile, base))
+
+
+def _stream_layer_overhead(profile, base: dict, batch: int = 16, context: int = 100) -> float:
+    """What a layer computed from a staging slot costs beyond its copy at the profile's link rate: one
+    decode forward of a 4-layer model with layers 1-3 streamed through a two-slot ring, against the same
+    forward with every layer resident (same batch, same KV), per streamed layer."""
+    cfg = ModelConfig.from_hf(base | {"num_hidden_layers": 4})
+    layers, base_tensors = split_state_dict(cfg, dummy_weights(cfg, 0))
+    model, streamed = ModelId("probe"), (1, 2, 3)
+
+    def forward_s(reclaim: tuple[int, ...]) -> float:
+        mem = DeviceMemory(pool_pages([cfg], 4 * batch), PAGE)
+        kv = mem.register_model(model, layers, base_tensors, cfg.kv_geometry())
+        for layer in reclaim:
+            mem.reclaim(model, layer)
+        ring = mem.open_stream(model, num_slots=2) if reclaim else None
+        tables = []
+        for i in range(batch):
+            kv.alloc(SeqId(i), kv.num_blocks_for(context + 1))
+            tables.append(kv.table(SeqId(i)))
+        lm, ids = CausalLM(cfg), torch.full((batch,), 5)
+        attention = AttentionBatch((1,) * batch, (context,) * batch, tuple(tables))
+        weights = LayerSource(mem, model, ring)  # what the engine's executor hands a forward
+
+        def once() -> None:
+            if ring:
+                ring.begin_pass(list(reclaim))
+            lm.forward(ids, attention, kv.view, weights, mem.params.tensors(model, BASE_SLAB))
+            if ring:
+                ring.finish()
+        once()
+        return statistics.median(_timed(once) for _ in range(20))
+
+    extra = (forward_s(streamed) - forward_s(())) / len(streamed)
+    copy = layer_param_bytes(cfg) / profile.link_bytes_per_s
+    return max(0.0, extra - copy)
 
 
 def _attention_efficiency(profile, base: dict, batch: int = 16, context: int = 512) -> float:
@@ -169,21 +217,25 @@ def cases(ample_kv: int, tight_kv: int) -> dict[str, tuple[int, SchedulerConfig]
             "tight-vllm-v0": (tight_kv, sched("remap", "vllm-v0"))}
 
 
-def compare(cfgs, weights, num_pages: int, scheduler: SchedulerConfig, profile, params) -> dict:
-    """One case: the real engine, then the simulator, on the same pool, workload and settings."""
+def compare(cfgs, weights, num_pages: int, scheduler: SchedulerConfig, profile, params, repeats: int) -> dict:
+    """One case: the real engine `repeats` times (each metric the median of the runs), then the
+    simulator once (it is deterministic), on the same pool, workload and settings."""
     settings = EngineConfig(scheduler=scheduler, link_bytes_per_s=profile.link_bytes_per_s)
-    real = LLMEngine(DeviceMemory(num_pages, PAGE), settings)
-    for name, cfg in cfgs.items():
-        real.add_model(name, cfg, weights[name], eos_token_ids=())
-    real_numbers = run(real, time.monotonic)
-    real.close()
+    real_runs = []
+    for _ in range(repeats):
+        real = LLMEngine(DeviceMemory(num_pages, PAGE), settings)
+        for name, cfg in cfgs.items():
+            real.add_model(name, cfg, weights[name], eos_token_ids=())
+        real_runs.append(run(real, time.monotonic))
+        real.close()
+    real_numbers = {k: statistics.median(r[k] for r in real_runs) for k in real_runs[0]}
     sim, executor = make_sim_engine(profile, settings, num_pages=num_pages, page_size_bytes=PAGE,
                                     cost=CostModel(profile, params), token_id=0)
     for name, cfg in cfgs.items():
         sim.add_model(name, cfg, meta_weights(cfg), eos_token_ids=())
     sim_numbers = run(sim, executor.clock)
     ratios = {k: sim_numbers[k] / real_numbers[k] for k in METRICS}
-    return {"num_pages": num_pages, "real": real_numbers, "sim": sim_numbers, "ratios": ratios,
+    return {"num_pages": num_pages, "real": real_numbers, "real_runs": real_runs, "sim": sim_numbers, "ratios": ratios,
             "within_25pct": all(abs(r - 1) <= 0.25 for r in ratios.values())}
 
 
@@ -192,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=pathlib.Path)
     ap.add_argument("--model", help="a Hugging Face folder: three tenants of it (e.g. $(oneiros pull))")
     ap.add_argument("--cases", default=None, help="comma-separated subset of ample,tight-chunked,tight-vllm-v0")
+    ap.add_argument("--repeats", type=int, default=3, help="real runs per case and calibrations (medians taken)")
     args = ap.parse_args(argv)
     if args.model:
         base = json.loads((pathlib.Path(args.model) / "config.json").read_text())
@@ -204,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         weights = {name: dummy_weights(cfg, 1) for name, cfg in cfgs.items()}
         ample_kv, tight_kv = 400 - pool_pages(cfgs.values(), 0), TIGHT_KV_PAGES
     profile = cpu_profile()
-    params = measured_params(profile, base)
+    params = calibrated(profile, base, args.repeats)
     print(f"cpu profile: {profile.peak_flops / 1e9:.0f} GFLOP/s peak x {params.flops_efficiency:.2f} at decode "
           f"shapes, {profile.hbm_bytes_per_s / 1e9:.0f} GB/s; kernel floor {params.kernel_floor_s * 1e6:.1f} us, "
           f"step overhead {params.step_overhead_s * 1e3:.2f} ms, per sequence {params.seq_overhead_s * 1e6:.0f} us, "
-          f"attention at {params.attention_efficiency:.3f} of the bandwidth")
+          f"attention at {params.attention_efficiency:.3f} of the bandwidth, "
+          f"{params.stream_layer_overhead_s * 1e3:.2f} ms per streamed layer beyond its copy")
     chosen = cases(ample_kv, tight_kv)
     names = args.cases.split(",") if args.cases else list(chosen)
     if unknown := set(names) - set(chosen):
@@ -217,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         kv_pages, scheduler = chosen[name]
         r = results[name] = compare(cfgs, weights, pool_pages(cfgs.values(), kv_pages), scheduler,
-                                    profile, params)
+                                    profile, params, args.repeats)
         print(f"\n{name}: {r['num_pages']} pages ({kv_pages} beyond the parameters), "
               f"{scheduler.preemption_mode.value}, {scheduler.policy.value}")
         print(f"{'':<18}{'real':>12}{'sim':>12}{'sim/real':>10}")

@@ -43,6 +43,9 @@ class CostParams:
     seq_layer_overhead_s: float = 0.0  # per sequence per layer beyond the roofline (small-batch CPU ops)
     copies_overlap: bool = True  # streamed layers copy beside compute (a GPU's copy engine); False: inline,
     # on the cores that compute (the CPU engine's SyncTransferEngine), so every copy adds to the step
+    stream_layer_overhead_s: float = 0.0  # per layer computed from a staging slot, beyond its copy: on the
+    # CPU the step around a streamed layer runs slower than the same step resident (measured by
+    # scripts/sim_vs_real.py's probe; 0 on a GPU, where it has not been measured)
 
 
 # fit_vidur() on Vidur's H100 TP=1 linear-operator medians (Llama-2-7b/70b, CodeLlama-34b, Qwen-72B,
@@ -121,8 +124,8 @@ class CostModel:
 
     def step(self, config: ModelConfig, batch: BatchShape, *, streamed_bytes: float = 0.0, num_slots: int = 2,
              swap_out_bytes: float = 0.0, swap_in_bytes: float = 0.0, restore_bytes: float = 0.0,
-             migrate_bytes: float = 0.0) -> StepCost:
-        compute = self.compute_s(config, batch)
+             migrate_bytes: float = 0.0, num_streamed: int = 0) -> StepCost:
+        compute = self.compute_s(config, batch) + num_streamed * self.params.stream_layer_overhead_s
         mixed = swap_out_bytes > 0  # d2h swap traffic shares the link's step
         transfer = self.link_s(streamed_bytes, mixed)
         exposed = max(0.0, transfer - compute) if num_slots >= 2 and self.params.copies_overlap else transfer

@@ -129,6 +129,7 @@ class SimExecutor:
             swap_out_bytes=swap_out, swap_in_bytes=swap_in,
             restore_bytes=self._restored_bytes(),
             migrate_bytes=self._migrated_bytes(),
+            num_streamed=num_streamed,
         )
         self.clock.advance(cost.total_s)
         self._record(model, cost, num_streamed, sum(batch.num_new_tokens))
