@@ -22,6 +22,7 @@ from replicas.engine.models import (
     CausalLM,
     ModelConfig,
     ResidentWeights,
+    attention,
     dummy_weights,
     load_hf_folder,
     ops,
@@ -129,8 +130,17 @@ def matmul(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["rows", "pairs"])
+def kv_index(request, monkeypatch):
+    """How attention reads and writes the paged KV: single rows of its flat view (KVRows, where the
+    layout allows, as every test layout does) or (page, slot) pairs (the fallback)."""
+    if request.param == "pairs":
+        monkeypatch.setattr(attention.KVRows, "of", staticmethod(lambda kv: None))
+    return request.param
+
+
 # ---- (a) prefill ---------------------------------------------------------------------------
-def test_prefill_logits_of_every_position_match_transformers(setup, matmul):
+def test_prefill_logits_of_every_position_match_transformers(setup, matmul, kv_index):
     prompt = make_prompt(13, seed=1)
     batch = AttentionBatch((13,), (0,), (random_pages(4, seed=2),))
     rows = torch.arange(13)
@@ -140,7 +150,7 @@ def test_prefill_logits_of_every_position_match_transformers(setup, matmul):
 
 
 # ---- (b), (c) greedy generation --------------------------------------------------------------
-def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul):
+def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul, kv_index):
     prompt = make_prompt(9, seed=3)
     assert greedy(setup, prompt) == hf_greedy(setup, prompt)
 
@@ -211,6 +221,19 @@ class CountCalls(TorchFunctionMode):
 
 
 MATMULS = tuple(f for f in (F.linear, ops._ONEDNN) if f is not None)  # what ops.project may call
+
+
+def test_kv_rows_view_the_pages_as_rows_where_every_stride_is_whole_rows():
+    kv = make_kv(ModelConfig.from_hf(make_config("llama_gqa")))
+    rows = attention.KVRows.of(kv)
+    assert rows is not None and rows.flat.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+    page, layer, slot = 3, 1, 2
+    row = int(rows.token_rows(torch.tensor(page), torch.tensor(slot))) + rows.offsets(layer)[1]  # V
+    kv[page, layer, 1, slot] = torch.arange(kv.shape[4] * kv.shape[5], dtype=kv.dtype).view(kv.shape[4:])
+    assert torch.equal(rows.flat[row], kv[page, layer, 1, slot].flatten())
+    unit, per_page = kv.shape[4] * kv.shape[5], kv[0].numel()
+    odd = torch.zeros(kv.shape[0], per_page + 1)[:, :per_page].view(kv.shape)  # a page stride of no whole rows
+    assert (per_page + 1) % unit and attention.KVRows.of(odd) is None
 
 
 @pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window", "opt"], indirect=True)
