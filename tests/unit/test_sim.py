@@ -65,6 +65,10 @@ def test_streamed_layers_cost_only_what_compute_does_not_hide():
     inline = CostModel(H100_SXM, dataclasses.replace(H100_FIT, copies_overlap=False))  # a CPU's inline copies
     inline_cost = inline.step(config, batch, streamed_bytes=1 * layer)
     assert inline_cost.total_s == pytest.approx(inline_cost.compute_s + inline_cost.transfer_s)
+    overhead = CostModel(H100_SXM, dataclasses.replace(H100_FIT, stream_layer_overhead_s=1e-3))  # a CPU's
+    streamed = overhead.step(config, batch, streamed_bytes=0, num_streamed=3)  # kept in slots: no copy
+    assert streamed.compute_s == pytest.approx(hidden.compute_s + 3e-3) and streamed.transfer_s == 0
+    assert cost.step(config, batch, num_streamed=3).compute_s == hidden.compute_s  # 0 on the GPU fit
 
 
 def test_a_ring_with_a_slot_per_streamed_layer_copies_them_once():
