@@ -118,6 +118,7 @@ class MemorySnapshot:
     # budget is its cap: progress first, hiding copies second.
     urgent: str | None = None
     reserved_pages: int = 0  # pages wanted outside every tenant's KV: the parameters of a model being loaded
+    copies_overlap: bool = True  # False: streamed layers copy inline (a CPU), so no copy hides under compute
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenants", tuple(self.tenants))
@@ -240,11 +241,15 @@ class RemapController:
     def cap_for(self, num_layers: int) -> int:
         return min(math.floor(self.config.max_remapped_fraction * num_layers + _EPS), num_layers - 1)
 
-    def alpha_budget(self, tenant: TenantSnapshot, link_bytes_per_s: float) -> int:
-        """Layers whose host->device copies hide under the next step's compute; the cap if inactive."""
+    def alpha_budget(self, tenant: TenantSnapshot, link_bytes_per_s: float, copies_overlap: bool = True) -> int:
+        """Layers whose host->device copies hide under the next step's compute; the cap if inactive.
+        None hide where copies run inline: an active tenant then keeps its layers and pays for KV by
+        preempting, which on a CPU costs less than a copy of every lent layer on every step."""
         cap = self.cap(tenant)
         if not tenant.is_active or tenant.predicted_compute_s is None:
             return cap
+        if not copies_overlap:
+            return 0
         hidden = tenant.predicted_compute_s * link_bytes_per_s / tenant.layer_bytes
         return cap if hidden >= cap else math.floor(hidden + _EPS)
 
@@ -268,7 +273,8 @@ class RemapController:
 
     def _working(self, t: TenantSnapshot, snapshot: MemorySnapshot) -> _Tenant:
         streams = t.is_active and snapshot.urgent in (None, t.model)
-        budget = self.alpha_budget(t, snapshot.link_bytes_per_s) if streams and snapshot.urgent is None else self.cap(t)
+        budget = (self.alpha_budget(t, snapshot.link_bytes_per_s, snapshot.copies_overlap)
+                  if streams and snapshot.urgent is None else self.cap(t))
         return _Tenant(t, self.cap(t), budget, len(t.remapped_layers), streams)
 
     # -- the ledger ----------------------------------------------------------------------------

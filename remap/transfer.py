@@ -33,6 +33,7 @@ class Ticket:
 
 class TransferEngine(ABC):
     WAIT_TIMEOUT_S = 60.0  # a copy that has not landed by then is a hung device, not a slow one
+    overlaps_compute = True  # a copy can run while the step computes (a copy stream, a worker thread)
 
     def __init__(self) -> None:
         self.total_bytes = 0
@@ -71,6 +72,8 @@ class TransferEngine(ABC):
 
 class SyncTransferEngine(TransferEngine):
     """Copies inline in submit(); wait() returns at once."""
+
+    overlaps_compute = False  # the copy runs on the thread, and the cores, that compute
 
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
         ticket = Ticket(src.numel() * src.element_size())

@@ -55,6 +55,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     remap: RemapConfig = field(default_factory=RemapConfig)
     link_bytes_per_s: float | None = None  # host->device bandwidth; None = measure at start
+    copies_overlap: bool | None = None  # streamed layers' copies run beside compute; None = the memory's
+    # transfer engine says (False for the CPU's inline copies: then no copy hides, see RemapController)
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,11 @@ class LLMEngine:
         self._seqs: dict[SeqId, Sequence] = {}  # unfinished
         self._finished: OrderedDict[SeqId, Sequence] = OrderedDict()  # the last MAX_FINISHED, for lookups
         self._ids = itertools.count()
+        overlap = self.config.copies_overlap
         self.remap = RemapDriver(memory, self.controller, self.config.remap, self.link_bytes_per_s, clock,
                                  lambda: {m: t.metrics for m, t in self._tenants.items()},
-                                 plans=self.mode is PreemptionMode.REMAP)
+                                 plans=self.mode is PreemptionMode.REMAP,
+                                 copies_overlap=memory.transfer.overlaps_compute if overlap is None else overlap)
         make_room = self.remap.make_room if self.remap.plans else None
         self.scheduler = self.remap.scheduler = Scheduler(self.config.scheduler, memory.kv, make_room)
         self.executor = executor or TorchExecutor(memory)

@@ -40,9 +40,11 @@ class RemapDriver:
 
     def __init__(self, memory: DeviceMemory, controller: RemapController, config: RemapConfig,
                  link_bytes_per_s: float, clock: Callable[[], float],
-                 tenants: Callable[[], Mapping[ModelId, TenantMetrics]], plans: bool = True) -> None:
+                 tenants: Callable[[], Mapping[ModelId, TenantMetrics]], plans: bool = True,
+                 copies_overlap: bool = True) -> None:
         self.memory, self.controller, self.config = memory, controller, config
         self.link_bytes_per_s, self._clock, self._tenants = link_bytes_per_s, clock, tenants
+        self.copies_overlap = copies_overlap  # False: no copy hides under compute (the controller's alpha budget)
         self.plans = plans  # False: layers move only by hand (the engine's recompute and swap modes, tests)
         self.scheduler: Scheduler | None = None  # set by the engine (the scheduler calls make_room)
         self.ring_model: ModelId | None = None  # whose ring is open this step: its layers cannot change
@@ -83,7 +85,7 @@ class RemapDriver:
             ring = self.memory.ring(model)
             ring_pages += len(ring.pages) if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
-                              urgent)
+                              urgent, copies_overlap=self.copies_overlap)
 
     def replan(self, now: float, head: Sequence | None) -> ModelId | None:
         """The step's memory plan. When the head cannot take its next step (`_head_is_short`) its

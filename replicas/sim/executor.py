@@ -201,9 +201,12 @@ def make_sim_engine(device, engine_config=None, *, num_pages: int | None = None,
     engine_config = engine_config or EngineConfig()
     if engine_config.link_bytes_per_s is None:
         engine_config = dataclasses.replace(engine_config, link_bytes_per_s=device.link_bytes_per_s)
+    cost = cost or CostModel(device)
+    if engine_config.copies_overlap is None:  # the cost model's copies, not the simulated memory's inline ones
+        engine_config = dataclasses.replace(engine_config, copies_overlap=cost.params.copies_overlap)
     memory = (SimDeviceMemory(num_pages, page_size_bytes) if num_pages is not None
               else SimDeviceMemory.for_device(device.memory_bytes, page_size_bytes))
     clock = clock or VirtualClock()
-    executor = SimExecutor(memory, cost or CostModel(device), clock, token_id)
+    executor = SimExecutor(memory, cost, clock, token_id)
     engine = LLMEngine(memory, engine_config, clock=clock, executor=executor, step_timer=clock)
     return engine, executor

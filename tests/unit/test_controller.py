@@ -129,6 +129,18 @@ def test_alpha_budget_of_an_inactive_tenant_is_the_cap():
     assert make_controller().alpha_budget(make_tenant(num_layers=40), 0.0) == 30
 
 
+def test_where_copies_run_inline_an_active_tenant_lends_nothing_and_an_idle_one_its_cap():
+    controller = make_controller()
+    busy = make_active(model="a", predicted_compute_s=1.0)  # would hide the cap's copies if they overlapped
+    assert controller.alpha_budget(busy, LINK_BYTES_PER_S) == 6
+    assert controller.alpha_budget(busy, LINK_BYTES_PER_S, copies_overlap=False) == 0
+    assert controller.alpha_budget(make_tenant(num_layers=40), LINK_BYTES_PER_S, copies_overlap=False) == 30
+    plan = controller.plan(make_snapshot(busy, make_tenant(model="b", num_layers=8),
+                                         make_active(model="c", kv_pages_needed=10, predicted_compute_s=1.0),
+                                         copies_overlap=False))
+    assert {a.model for a in plan.reclaim} == {"b"} and not plan.stream  # only the idle tenant lends
+
+
 def test_staging_slots_are_alpha_plus_one_then_plus_two_from_the_double_buffer_threshold():
     config = RemapConfig(double_buffer_min_alpha=9, max_staging_slots=None)  # the paper's ring
     assert [num_staging_slots(a, config) for a in (0, 1, 8, 9, 12)] == [0, 2, 9, 11, 14]
@@ -326,7 +338,8 @@ def snapshots(draw) -> MemorySnapshot:
             num_waiting=draw(st.integers(0, 1)), kv_pages_needed=draw(st.integers(0, 40)),
             last_active_s=float(draw(st.integers(0, 3))), predicted_compute_s=draw(st.sampled_from([0.0, 0.01, 0.1]))))
     return make_snapshot(*tenants, num_free_pages=draw(st.integers(0, 80)),
-                         link_bytes_per_s=draw(st.sampled_from([0.0, 1e3, 1e4, 1e5])))
+                         link_bytes_per_s=draw(st.sampled_from([0.0, 1e3, 1e4, 1e5])),
+                         copies_overlap=draw(st.booleans()))
 
 
 configs = st.builds(RemapConfig, victim_order=st.sampled_from(VictimOrder),
@@ -348,7 +361,7 @@ def check_plan(controller: RemapController, snap: MemorySnapshot, plan: RemapPla
         assert mine_r.isdisjoint(t.remapped_layers)  # reclaimed layers were resident
         assert mine_s <= t.remapped_layers  # restored layers were remapped
         post = after[t.model] = (t.remapped_layers | mine_r) - mine_s
-        cap, budget = controller.cap(t), controller.alpha_budget(t, snap.link_bytes_per_s)
+        cap, budget = controller.cap(t), controller.alpha_budget(t, snap.link_bytes_per_s, snap.copies_overlap)
         assert len(post) <= max(cap, len(t.remapped_layers)) and len(post) < t.num_layers
         if mine_r:
             assert len(post) <= budget <= cap <= t.num_layers - 1
@@ -356,14 +369,14 @@ def check_plan(controller: RemapController, snap: MemorySnapshot, plan: RemapPla
         if t.is_active:
             spare -= num_staging_slots(len(post), controller.config) * t.layer_pages
     assert plan.num_pages_short == max(0, -spare)
-    over = any(len(after[t.model]) > controller.alpha_budget(t, snap.link_bytes_per_s) for t in snap.tenants)
+    over = any(len(after[t.model]) > controller.alpha_budget(t, snap.link_bytes_per_s, snap.copies_overlap) for t in snap.tenants)
     if plan.reclaim and not over:  # only as many layers as cover the deficit
         assert spare < max(by_name[m].layer_pages for m, _ in reclaimed)
     expected = [m for m in sorted(after) if by_name[m].is_active and after[m]]
     assert [s.model for s in plan.stream] == expected
     for s in plan.stream:
         t = by_name[s.model]
-        hidden = math.floor(t.predicted_compute_s * snap.link_bytes_per_s / t.layer_bytes + 1e-9)
+        hidden = math.floor(t.predicted_compute_s * snap.link_bytes_per_s / t.layer_bytes + 1e-9) if snap.copies_overlap else 0
         assert s.alpha_budget == min(hidden, controller.cap(t))
         assert s.layers == tuple(sorted(after[s.model])) and s.alpha == len(s.layers)
         assert s.num_staging_slots == num_staging_slots(s.alpha, controller.config)
@@ -377,7 +390,8 @@ def test_every_plan_keeps_cap_residency_and_page_accounting(snap, config):
     plan = controller.plan(snap)
     check_plan(controller, snap, plan)
     assert plan == controller.plan(make_snapshot(*reversed(snap.tenants), num_free_pages=snap.num_free_pages,
-                                                 link_bytes_per_s=snap.link_bytes_per_s))
+                                                 link_bytes_per_s=snap.link_bytes_per_s,
+                                                 copies_overlap=snap.copies_overlap))
 
 
 def test_cluster_cold_tenants_lend_first_and_warming_ones_last():

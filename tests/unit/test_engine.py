@@ -30,10 +30,11 @@ def hf_generate(hf_config: dict, state: dict, prompt: list[int], n: int = MAX_TO
     return hf_greedy(make_hf_model(hf_config, state), prompt, n)
 
 
-def make_engine(num_pages: int = 256, mode: str = "remap", backend: str = "arena", **sched) -> LLMEngine:
+def make_engine(num_pages: int = 256, mode: str = "remap", backend: str = "arena", copies_overlap: bool | None = None,
+                **sched) -> LLMEngine:
     memory = DeviceMemory(num_pages, PAGE, backend=make_backend(backend, num_pages, PAGE))
     config = EngineConfig(scheduler=SchedulerConfig(preemption_mode=PreemptionMode(mode), **sched),
-                          link_bytes_per_s=10e9)
+                          link_bytes_per_s=10e9, copies_overlap=copies_overlap)
     return LLMEngine(memory, config)
 
 
@@ -294,8 +295,12 @@ def test_under_vllm_v0_scheduling_greedy_output_equals_hugging_face_through_pree
         engine.add_request("hot", [5] * 60, params)
 
 
-def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_them(reference):
-    engine = make_engine(num_pages=3 * param_pages(LLAMA) + 15, mode="remap")
+@pytest.mark.parametrize("copies_overlap", [True, False], ids=["copies overlap (GPU)", "inline copies (CPU)"])
+def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_them(reference, copies_overlap):
+    # Where copies overlap compute, the woken tenant streams its lent layers within its alpha budget.
+    # Where they run inline (this CPU's SyncTransferEngine) none hide: it takes them back instead.
+    engine = make_engine(num_pages=3 * param_pages(LLAMA) + 15, mode="remap", copies_overlap=copies_overlap)
+    assert engine.remap.copies_overlap is copies_overlap
     states = {name: add_tenant(engine, name, LLAMA, seed) for name, seed in (("hot", 3), ("idle1", 4), ("idle2", 5))}
     engine.generate("idle1", [PROMPTS[0]], SamplingParams(max_tokens=2))
     prompts = [[(7 * i + j) % 100 + 3 for j in range(40)] for i in range(8)]
@@ -309,13 +314,18 @@ def test_a_reactivated_tenant_streams_its_lent_layers_and_reversion_restores_the
     while engine.has_unfinished():
         engine.step()
         engine.memory.check_integrity()
-    assert engine.num_layers_streamed > 0
+    assert (engine.num_layers_streamed > 0) is copies_overlap
     assert engine.sequence(woken).output_token_ids == reference(LLAMA, states["idle1"], 4, PROMPTS[2])
     engine.step()  # idle: demand has fallen, the controller gives every page back to parameters
     for name in states:
         stats = engine.tenant_stats(name)
         assert stats.resident_layers == stats.num_layers, name
     engine.memory.check_integrity()
+
+
+def test_the_cpus_inline_copies_hide_under_no_compute():
+    assert make_engine().remap.copies_overlap is False  # DeviceMemory on the CPU copies inline
+    assert make_engine(copies_overlap=True).remap.copies_overlap is True
 
 
 def test_logprobs_of_greedy_tokens_match_the_reference_distribution():
