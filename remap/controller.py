@@ -20,6 +20,11 @@ for the ring it is about to need.
 Decisions, in order: put over-budget models at their budget; cover the deficit by reclaiming
 inactive tenants (victim order, up to the cap), then active ones (most unused alpha budget first);
 back off the restores that reclaims could not fund; if nothing was reclaimed, revert spare pages.
+
+An active model's alpha budget is the paper's: the layers whose copies hide under its next step's
+compute. That assumes a copy engine beside the compute (a GPU). Where copies run inline
+(`MemorySnapshot.copies_overlap` False: the CPU's SyncTransferEngine) nothing hides, and the budget
+is 0.
 """
 
 from __future__ import annotations
