@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from remap import opaque
 from remap.backend import TENSOR_ALIGN_BYTES, Backend
 from remap.pool import PagePool
 from remap.transfer import TransferEngine
@@ -40,10 +41,8 @@ class TensorSpec(NamedTuple):
     offset_bytes: int  # from the start of the slab, a multiple of TENSOR_ALIGN_BYTES
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-    @property
-    def num_bytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+    num_bytes: int
+    layout: bytes | None = None  # an opaque tensor's descriptor (remap/opaque.py); None: row-major
 
 
 @dataclass
@@ -63,8 +62,10 @@ def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorSpec, 
     """Offsets of each tensor in a slab and the slab's packed size in bytes."""
     specs, offset = [], 0
     for name, t in tensors.items():
-        specs.append(TensorSpec(name, offset, t.dtype, tuple(t.shape)))
-        offset += _round_up(t.numel() * t.element_size(), TENSOR_ALIGN_BYTES)
+        nbytes = opaque.num_bytes(t)
+        specs.append(TensorSpec(name, offset, t.dtype, tuple(t.shape), nbytes,
+                                opaque.describe(t) if opaque.is_opaque(t) else None))
+        offset += _round_up(nbytes, TENSOR_ALIGN_BYTES)
     return tuple(specs), offset
 
 
@@ -85,10 +86,15 @@ class SlabViews(dict):
 
 
 def slab_views(specs: Sequence[TensorSpec], data: torch.Tensor) -> SlabViews:
-    """Tensor views of a slab's packed bytes `data` (device pages, a staging slot, or the host)."""
-    return SlabViews(
-        (s.name, data[s.offset_bytes : s.offset_bytes + s.num_bytes].view(s.dtype).view(s.shape)) for s in specs
-    )
+    """Tensor views of a slab's packed bytes `data` (device pages, a staging slot, or the host); an
+    opaque tensor comes back in its own layout over the same bytes."""
+    return SlabViews((s.name, _view(s, data[s.offset_bytes : s.offset_bytes + s.num_bytes])) for s in specs)
+
+
+def _view(spec: TensorSpec, data: torch.Tensor) -> torch.Tensor:
+    if spec.layout is not None:
+        return opaque.view(data, spec.shape, spec.dtype, spec.layout)
+    return data.view(spec.dtype).view(spec.shape)
 
 
 class ParamStore:
@@ -297,20 +303,10 @@ class ParamStore:
 def _fill_host(slab: Slab, tensors: Mapping[str, torch.Tensor]) -> None:
     slab.host.zero_()
     for spec, t in zip(slab.specs, tensors.values()):
-        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        flat = opaque.raw_bytes(t) if spec.layout is not None else t.detach().contiguous().view(-1).view(torch.uint8)
         slab.host[spec.offset_bytes : spec.offset_bytes + spec.num_bytes].copy_(flat)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -50,7 +50,7 @@ from remap.params import slab_num_pages
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
 from replicas.engine.models.loader import load_hf_folder
-from replicas.engine.models.weights import split_state_dict
+from replicas.engine.models.weights import blocked_for_cpu, split_state_dict
 from replicas.engine.sampling import SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
@@ -104,7 +104,7 @@ class BenchModel:
         self.folder = folder
         self.hf_config = json.loads((folder / "config.json").read_text())
         self.config, self.state = load_hf_folder(folder)
-        layers, base = split_state_dict(self.config, self.state)
+        layers, base = blocked_for_cpu(self.config, *split_state_dict(self.config, self.state))  # as the engine stores them
         self.param_pages = sum(slab_num_pages(t, PAGE) for t in layers) + slab_num_pages(base, PAGE)
         self.num_params = sum(t.numel() for t in self.state.values())
 

@@ -38,7 +38,7 @@ from replicas.engine.capacity import measure as measure_capacity
 from replicas.engine.executor import Executor, TorchExecutor
 from replicas.engine.metrics import TenantMetrics
 from replicas.engine.remap_driver import RemapDriver
-from replicas.engine.models import CausalLM, ModelConfig, split_state_dict
+from replicas.engine.models import CausalLM, ModelConfig, blocked_for_cpu, split_state_dict
 from replicas.engine.sampling import InvalidRequest, SamplingParams, make_generator
 from replicas.engine.scheduler import (WATERMARK_FRACTION, PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput,
                                        SchedulingPolicy)
@@ -57,6 +57,7 @@ class EngineConfig:
     link_bytes_per_s: float | None = None  # host->device bandwidth; None = measure at start
     copies_overlap: bool | None = None  # streamed layers' copies run beside compute; None = the memory's
     # transfer engine says (False for the CPU's inline copies: then no copy hides, see RemapController)
+    blocked_weights: bool = True  # on the CPU, large float32 projections in oneDNN's layout (ops.blocked)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class LLMEngine:
                   max_model_len: int | None = None) -> None:
         model = ModelId(name)
         layers, base = split_state_dict(config, state_dict)
+        if self.config.blocked_weights and self.memory.device.type == "cpu":
+            layers, base = blocked_for_cpu(config, layers, base)
         max_lent = 0
         if model not in self._tenants:  # a second registration fails in DeviceMemory, as it should
             max_lent = self._make_room_for_load(model, layers, base)

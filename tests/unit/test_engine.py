@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from remap import DeviceMemory, ModelId, Owner, OwnerKind, make_backend
+from remap import DeviceMemory, ModelId, Owner, OwnerKind, make_backend, opaque
 from replicas.engine.engine import EngineConfig, LLMEngine
-from replicas.engine.models import ModelConfig, dummy_weights
+from replicas.engine.models import ModelConfig, dummy_weights, ops
 from replicas.engine.sampling import InvalidRequest, SamplingParams
 from replicas.engine.scheduler import PreemptionMode, SchedulerConfig
 
@@ -137,12 +137,24 @@ def _preempt_by_recompute(engine):
         sched._preempt(seq)  # noqa: SLF001 - force the recompute path mid-generation
 
 
+@pytest.fixture(params=["plain", "blocked"])
+def weights(request, monkeypatch):
+    """How the engine stores these tiny models' matrices on the CPU: as they are (below
+    ops.ONEDNN_MIN_WEIGHT), or fused and in oneDNN's blocked layout, as a mid-size model's are."""
+    if request.param == "blocked":
+        if not opaque.AVAILABLE:
+            pytest.skip("this torch cannot store oneDNN's blocked layout in a slab")
+        monkeypatch.setattr(ops, "ONEDNN_MIN_WEIGHT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("event", [_reclaim_running_layers, _restore_after_reclaim, _migrate_all_blocks,
                                    _swap_out_and_back, _preempt_by_recompute],
                          ids=["reclaim+stream", "restore", "migrate", "swap", "recompute"])
-def test_greedy_output_is_exact_across_memory_events_mid_generation(event, reference):
+def test_greedy_output_is_exact_across_memory_events_mid_generation(event, reference, weights):
     engine = make_engine(mode="recompute")  # no controller: only the forced event moves memory
     state = add_tenant(engine, "m", LLAMA, seed=3)
+    assert any(t.is_mkldnn for t in engine.memory.params.tensors(ModelId("m"), 0).values()) == (weights == "blocked")
     got = run_with(engine, event)
     for prompt, out in zip(PROMPTS, got):
         assert out == reference(LLAMA, state, 3, prompt)
@@ -165,9 +177,10 @@ def _restore_into_other_pages(engine):
 
 
 @needs_host_vmm(PAGE)
-def test_greedy_output_is_exact_when_layers_come_back_in_other_pages_on_vmm(reference):
+def test_greedy_output_is_exact_when_layers_come_back_in_other_pages_on_vmm(reference, weights):
     engine = make_engine(mode="recompute", backend="vmm")
     state = add_tenant(engine, "m", LLAMA, seed=3)
+    assert any(t.is_mkldnn for t in engine.memory.params.tensors(ModelId("m"), 0).values()) == (weights == "blocked")
     got = run_with(engine, _restore_into_other_pages)
     for prompt, out in zip(PROMPTS, got):
         assert out == reference(LLAMA, state, 3, prompt)

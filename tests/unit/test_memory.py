@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from remap import BASE_SLAB, DeviceMemory, KVGeometry, ModelId, OwnerKind, RemapError, SeqId, ThreadTransferEngine
+from remap import (
+    BASE_SLAB,
+    DeviceMemory,
+    KVGeometry,
+    ModelId,
+    OwnerKind,
+    RemapError,
+    SeqId,
+    ThreadTransferEngine,
+    opaque,
+    pack_layout,
+)
+from replicas.engine.models import ops
 from tests.unit.factories import PAGE, add_model, make_layers, make_memory
 
 
@@ -241,3 +253,44 @@ def test_changing_a_models_layers_between_passes_retires_its_ring():
     mem.reclaim(ModelId("m0"), 4)  # the ring was sized and filled for layer 1 alone
     assert mem.ring(ModelId("m0")) is None and mem.pool.num_owned_by(OwnerKind.STAGING) == 0
     mem.check_integrity()
+
+
+@BACKENDS
+def test_an_opaque_blocked_weight_is_stored_as_its_own_bytes_through_reclaim_restore_and_streaming(backend):
+    if not opaque.AVAILABLE:
+        pytest.skip("this torch cannot wrap bytes as an mkldnn tensor")
+    mem = make_memory(num_pages=80, backend=backend)
+    layers, base = make_layers(num_layers=3)
+    plain = [layer["wq"] for layer in layers]
+    # 100 x 70 pads to oneDNN's blocks: more bytes than its elements, which the slab must make room for
+    odd = torch.randn(100, 70) * 0.1
+    for layer in layers:
+        layer["wq"] = torch.ops.mkldnn._reorder_linear_weight(layer["wq"], None)
+        layer["odd"] = torch.ops.mkldnn._reorder_linear_weight(odd, None)
+    assert opaque.num_bytes(layers[0]["odd"]) > odd.numel() * 4
+    specs, _ = pack_layout(layers[0])
+    assert {s.name for s in specs if s.layout is not None} == {"wq", "odd"}
+    kv = mem.register_model(ModelId("m0"), layers, base, KVGeometry(3, 2, 16, torch.float32))
+    x = torch.randn(5, 32)
+
+    def check(views, i):
+        assert views["wq"].is_mkldnn and not views["norm"].is_mkldnn
+        torch.testing.assert_close(ops.project(x, views["wq"]), x @ plain[i].T)
+        torch.testing.assert_close(ops.project(torch.randn(2, 70), views["odd"]).shape, (2, 100))
+
+    for i in range(3):
+        check(mem.params.tensors(ModelId("m0"), i), i)
+    mem.reclaim(ModelId("m0"), 1)
+    pages = kv.alloc(SeqId(0), mem.pool.num_free)  # every free page, the lent layer's too
+    fill_blocks(kv, pages, float("nan"))  # the KV overwrites the blocked bytes
+    kv.free(SeqId(0))
+    ring = mem.open_stream(ModelId("m0"), num_slots=1)
+    ring.begin_pass([1])
+    check(ring.acquire(1), 1)  # streamed from the host copy into a slot, still blocked
+    ring.release(1)
+    ring.finish()
+    mem.close_stream(ModelId("m0"))
+    assert mem.restore(ModelId("m0"), 1).restored
+    check(mem.params.tensors(ModelId("m0"), 1), 1)
+    mem.check_integrity()
+    mem.close()

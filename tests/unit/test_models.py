@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from remap import BASE_SLAB, ArenaBackend, DeviceMemory, ModelId, SeqId, pack_layout, slab_views
+from remap import BASE_SLAB, ArenaBackend, DeviceMemory, ModelId, SeqId, opaque, pack_layout, slab_views
 from replicas.engine.models import (
     AttentionBatch,
     CausalLM,
     ModelConfig,
     ResidentWeights,
     attention,
+    blocked_for_cpu,
     dummy_weights,
     load_hf_folder,
     ops,
@@ -119,15 +120,25 @@ def hf_logits(s: Setup, tokens: list[int]) -> torch.Tensor:
         return s.hf(torch.tensor([tokens])).logits[0]
 
 
-@pytest.fixture(params=["mkl", "onednn"])
+@pytest.fixture(params=["mkl", "onednn", "onednn_blocked"])
 def matmul(request, monkeypatch):
-    """The CPU GEMM that ops.project runs for these tiny weights: their own (F.linear, MKL) or the one a
-    mid-size model's weights take (oneDNN)."""
-    if request.param == "onednn":
-        if ops._ONEDNN is None:
-            pytest.skip("this torch has no oneDNN linear")
+    """The CPU GEMM that ops.project runs for these tiny weights: their own (F.linear, MKL), the one a
+    mid-size model's weights take (oneDNN), or oneDNN on weights fused and blocked at load (what the
+    engine stores for them on the CPU; `for_matmul` applies it)."""
+    if request.param != "mkl":
+        if ops._ONEDNN is None or (request.param == "onednn_blocked" and not opaque.AVAILABLE):
+            pytest.skip("this torch has no oneDNN linear or no way to store its blocked layout")
         monkeypatch.setattr(ops, "ONEDNN_MIN_WEIGHT", 0)
     return request.param
+
+
+def for_matmul(s: Setup, matmul: str) -> Setup:
+    """The setup with its weights as the engine would store them for `matmul`."""
+    if matmul != "onednn_blocked":
+        return s
+    layers, base = blocked_for_cpu(s.config, s.layers, s.base)
+    assert any(t.is_mkldnn for t in layers[0].values()) and any("+" in n for n in layers[0])
+    return dataclasses.replace(s, layers=layers, base=base)
 
 
 @pytest.fixture(params=["rows", "pairs"])
@@ -141,6 +152,7 @@ def kv_index(request, monkeypatch):
 
 # ---- (a) prefill ---------------------------------------------------------------------------
 def test_prefill_logits_of_every_position_match_transformers(setup, matmul, kv_index):
+    setup = for_matmul(setup, matmul)
     prompt = make_prompt(13, seed=1)
     batch = AttentionBatch((13,), (0,), (random_pages(4, seed=2),))
     rows = torch.arange(13)
@@ -151,6 +163,7 @@ def test_prefill_logits_of_every_position_match_transformers(setup, matmul, kv_i
 
 # ---- (b), (c) greedy generation --------------------------------------------------------------
 def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul, kv_index):
+    setup = for_matmul(setup, matmul)
     prompt = make_prompt(9, seed=3)
     assert greedy(setup, prompt) == hf_greedy(setup, prompt)
 
@@ -358,7 +371,7 @@ class PageWeights:
 
 
 def test_greedy_with_weights_and_kv_in_the_memory_engines_pages_matches_transformers(matmul):
-    s = make_setup("llama_gqa")
+    s = for_matmul(make_setup("llama_gqa"), matmul)
     mem = DeviceMemory(num_pages=160, page_size_bytes=4096)
     name = ModelId("tiny")
     kv_blocks = mem.register_model(name, s.layers, s.base, s.config.kv_geometry())
@@ -435,13 +448,13 @@ def test_fused_projections_are_found_once_per_placement_of_a_slab():
     for name, t in tensors.items():
         views[name].copy_(t)
     x, names = torch.randn(3, 64), ("q", "k", "v")
-    got = linears(x, views, names)
-    weight, _, sizes = views.derived[names]  # kept with the views: a slab placed elsewhere gets new ones
-    assert weight.untyped_storage().data_ptr() == data.untyped_storage().data_ptr() and sizes == [8, 4, 4]
+    got = linears(x, views, names, (8, 4, 4))
+    weight, _ = views.derived[names]  # kept with the views: a slab placed elsewhere gets new ones
+    assert weight.untyped_storage().data_ptr() == data.untyped_storage().data_ptr() and weight.shape == (16, 64)
     for out, name in zip(got, names):
         torch.testing.assert_close(out, x @ tensors[name + ".weight"].T)
     with CountCalls(*MATMULS) as calls:  # found again from the cache, still one matmul
-        again = linears(x, views, names)
+        again = linears(x, views, names, (8, 4, 4))
     assert calls.count == 1 and all(torch.equal(a, b) for a, b in zip(got, again))
     assert slab_views(specs, data).derived == {}
 

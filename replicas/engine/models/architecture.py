@@ -22,6 +22,7 @@ Tensor = torch.Tensor
 class Architecture(Protocol):
     config: ModelConfig
     layer_prefix: str  # full-name prefix of layer i's tensors is f"{layer_prefix}{i}."
+    fused: tuple[tuple[str, ...], ...]  # projections that read one input (ops.linears, ops.blocked)
 
     def layer_shapes(self) -> Shapes:
         """Name (prefix stripped) -> shape of every tensor of one layer, in packing order."""

@@ -6,10 +6,11 @@
 Mistral differs only by its sliding window and Qwen2 by its q/k/v biases; both are config flags
 (see ModelConfig.layer_windows, qkv_bias), so one block serves all three.
 
-q/k/v and gate/up run as one matmul each where their weights touch in the slab (ops.linears):
-Llama and Mistral without biases; in Qwen2 each bias is packed after its weight, so its q/k/v run
-one by one (packing the weights first would fuse them, but `layer_shapes` order is also the order
-dummy_weights draws in, so that change would change every test model's weights).
+q/k/v and gate/up run as one matmul each where their weights are fused (ops.blocked, for large
+float32 weights on the CPU) or touch in the slab (ops.linears): Llama and Mistral without biases; in
+Qwen2 each bias is packed after its weight, so its q/k/v run one by one unless blocked (packing the
+weights first would fuse them, but `layer_shapes` order is also the order dummy_weights draws in, so
+that change would change every test model's weights).
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 class Llama:
     layer_prefix = "model.layers."
+    fused = (_QKV, _GATE_UP)
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        kv = config.num_kv_heads * config.head_dim
+        self._qkv_sizes = (config.num_heads * config.head_dim, kv, kv)
+        self._gate_up_sizes = (config.intermediate_size, config.intermediate_size)
         self._inv_freq = inv_frequencies(config)
         self._act = ACTIVATIONS[config.hidden_act]
 
@@ -79,12 +84,12 @@ class Llama:
     def layer(self, index: int, w: Weights, h: Tensor, attend: PagedAttention, rope: tuple[Tensor, Tensor]) -> Tensor:
         c, rows = self.config, h.shape[0]
         x = rms_norm(h, w["input_layernorm.weight"], c.norm_eps)
-        q, k, v = linears(x, w, _QKV)  # one matmul where the slab packs them back to back
+        q, k, v = linears(x, w, _QKV, self._qkv_sizes)  # one matmul (ops.linears)
         q, k = apply_rotary_qk(q.view(rows, c.num_heads, c.head_dim), k.view(rows, c.num_kv_heads, c.head_dim), *rope)
         h = h + linear(attend(index, q, k, v.view(rows, c.num_kv_heads, c.head_dim)).reshape(rows, -1), w,
                        "self_attn.o_proj")
         x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
-        gate, up = linears(x, w, _GATE_UP)
+        gate, up = linears(x, w, _GATE_UP, self._gate_up_sizes)
         return h + linear(self._act(gate) * up, w, "mlp.down_proj")
 
     def head(self, base: Weights, h: Tensor) -> Tensor:

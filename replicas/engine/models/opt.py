@@ -20,6 +20,7 @@ _KVQ = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # in packin
 
 class Opt:
     layer_prefix = "model.decoder.layers."
+    fused = (_KVQ,)
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -65,8 +66,9 @@ class Opt:
         c, rows = self.config, h.shape[0]
         pre = c.do_layer_norm_before
         x = layer_norm(h, w, "self_attn_layer_norm", c.norm_eps) if pre else h
-        # packed k, v, q: one matmul where they touch (OPT without biases; see ops.linears)
-        k, v, q = (t.view(rows, -1, c.head_dim) for t in linears(x, w, _KVQ))
+        # packed k, v, q: one matmul where fused or touching (OPT without biases; see ops.linears)
+        d = c.hidden_size
+        k, v, q = (t.view(rows, -1, c.head_dim) for t in linears(x, w, _KVQ, (d, d, d)))
         h = h + linear(attend(index, q, k, v).reshape(rows, -1), w, "self_attn.out_proj")
         if not pre:
             h = layer_norm(h, w, "self_attn_layer_norm", c.norm_eps)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from remap import opaque
+from replicas.engine.models import ops
 from replicas.engine.models.architecture import architecture_for
 from replicas.engine.models.config import ModelConfig
 
@@ -38,6 +40,19 @@ def split_state_dict(
     if tensors:
         raise ValueError(f"{len(tensors)} unexpected tensors for {config.architecture}: {sorted(tensors)[:5]}")
     return layers, base
+
+
+def blocked_for_cpu(
+    config: ModelConfig, layers: list[dict[str, Tensor]], base: dict[str, Tensor]
+) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    """The split tensors with their large float32 projections fused and blocked for oneDNN
+    (ops.blocked): each layer's matrices and an untied lm_head; the embeddings stay rows. Unchanged
+    where remap cannot store the blocked layout (remap.opaque.AVAILABLE)."""
+    if not opaque.AVAILABLE:
+        return layers, base
+    fused = architecture_for(config).fused
+    head = {n: t for n, t in base.items() if n == "lm_head.weight"}
+    return [ops.blocked(layer, fused) for layer in layers], base | ops.blocked(head)
 
 
 def dummy_weights(config: ModelConfig, seed: int, std: float = 0.2) -> dict[str, Tensor]:
