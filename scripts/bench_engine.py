@@ -104,7 +104,8 @@ class BenchModel:
         self.folder = folder
         self.hf_config = json.loads((folder / "config.json").read_text())
         self.config, self.state = load_hf_folder(folder)
-        layers, base = blocked_for_cpu(self.config, *split_state_dict(self.config, self.state))  # as the engine stores them
+        # the pages the engine stores them in (blocked on the CPU)
+        layers, base = blocked_for_cpu(self.config, *split_state_dict(self.config, self.state))
         self.param_pages = sum(slab_num_pages(t, PAGE) for t in layers) + slab_num_pages(base, PAGE)
         self.num_params = sum(t.numel() for t in self.state.values())
 
