@@ -1,7 +1,8 @@
 """Which CPU GEMM should the engine's float32 projections use on this machine? One pass over a
-model's projection weights at several row counts, with MKL (F.linear), oneDNN on the weights in
-place (what ops.project calls for large weights) and oneDNN on weights reordered to its blocked
-layout (what vLLM's CPU backend does at load; not open to us, see docs/benchmarks.md), interleaved.
+model's projection weights at several row counts, with MKL (F.linear), oneDNN on plain weights in
+place (what ops.project calls for a large weight the engine was told to keep plain) and oneDNN on
+weights reordered to its blocked layout (what ops.blocked stores in the slab, and what vLLM's CPU
+backend does at load), interleaved.
 
     python scripts/bench_gemm.py [--json out/bench_gemm.json] [--threads 2]
 

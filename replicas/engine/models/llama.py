@@ -86,11 +86,13 @@ class Llama:
         x = rms_norm(h, w["input_layernorm.weight"], c.norm_eps)
         q, k, v = linears(x, w, _QKV, self._qkv_sizes)  # one matmul (ops.linears)
         q, k = apply_rotary_qk(q.view(rows, c.num_heads, c.head_dim), k.view(rows, c.num_kv_heads, c.head_dim), *rope)
-        h = h + linear(attend(index, q, k, v.view(rows, c.num_kv_heads, c.head_dim)).reshape(rows, -1), w,
-                       "self_attn.o_proj")
+        # in place on fresh outputs (the same sums and products): a prefill's temporaries are tens of
+        # MB, and on the CPU each new one costs its page faults
+        h = linear(attend(index, q, k, v.view(rows, c.num_kv_heads, c.head_dim)).reshape(rows, -1), w,
+                   "self_attn.o_proj").add_(h)
         x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
         gate, up = linears(x, w, _GATE_UP, self._gate_up_sizes)
-        return h + linear(self._act(gate) * up, w, "mlp.down_proj")
+        return linear(self._act(gate).mul_(up), w, "mlp.down_proj").add_(h)
 
     def head(self, base: Weights, h: Tensor) -> Tensor:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
