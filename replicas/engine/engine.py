@@ -152,6 +152,8 @@ class LLMEngine:
         layers, base = split_state_dict(config, state_dict)
         if self.config.blocked_weights and self.memory.device.type == "cpu":
             layers, base = blocked_for_cpu(config, layers, base)
+            logger.info("%s: %d matrices in oneDNN's blocked layout", name,
+                        sum(t.is_mkldnn for tensors in [*layers, base] for t in tensors.values()))
         max_lent = 0
         if model not in self._tenants:  # a second registration fails in DeviceMemory, as it should
             max_lent = self._make_room_for_load(model, layers, base)
