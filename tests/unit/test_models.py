@@ -532,3 +532,11 @@ def test_prefill_and_greedy_on_cuda_match_transformers_on_cpu(kind):
     logits = cuda.model.forward(torch.tensor(prompt, device="cuda"), batch, kv, cuda.weights(), cuda.base, rows)
     torch.testing.assert_close(logits.cpu(), hf_logits(s, prompt), atol=1e-3, rtol=0)  # cuBLAS may use TF32
     assert greedy(cuda, prompt) == hf_greedy(s, prompt)
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 576), (16, 768), (513, 2048)])
+def test_rms_norm_in_float32_is_transformers_formula_bit_for_bit(rows, dim):
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(dim)) * 3
+    weight = torch.randn(dim, generator=torch.Generator().manual_seed(rows)) * 0.2 + 1
+    x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # LlamaRMSNorm.forward in float32
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5), weight * x32)

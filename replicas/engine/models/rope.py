@@ -57,8 +57,8 @@ def apply_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     follow q's in each row of one buffer (the fused qkv projection's output), else one each."""
     rows, heads, dim = q.shape
     row_stride = q.stride(0)
-    joint = (q.stride()[1:] == k.stride()[1:] == (dim, 1) and k.stride(0) == row_stride
-             and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size())
+    joint = (q.stride()[1:] == k.stride()[1:] == (dim, 1) and (k.stride(0) == row_stride or rows == 1)
+             and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size())  # one row: any row stride
     if not joint:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     both = apply_rotary(q.as_strided((rows, heads + k.shape[1], dim), (row_stride, dim, 1)), cos, sin)
