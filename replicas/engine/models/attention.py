@@ -381,7 +381,8 @@ class _Group:
         kv_heads = head_shape[0]
         group = heads // kv_heads
         # [seqs, queries, kv_heads, group, dim] -> [seqs, kv_heads, queries * group, dim]
-        query = q[self.q_rows].view(seqs, num_queries, kv_heads, group, dim).transpose(1, 2)
+        picked = q if self.covers_all and num_queries == 1 else q[self.q_rows]  # decode: q_rows is 0..seqs-1
+        query = picked.view(seqs, num_queries, kv_heads, group, dim).transpose(1, 2)
         query = query.reshape(seqs, kv_heads, num_queries * group, dim)
         key = self._gather(caches[0], 0, offsets[0], head_shape).transpose(1, 2)  # -> [seqs, kv_heads, keys, dim]
         value = self._gather(caches[1], 1, offsets[1], head_shape).transpose(1, 2)
