@@ -8,7 +8,9 @@ TENSOR_ALIGN_BYTES, into `num_pages` pages:
                 ^ offset 0      ^ offset 256k
 
 The host keeps the same packed bytes (pinned on CUDA), so a restore is one host-to-device copy of
-`num_bytes` and a staging slot can hold any layer of the model with the same layout.
+`num_bytes` and a staging slot can hold any layer of the model with the same layout. A tensor in an
+opaque layout (oneDNN's blocked weights on the CPU, remap/opaque.py) is stored as its own bytes, its
+descriptor kept in the TensorSpec, and comes back from every view in that layout.
 
 Which pages a slab gets is the placement's choice (remap/placement.py: a fixed home run on the
 arena, any pages on virtual-memory backends); this store keeps the slabs, their host copies and

@@ -116,7 +116,7 @@ def blocked(tensors: Mapping[str, Tensor], groups: Sequence[tuple[str, ...]] = (
     small models keep their tensors as they are.
 
     vLLM's CPU backend reorders its weights the same way at load. At 4 to 32 rows the blocked layout
-    saves 15-30% of GEMM time over oneDNN on plain weights (scripts/bench_gemm.py)."""
+    saves 13-30% of GEMM time over oneDNN on plain weights (scripts/bench_gemm.py)."""
     out = dict(tensors)
     for names in groups:
         weights = [out.get(n + ".weight") for n in names]
