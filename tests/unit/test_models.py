@@ -540,3 +540,4 @@ def test_rms_norm_in_float32_is_transformers_formula_bit_for_bit(rows, dim):
     weight = torch.randn(dim, generator=torch.Generator().manual_seed(rows)) * 0.2 + 1
     x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # LlamaRMSNorm.forward in float32
     assert torch.equal(ops.rms_norm(x, weight, 1e-5), weight * x32)
+    assert torch.equal(F.rms_norm(x, (dim,), weight, 1e-5), weight * x32)  # what it takes for few rows
