@@ -13,8 +13,8 @@ PyTorch has no Python call that wraps given memory as an mkldnn tensor; AOTInduc
 list form frees the handle; the single form leaks it). `AVAILABLE` is False where either is missing:
 callers then keep weights plain.
 
-An mkldnn view does not keep its memory alive: `view` ties the bytes to it, and the store drops a
-slab's views when its pages go.
+An mkldnn tensor made over given memory does not own it: `view` keeps a reference to the bytes'
+tensor on the view, so the memory lives as long as it would under a plain view.
 """
 
 from __future__ import annotations
