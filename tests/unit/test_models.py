@@ -141,12 +141,28 @@ def for_matmul(s: Setup, matmul: str) -> Setup:
     return dataclasses.replace(s, layers=layers, base=base)
 
 
-@pytest.fixture(params=["rows", "pairs"])
+_PLAIN_MAKE_KV = make_kv  # kv_index's "head_rows" swaps make_kv for the next function
+
+
+def make_kv_of_head_rows(config: ModelConfig, num_pages: int = NUM_PAGES, device: str = "cpu") -> torch.Tensor:
+    """make_kv's layout with one head's worth more between pages: a page stride that is a whole number
+    of heads but not of tokens (KVRows.split > 1, as SmolLM2's 3 heads in 256 KB pages)."""
+    like = _PLAIN_MAKE_KV(config, 1, device)
+    per_page, dim = like.stride(0), like.shape[5]
+    pages = torch.full((num_pages * (per_page + dim),), float("nan"), dtype=like.dtype, device=device)
+    return pages.as_strided((num_pages, *like.shape[1:]), (per_page + dim, *like.stride()[1:]))
+
+
+@pytest.fixture(params=["rows", "head_rows", "pairs"])
 def kv_index(request, monkeypatch):
     """How attention reads and writes the paged KV: single rows of its flat view (KVRows, where the
-    layout allows, as every test layout does) or (page, slot) pairs (the fallback)."""
+    layout allows, as every test layout does), a few rows of heads per token (a layout whose page
+    stride is whole only in heads: split 2 or 4 for these models) or (page, slot) pairs (the
+    fallback)."""
     if request.param == "pairs":
         monkeypatch.setattr(attention.KVRows, "of", staticmethod(lambda kv: None))
+    if request.param == "head_rows":
+        monkeypatch.setitem(globals(), "make_kv", make_kv_of_head_rows)
     return request.param
 
 
@@ -245,8 +261,14 @@ def test_kv_rows_view_the_pages_as_rows_where_every_stride_is_whole_rows():
     kv[page, layer, 1, slot] = torch.arange(kv.shape[4] * kv.shape[5], dtype=kv.dtype).view(kv.shape[4:])
     assert torch.equal(rows.flat[row], kv[page, layer, 1, slot].flatten())
     unit, per_page = kv.shape[4] * kv.shape[5], kv[0].numel()
-    odd = torch.zeros(kv.shape[0], per_page + 1)[:, :per_page].view(kv.shape)  # a page stride of no whole rows
+    odd = torch.zeros(kv.shape[0], per_page + 1)[:, :per_page].view(kv.shape)  # a page stride of no whole heads
     assert (per_page + 1) % unit and attention.KVRows.of(odd) is None
+    heads = make_kv_of_head_rows(ModelConfig.from_hf(make_config("llama_gqa")))  # whole heads, not tokens
+    split = attention.KVRows.of(heads)
+    assert split.split == heads.shape[4] > 1 and split.flat.shape[1] == heads.shape[5]
+    token = split.token_rows(torch.tensor([page]), torch.tensor([slot]))[0] + split.offsets(layer)[1]
+    heads[page, layer, 1, slot] = torch.arange(unit, dtype=kv.dtype).view(kv.shape[4:])
+    assert torch.equal(split.flat[token].flatten(), heads[page, layer, 1, slot].flatten())
 
 
 @pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window", "opt"], indirect=True)

@@ -36,9 +36,11 @@ written, so finite) and are masked out; padded query rows repeat the sequence's 
 its visibility, and their output is dropped. Pages are never zeroed, so a slot past a sequence's
 length can hold anything, NaN included, which a mask cannot neutralise (0 * NaN); gathering token
 by token means such slots are never read. Where the layout allows (every stride a whole number of
-kv_heads * dim rows, as remap/kv.py lays pages out), a token is one row of a flat [rows, kv_heads *
+kv_heads * dim elements, as remap/kv.py lays pages out), a token is one row of a flat [rows, kv_heads *
 dim] view of the same storage, and gathers and writes are single-index row copies (index_select,
-index_copy_): on the CPU about 5x faster than indexing the 6-d tensor with (page, slot) pairs.
+index_copy_): on the CPU about 5x faster than indexing the 6-d tensor with (page, slot) pairs. Where
+a stride is whole only in heads (a page of 256 KB against 3 heads of 64), a token is a few
+consecutive rows of heads (KVRows.split).
 
 Sliding windows (Mistral, Qwen2's sliding layers) are a mask: a query at position p sees keys at
 positions p - window < j <= p, the Transformers rule. Blocks that fall out of the window are not
@@ -191,8 +193,9 @@ class PagedAttention:
         rows = self._rows
         if rows is not None:
             offsets = rows.offsets(layer)
-            rows.flat.index_copy_(0, self._write_rows + offsets[0], k.reshape(k.shape[0], -1))
-            rows.flat.index_copy_(0, self._write_rows + offsets[1], v.reshape(v.shape[0], -1))
+            unit = rows.flat.shape[1]
+            rows.flat.index_copy_(0, (self._write_rows + offsets[0]).view(-1), k.reshape(-1, unit))
+            rows.flat.index_copy_(0, (self._write_rows + offsets[1]).view(-1), v.reshape(-1, unit))
             caches = (rows.flat, rows.flat)
         else:
             offsets = (0, 0)
@@ -210,28 +213,39 @@ class PagedAttention:
 
 @dataclass(frozen=True)
 class KVRows:
-    """A model's KV tensor [pages, layers, 2, slot, kv_heads, dim] as a flat [rows, kv_heads * dim] view
-    of the same storage, one row per (page, layer, K | V, slot); strides in rows."""
+    """A model's KV tensor [pages, layers, 2, slot, kv_heads, dim] as a flat [rows, kv_heads * dim /
+    split] view of the same storage: a token's K (or V) is `split` consecutive rows, and strides are
+    in rows. split is 1 (a row per token) unless some stride is a whole number of heads but not of
+    tokens, as a 256 KB page is for SmolLM2's 3 KV heads of 64."""
 
     flat: Tensor
     page: int
     layer: int
     which: int
     slot: int
+    split: int = 1
 
     @staticmethod
     def of(kv: Tensor) -> KVRows | None:
-        """The flat view of `kv`, or None where a stride is not a whole number of rows."""
-        unit = kv.shape[4] * kv.shape[5]
-        if kv.stride(5) != 1 or kv.stride(4) != kv.shape[5] or any(st % unit for st in kv.stride()[:4]):
+        """The flat view of `kv`, or None where a stride is not a whole number of heads."""
+        kv_heads, dim = kv.shape[4], kv.shape[5]
+        if kv.stride(5) != 1 or kv.stride(4) != dim:
             return None
-        num_rows = sum((n - 1) * st for n, st in zip(kv.shape[:4], kv.stride()[:4])) // unit + 1
+        for split in (s for s in range(1, kv_heads + 1) if kv_heads % s == 0):
+            unit = kv_heads // split * dim
+            if not any(st % unit for st in kv.stride()[:4]):
+                break
+        else:
+            return None
+        num_rows = sum((n - 1) * st for n, st in zip(kv.shape[:4], kv.stride()[:4])) // unit + split
         flat = kv.as_strided((num_rows, unit), (unit, 1), kv.storage_offset())
-        return KVRows(flat, *(st // unit for st in kv.stride()[:4]))
+        return KVRows(flat, *(st // unit for st in kv.stride()[:4]), split)
 
     def token_rows(self, pages: Tensor, slots: Tensor) -> Tensor:
-        """Rows of layer 0's K for tokens at (pages, slots); add offsets(layer) for another layer or V."""
-        return pages * self.page + slots * self.slot
+        """Rows [..., split] of layer 0's K for tokens at (pages, slots), each token's in order; add
+        offsets(layer) for another layer or V."""
+        first = pages * self.page + slots * self.slot
+        return first[..., None] + torch.arange(self.split, device=first.device)
 
     def offsets(self, layer: int) -> tuple[int, int]:
         """What to add to token_rows for this layer's K and V."""
@@ -358,8 +372,8 @@ class _Group:
     """
 
     q_rows: Tensor  # [seqs, num_queries] flat-batch row of each query (padding: the sequence's last row)
-    keys: Tensor | tuple[Tensor, Tensor]  # every key token [seqs, num_keys] (padding: token 0): its
-    # KVRows row (layer 0's K), or its (page, slot) where the KV has no flat view
+    keys: Tensor | tuple[Tensor, Tensor]  # every key token (padding: token 0): its KVRows rows
+    # [seqs, num_keys, split] (layer 0's K), or its (page, slot) [seqs, num_keys] where the KV has no flat view
     masks: dict[int | None, Tensor | None]  # window -> additive [seqs, 1, num_queries, num_keys], or None
     # where every key is visible to every query
     out_rows: Tensor  # [real queries] flat-batch row of each real query, in the order `keep` selects
@@ -401,7 +415,7 @@ class _Group:
         """The group's keys [seqs, num_keys, kv_heads, dim] of K or V (`which`) into this step's buffer."""
         buffer = self.gathered.get(which)
         if buffer is None:
-            shape = self.keys.shape if isinstance(self.keys, Tensor) else self.keys[0].shape
+            shape = (self.keys if isinstance(self.keys, Tensor) else self.keys[0]).shape[:2]
             buffer = self.gathered[which] = cache.new_empty((*shape, *head_shape))
         if isinstance(self.keys, Tensor):
             torch.index_select(cache, 0, (self.keys + offset).view(-1), out=buffer.view(-1, cache.shape[1]))
