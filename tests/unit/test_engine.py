@@ -148,13 +148,17 @@ def weights(request, monkeypatch):
     return request.param
 
 
+def _stores_blocked(engine) -> bool:
+    return any(t.is_mkldnn for t in engine.memory.params.tensors(ModelId("m"), 0).values())
+
+
 @pytest.mark.parametrize("event", [_reclaim_running_layers, _restore_after_reclaim, _migrate_all_blocks,
                                    _swap_out_and_back, _preempt_by_recompute],
                          ids=["reclaim+stream", "restore", "migrate", "swap", "recompute"])
 def test_greedy_output_is_exact_across_memory_events_mid_generation(event, reference, weights):
     engine = make_engine(mode="recompute")  # no controller: only the forced event moves memory
     state = add_tenant(engine, "m", LLAMA, seed=3)
-    assert any(t.is_mkldnn for t in engine.memory.params.tensors(ModelId("m"), 0).values()) == (weights == "blocked")
+    assert _stores_blocked(engine) == (weights == "blocked")
     got = run_with(engine, event)
     for prompt, out in zip(PROMPTS, got):
         assert out == reference(LLAMA, state, 3, prompt)
@@ -180,7 +184,7 @@ def _restore_into_other_pages(engine):
 def test_greedy_output_is_exact_when_layers_come_back_in_other_pages_on_vmm(reference, weights):
     engine = make_engine(mode="recompute", backend="vmm")
     state = add_tenant(engine, "m", LLAMA, seed=3)
-    assert any(t.is_mkldnn for t in engine.memory.params.tensors(ModelId("m"), 0).values()) == (weights == "blocked")
+    assert _stores_blocked(engine) == (weights == "blocked")
     got = run_with(engine, _restore_into_other_pages)
     for prompt, out in zip(PROMPTS, got):
         assert out == reference(LLAMA, state, 3, prompt)
