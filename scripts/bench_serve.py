@@ -8,10 +8,10 @@ config's models with skewed popularity (60 / 30 / 10 %), sends a token-id prompt
 asks for exactly `max_tokens` tokens (greedy, `ignore_eos`). `concurrency` closed-loop clients each
 take the next request as soon as their last one ends.
 
-  serve   the official `openai.AsyncOpenAI` client streaming /v1/completions through Serve's HTTP proxy,
-          the OpenAIIngress, the memory-aware router and the EngineReplicas. Without --base-url the
-          script starts its own loopback-only local Ray cluster (token auth off) on a free port and
-          shuts it down at the end, also on errors and Ctrl-C.
+  serve   a lean OpenAI-API client (`SseClient`, which parses events as vLLM's benchmark client does)
+          streaming /v1/completions to the OpenAIIngress's own HTTP server, the memory-aware router
+          and the EngineReplicas. Without --base-url the script starts its own loopback-only local Ray
+          cluster (token auth off) on a free port and shuts it down at the end, also on errors and Ctrl-C.
   direct  one `EngineServer` per Serve replica, in this process, hosting the models that replica hosted,
           each request sent to the replica that served it through Serve; the SamplingParams are built
           from the same request body by the ingress's own code (`replicas.service.openai_api`).
@@ -55,6 +55,7 @@ from replicas.bench.client import (
     TOKEN_ID_RANGE,
     TRACE_STAGES,
     RequestResult,
+    SseClient,
     StreamTimer,
     check_result,
     completion_body,
@@ -431,10 +432,7 @@ async def run_serve(base_url: str, warmup: list[BenchRequest], workload: list[Be
                     settle: Callable[[], None] | None, cpu: dict[str, float]
                     ) -> tuple[list[RequestResult], list[RequestResult]]:
     """Warm-up, then the measured run; `cpu` gets the CPU seconds each kind of process spent in it."""
-    import openai
-
-    # the client's default pool (1000 connections, 100 kept alive) holds every concurrent stream
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    client = SseClient(base_url)
     try:
         warm = await drive(warmup, concurrency, lambda r: serve_one(client, r))
         if settle is not None:
@@ -448,9 +446,14 @@ async def run_serve(base_url: str, warmup: list[BenchRequest], workload: list[Be
 
 
 async def run_direct(engines: DirectEngines, warmup: list[BenchRequest], workload: list[BenchRequest],
-                     concurrency: int, served_by: dict[int, str]) -> tuple[list[RequestResult], list[RequestResult]]:
+                     concurrency: int, served_by: dict[int, str], cpu: dict[str, float]
+                     ) -> tuple[list[RequestResult], list[RequestResult]]:
+    """Warm-up, then the measured run; `cpu` gets this process's CPU seconds in it (engines and client)."""
     warm = await drive(warmup, concurrency, engines.one)
-    return warm, await drive(workload, concurrency, lambda r: engines.one(r, served_by.get(r.index)))
+    before = time.process_time()
+    results = await drive(workload, concurrency, lambda r: engines.one(r, served_by.get(r.index)))
+    cpu["engines and client (this process)"] = round(time.process_time() - before, 2)
+    return warm, results
 
 
 def print_failures(name: str, summary: dict[str, Any], limit: int = 20) -> None:
@@ -512,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = DirectEngines(config, placement)
     try:
         served_by = {r.index: r.replica for r in serve_res if r.replica}
-        direct_warm, direct_res = asyncio.run(run_direct(engines, warmup, workload, args.concurrency, served_by))
+        direct_cpu: dict[str, float] = {}
+        direct_warm, direct_res = asyncio.run(run_direct(engines, warmup, workload, args.concurrency, served_by,
+                                                         direct_cpu))
     finally:
         engines.close()
 
@@ -539,12 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         print("first token through Serve, by stage (wall-clock stamps, ms):  p50 / p90")
         for what, b in breakdown.items():
             print(f"  {what:55} {b['p50_ms']:7.1f} / {b['p90_ms']:7.1f}")
-    if serve_cpu:
-        total = sum(serve_cpu.values())
-        wall = summaries["serve"]["wall_s"]
-        print(f"CPU seconds during the serve run ({wall:.1f} s wall, {total:.1f} s CPU on {os.cpu_count()} cores), "
-              "per token: " + ", ".join(f"{k} {v:.1f} s ({1e3 * v / summaries['serve']['num_tokens']:.2f} ms)"
-                                        for k, v in serve_cpu.items()))
+    for name, cpu in (("serve", serve_cpu), ("direct", direct_cpu)):
+        if cpu and summaries[name]["num_tokens"]:
+            total, wall, tokens = sum(cpu.values()), summaries[name]["wall_s"], summaries[name]["num_tokens"]
+            print(f"CPU seconds during the {name} run ({wall:.1f} s wall, {total:.1f} s CPU on "
+                  f"{os.cpu_count()} cores), per token: "
+                  + ", ".join(f"{k} {v:.1f} s ({1e3 * v / tokens:.2f} ms)" for k, v in cpu.items()))
     print(f"note: both paths share this machine's {os.cpu_count()} cores; serve also runs Ray's processes and "
           f"the HTTP client beside its replicas; direct runs after Ray is shut down, with the client and "
           f"{len(engines.servers)} engines in one process")
@@ -557,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                "placement": {short[rid]: models for rid, models in placement.items()},
                **summaries, "serve_vs_direct_ttft_p50": ratio, "serve_vs_direct_throughput": tput,
                "ttft_target_ratio": TTFT_TARGET_RATIO, "throughput_target_ratio": THROUGHPUT_TARGET_RATIO,
-               "meets_ttft_target": meets, "serve_cpu_s": serve_cpu,
+               "meets_ttft_target": meets, "serve_cpu_s": serve_cpu, "direct_cpu_s": direct_cpu,
                "serve_first_token_stages": breakdown}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))

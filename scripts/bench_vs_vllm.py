@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from replicas.bench import report
 from replicas.bench import workload as wl
-from replicas.bench.client import make_client, run_workload
+from replicas.bench.client import SseClient, run_workload
 from replicas.cli import free_port
 from replicas.config import TINY_MODELS, default_config
 
@@ -140,7 +140,7 @@ class VllmServers:
 
 
 async def drive(endpoints, warmup, work, mapping, seed):
-    clients = {m: make_client(u) for m, u in endpoints.items()} if isinstance(endpoints, dict) else make_client(endpoints)
+    clients = {m: SseClient(u) for m, u in endpoints.items()} if isinstance(endpoints, dict) else SseClient(endpoints)
     try:
         await run_workload(clients, warmup, mapping, 64, seed=seed + 1, progress=None)
         return await run_workload(clients, work.requests, mapping, 256, seed=seed, progress=sys.stderr)

@@ -75,20 +75,18 @@ def parse_endpoints(base_url: str) -> dict[str, str] | None:
 
 async def _run(args, models: list[str] | None) -> tuple[wl.Workload, dict[str, str], list] | int:
     """Check the server(s), build the workload for the tenants, replay it; an exit status on failure."""
-    import openai
-
-    from replicas.bench.client import list_models, make_client, run_workload
+    from replicas.bench.client import ApiError, SseClient, Unreachable, run_workload
 
     endpoints = parse_endpoints(args.base_url) or {None: args.base_url}
-    clients = {model: make_client(url) for model, url in endpoints.items()}
+    clients = {model: SseClient(url) for model, url in endpoints.items()}
     try:
         served = []
         for model, client in clients.items():
             try:
-                served += await list_models(client)
-            except openai.APIConnectionError as exc:
+                served += await client.models()
+            except Unreachable as exc:
                 return _fail(f"cannot reach {endpoints[model]}: {exc}", 1)
-            except openai.APIError as exc:  # no /models route: trust --models
+            except ApiError as exc:  # no /models route: trust --models
                 if not models and model is None:
                     return _fail(f"GET {args.base_url}/models failed ({exc}); pass --models", 1)
         if None not in clients:  # one endpoint per model: the endpoints name the tenants

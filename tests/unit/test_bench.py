@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from replicas.bench import report
 from replicas.bench import workload as wl
-from replicas.bench.client import RequestRecord, RequestResult, make_client, replay, run_workload
+from replicas.bench.client import RequestRecord, RequestResult, SseClient, replay, run_workload
 from replicas.cli import main
 
 AZURE_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared/traces/azure-llm-2023"  # ../shared beside the checkout
@@ -206,7 +206,7 @@ def fake_client():
     import httpx2
 
     http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=fake_openai_app()), base_url="http://fake/v1")
-    return make_client("http://fake/v1", http_client=http)
+    return SseClient("http://fake/v1", http_client=http)
 
 
 def test_client_records_ttft_tbt_and_marks_failures():

@@ -173,12 +173,12 @@ def test_n_choices_are_independent_samples_streamed_and_not(stack):
 def test_a_traced_stream_says_when_its_first_token_reached_each_stage(stack):
     """docs/latency.md's breakdown: the first chunk of a traced stream carries the stamps in path order;
     untraced streams carry none."""
-    from replicas.bench.client import TRACE_STAGES, completion_body, stream_completion
+    from replicas.bench.client import TRACE_STAGES, SseClient, completion_body, stream_completion
 
     _server, app = stack
 
     async def main():
-        c = client(app)
+        c = SseClient("http://test/v1", KEY, httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app)))
         return (await stream_completion(c, 0, completion_body("llama", [5, 6, 7], 6), trace=True),
                 await stream_completion(c, 1, completion_body("llama", [5, 6, 7], 6)))
 
