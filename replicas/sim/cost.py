@@ -46,6 +46,9 @@ class CostParams:
     stream_layer_overhead_s: float = 0.0  # per layer computed from a staging slot, beyond its copy: on the
     # CPU the step around a streamed layer runs slower than the same step resident (measured by
     # scripts/sim_vs_real.py's probe; 0 on a GPU, where it has not been measured)
+    switch_layer_overhead_s: float = 0.0  # per layer of a step whose model is not the previous step's: on
+    # the CPU a small model's weights stay in the caches while it runs alone, and the next tenant's step
+    # finds them cold (measured by scripts/sim_vs_real.py's probe; 0 on a GPU, where it has not been measured)
 
 
 # fit_vidur() on Vidur's H100 TP=1 linear-operator medians (Llama-2-7b/70b, CodeLlama-34b, Qwen-72B,
@@ -124,8 +127,10 @@ class CostModel:
 
     def step(self, config: ModelConfig, batch: BatchShape, *, streamed_bytes: float = 0.0, num_slots: int = 2,
              swap_out_bytes: float = 0.0, swap_in_bytes: float = 0.0, restore_bytes: float = 0.0,
-             migrate_bytes: float = 0.0, num_streamed: int = 0) -> StepCost:
-        compute = self.compute_s(config, batch) + num_streamed * self.params.stream_layer_overhead_s
+             migrate_bytes: float = 0.0, num_streamed: int = 0, switched: bool = False) -> StepCost:
+        """`switched`: the previous step ran another model."""
+        compute = (self.compute_s(config, batch) + num_streamed * self.params.stream_layer_overhead_s
+                   + switched * config.num_layers * self.params.switch_layer_overhead_s)
         mixed = swap_out_bytes > 0  # d2h swap traffic shares the link's step
         transfer = self.link_s(streamed_bytes, mixed)
         exposed = max(0.0, transfer - compute) if num_slots >= 2 and self.params.copies_overlap else transfer

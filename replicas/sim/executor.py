@@ -106,6 +106,7 @@ class SimExecutor:
         self._migrated = memory.num_blocks_migrated
         self._rings: dict[ModelId, tuple[StagingRing, frozenset[int]] | None] = {}  # model -> last step's ring
         self._keep_steps = keep_steps
+        self._last_model: ModelId | None = None  # the previous step's
         self.stats = SimStats()
 
     def add_model(self, model: ModelId, lm: CausalLM) -> None:
@@ -130,7 +131,9 @@ class SimExecutor:
             restore_bytes=self._restored_bytes(),
             migrate_bytes=self._migrated_bytes(),
             num_streamed=num_streamed,
+            switched=self._last_model not in (None, model),
         )
+        self._last_model = model
         self.clock.advance(cost.total_s)
         self._record(model, cost, num_streamed, sum(batch.num_new_tokens))
         sampled = {s.seq_id: self.token_id for s in output.seqs if s.samples}

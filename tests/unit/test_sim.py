@@ -69,6 +69,24 @@ def test_streamed_layers_cost_only_what_compute_does_not_hide():
     streamed = overhead.step(config, batch, streamed_bytes=0, num_streamed=3)  # kept in slots: no copy
     assert streamed.compute_s == pytest.approx(hidden.compute_s + 3e-3) and streamed.transfer_s == 0
     assert cost.step(config, batch, num_streamed=3).compute_s == hidden.compute_s  # 0 on the GPU fit
+    cold = CostModel(H100_SXM, dataclasses.replace(H100_FIT, switch_layer_overhead_s=1e-4))  # a CPU's caches
+    assert cold.step(config, batch, switched=True).compute_s == pytest.approx(hidden.compute_s + 32 * 1e-4)
+    assert cold.step(config, batch).compute_s == hidden.compute_s
+    assert cost.step(config, batch, switched=True).compute_s == hidden.compute_s  # 0 on the GPU fit
+
+
+def test_a_step_after_another_tenants_step_pays_the_switch():
+    runs = []
+    for overhead in (0.0, 1e-3):
+        engine, sim = _make(models=("a", "b"), cost=CostModel(GH200, dataclasses.replace(H100_FIT,
+                                                                   switch_layer_overhead_s=overhead)))
+        _run(engine, [("a", 64, 6), ("a", 32, 9), ("b", 48, 7)])
+        runs.append(sim.stats.steps)
+    models = [m for m, _ in runs[1]]
+    assert models == [m for m, _ in runs[0]] and len(set(models)) == 2
+    switched = [False] + [a != b for a, b in zip(models, models[1:])]
+    extra = [cold.compute_s - warm.compute_s for (_, warm), (_, cold) in zip(*runs)]
+    assert extra == pytest.approx([32 * 1e-3 * s for s in switched])  # opt-6.7b: 32 layers
 
 
 def test_a_ring_with_a_slot_per_streamed_layer_copies_them_once():
@@ -102,12 +120,13 @@ def test_vidur_fit_reproduces_h100_fit():
 
 
 # ---- the engine on a virtual clock ----------------------------------------------------------------------
-def _make(mode="recompute", num_extra_pages=400, device=GH200, models=("a",), **sched):
+def _make(mode="recompute", num_extra_pages=400, device=GH200, models=("a",), cost=None, **sched):
     config = opt_6_7b()
     pages_per_model = -(-(config.num_layers * layer_param_bytes(config) + 2 * config.vocab_size * config.hidden_size
                           + (8 << 20)) // (2 << 20)) + 8 * config.num_layers
     engine_config = EngineConfig(scheduler=SchedulerConfig(preemption_mode=mode, **sched), remap=RemapConfig())
-    engine, sim = make_sim_engine(device, engine_config, num_pages=pages_per_model * len(models) + num_extra_pages)
+    engine, sim = make_sim_engine(device, engine_config, num_pages=pages_per_model * len(models) + num_extra_pages,
+                                  cost=cost)
     for m in models:
         engine.add_model(m, config, meta_weights(config))
     return engine, sim
