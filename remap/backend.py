@@ -141,3 +141,6 @@ class ArenaBackend(FlatBackend):
         # torch.empty: pages hold garbage until an owner writes them, like freshly mapped memory.
         self._buffer = torch.empty(num_pages * page_size_bytes, dtype=torch.uint8, device=self.device)
         self._pages = self._buffer.view(num_pages, page_size_bytes)
+
+    def close(self) -> None:
+        self._buffer.untyped_storage().resize_(0)  # the bytes go now, whatever views still point at them

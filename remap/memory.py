@@ -267,9 +267,12 @@ class DeviceMemory:
         return "\n".join(lines)
 
     def close(self) -> None:
+        """Give the pool and the parameters' host copies back now, not when the garbage collector
+        reaches the engine's reference cycles; every view handed out is invalid afterwards."""
         for model in list(self._rings):
             self.close_stream(model)
         self.transfer.close()
+        self.params.close()
         self.backend.close()
 
     # ---- checks --------------------------------------------------------------------------

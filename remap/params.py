@@ -180,6 +180,11 @@ class ParamStore:
         for table in (self._num_layers, self._remapped):
             table.pop(model, None)
 
+    def close(self) -> None:
+        """Free every host copy (DeviceMemory.close)."""
+        for slab in self._slabs.values():
+            slab.host.untyped_storage().resize_(0)
+
     # ---- queries -------------------------------------------------------------------------
     @property
     def models(self) -> list[ModelId]:
