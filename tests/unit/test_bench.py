@@ -183,6 +183,7 @@ def fake_openai_app() -> FastAPI:
         if model == "boom":
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
         n -= model == "short"
+        failing = model == "midfail"  # one token, then an error event, as the ingress ends a failed stream
 
         def chunk(choices, usage=None) -> str:
             return "data: " + json.dumps({"id": "c", "object": "text_completion", "created": 0, "model": model,
@@ -194,6 +195,10 @@ def fake_openai_app() -> FastAPI:
                 logprobs = {"tokens": ["x"], "token_logprobs": [0.0], "top_logprobs": None, "text_offset": [i]}
                 yield chunk([{"index": 0, "text": "x", "logprobs": logprobs,
                               "finish_reason": "length" if i == n - 1 else None}])
+                if failing:
+                    yield "data: " + json.dumps({"error": {"message": "the engine replica failed mid-stream"}}) + "\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
             yield chunk([], {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": 0})
             yield "data: [DONE]\n\n"
 
@@ -210,21 +215,24 @@ def fake_client():
 
 
 def test_client_records_ttft_tbt_and_marks_failures():
-    reqs = [wl.Request(0.0, "t0", 5, 4), wl.Request(0.01, "t1", 3, 4), wl.Request(0.02, "t2", 3, 2)]
+    reqs = [wl.Request(0.0, "t0", 5, 4), wl.Request(0.01, "t1", 3, 4), wl.Request(0.02, "t2", 3, 2),
+            wl.Request(0.03, "t3", 3, 4)]
 
     async def go():
         client = fake_client()
         try:
-            return await run_workload(client, reqs, {"t0": "llama", "t1": "short", "t2": "boom"}, 8, progress=None)
+            return await run_workload(client, reqs, {"t0": "llama", "t1": "short", "t2": "boom", "t3": "midfail"}, 8,
+                                      progress=None)
         finally:
             await client.close()
 
-    good, short, boom = asyncio.run(go())
+    good, short, boom, midfail = asyncio.run(go())
     assert good.ok and good.output_tokens == 4 and len(good.tbt_s) == 3 and good.model == "llama"
     assert good.ttft_s >= FIRST_TOKEN_DELAY_S and good.e2e_s >= good.ttft_s and good.tpot_s is not None
     assert not short.ok and "3 tokens streamed, expected 4" in short.error
     assert not boom.ok and "500" in boom.error and boom.ttft_s is None
-    assert [r.tenant for r in (good, short, boom)] == ["t0", "t1", "t2"]
+    assert not midfail.ok and "failed mid-stream" in midfail.error and midfail.output_tokens == 1
+    assert [r.tenant for r in (good, short, boom, midfail)] == ["t0", "t1", "t2", "t3"]
 
 
 def test_replay_is_open_loop_and_queues_beyond_the_concurrency_cap():
