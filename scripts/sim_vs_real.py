@@ -113,6 +113,8 @@ def measured_params(profile, base: dict) -> CostParams:
       each sequence adds per step and per layer;
     - the attention's share of the bandwidth: the 4-layer decode at batch 16 after a long prompt
       against a short one, over the KV bytes the longer context reads (medians of alternating runs);
+    - what a streamed layer costs beyond its copy (`_stream_layer_overhead`), and a step after another
+      model's (`_switch_layer_overhead`);
     - the FLOP efficiency that makes the cost model's prefill step of PREFILL_SHAPE equal the
       engine's: on this CPU a prefill also pays its elementwise ops and temporaries, which scale with
       its tokens as its GEMMs do (a decode step's GEMMs of these models are below the kernel floor,
@@ -155,7 +157,7 @@ def _alternated(first, second, repeats: int = 3) -> tuple[list[float], list[floa
 def _prefill_s(base: dict, cfg: ModelConfig, repeats: int = 5) -> float:
     """Median engine step that prefills PREFILL_SHAPE (prompts x tokens) of a 4-layer model."""
     num_seqs, tokens = PREFILL_SHAPE
-    engine = LLMEngine(DeviceMemory(pool_pages([cfg], 4 * num_seqs * -(-tokens // 128)), PAGE),
+    engine = LLMEngine(DeviceMemory(pool_pages([cfg], _kv_pages(cfg, num_seqs, tokens + 1)), PAGE),
                        EngineConfig(SchedulerConfig(max_num_batched_tokens=num_seqs * tokens), link_bytes_per_s=1e10))
     engine.add_model("probe", cfg, dummy_weights(cfg, 0), eos_token_ids=())
     times = []
@@ -222,8 +224,7 @@ def _step_s(base: dict, num_layers: int, batch: int, prompt_len: int = 2, num_mo
     """Median decode step of a model of this family at this batch size over 80 tokens after a prompt
     of `prompt_len`; with `num_models`, as many such models (other weights) whose steps take turns."""
     cfg = ModelConfig.from_hf(base | {"num_hidden_layers": num_layers})
-    per_page = PAGE // cfg.kv_geometry().bytes_per_token
-    kv_pages = num_models * (-(-batch * (prompt_len + 80) // per_page) + 2 * batch)
+    kv_pages = num_models * _kv_pages(cfg, batch, prompt_len + 80)
     engine = LLMEngine(DeviceMemory(pool_pages([cfg] * num_models, kv_pages), PAGE),
                        EngineConfig(link_bytes_per_s=1e10))
     prompt, ids = [3 + i % 200 for i in range(prompt_len)], []
@@ -238,6 +239,11 @@ def _step_s(base: dict, num_layers: int, batch: int, prompt_len: int = 2, num_mo
         times.append(_timed(engine.step))
     engine.close()
     return statistics.median(times)
+
+
+def _kv_pages(cfg: ModelConfig, num_seqs: int, tokens: int) -> int:
+    """KV pages that `num_seqs` sequences of `tokens` tokens each hold, with a page of slack each."""
+    return num_seqs * (-(-tokens // (PAGE // cfg.kv_geometry().bytes_per_token)) + 1)
 
 
 def _timed(fn) -> float:
