@@ -223,10 +223,12 @@ class DeviceMemory:
             self._retire_ring(model)
 
     def retire_rings_on(self, pages: Sequence[PageId]) -> None:
-        """Close the idle staging rings that own any of these pages."""
-        for owner in {self.pool.owner(p) for p in pages}:
-            if owner.kind is OwnerKind.STAGING and owner.model in self._rings:
-                self._retire_ring(owner.model)
+        """Close the idle staging rings that own any of these pages, in page order: the order decides
+        which freed pages the next allocations get, and a set of owners (which hash model names)
+        would make it, and a simulation's result, differ from one process to the next."""
+        staging = [o.model for o in map(self.pool.owner, pages) if o.kind is OwnerKind.STAGING]
+        for model in dict.fromkeys(staging):
+            self._retire_ring(model)  # a no-op where the model has no ring
 
     def _retire_ring(self, model: ModelId) -> None:
         """A model's resident layers are about to change: its ring (sized and filled for the old
