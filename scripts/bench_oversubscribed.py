@@ -41,7 +41,7 @@ from bench_serve import LocalCluster  # noqa: E402 - the script folder is not a 
 
 from replicas.bench import report  # noqa: E402
 from replicas.bench import workload as wl  # noqa: E402
-from replicas.bench.client import SseClient, run_workload  # noqa: E402
+from replicas.bench.client import SseClient, http_pool, run_workload  # noqa: E402
 from replicas.cli import free_port  # noqa: E402
 from replicas.config import TINY_MODELS, ModelSpec, OneirosConfig  # noqa: E402
 
@@ -115,17 +115,13 @@ class TolerantCluster(LocalCluster):
 async def drive(base_url: str, work: wl.Workload, mapping: dict[str, str], concurrency: int,
                 timeout_s: float) -> tuple[list, Counter]:
     """Replay `work`; also returns the HTTP status of every /completions response."""
-    import httpx2
-
     statuses: Counter = Counter()
 
     async def count(response) -> None:  # headers only: the stream's body is left to the client
         if response.request.url.path.endswith("/completions"):
             statuses[response.status_code] += 1
 
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)  # as SseClient's own pool
-    http = httpx2.AsyncClient(timeout=timeout_s, limits=limits, event_hooks={"response": [count]})
-    client = SseClient(base_url, http_client=http)
+    client = SseClient(base_url, http_client=http_pool(timeout_s, event_hooks={"response": [count]}))
     try:
         records = await run_workload(client, work.requests, mapping, concurrency, seed=work.seed, progress=sys.stderr)
     finally:

@@ -120,6 +120,15 @@ class Unreachable(ApiError):
     """Nothing answered at the base URL (refused, reset, timed out)."""
 
 
+def http_pool(timeout_s: float = REQUEST_TIMEOUT_S, **kwargs):
+    """SseClient's default httpx2 pool; kwargs (event_hooks, ...) go to httpx2.AsyncClient. As many
+    connections as streams: every concurrent request holds one for its whole stream."""
+    import httpx2
+
+    return httpx2.AsyncClient(timeout=timeout_s, limits=httpx2.Limits(max_connections=1000,
+                                                                      max_keepalive_connections=100), **kwargs)
+
+
 class SseClient:
     """The OpenAI API's streamed completions and model list over httpx2 (the transport of the `openai`
     SDK), each server-sent event parsed by one `json.loads`, as vLLM's benchmark client does. The SDK
@@ -130,13 +139,9 @@ class SseClient:
 
     def __init__(self, base_url: str, api_key: str = "unused", http_client=None,
                  timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        import httpx2
-
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
-        # as many connections as streams: every concurrent request holds one for its whole stream
-        self._http = http_client or httpx2.AsyncClient(
-            timeout=timeout_s, limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100))
+        self._http = http_client or http_pool(timeout_s)
 
     async def models(self) -> list[str]:
         """The server's model ids (GET /models)."""
