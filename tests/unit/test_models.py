@@ -231,7 +231,7 @@ def mixed_step(s: Setup, shapes: list[tuple[int, int]], seed: int = 5):
             step(s, kv, tokens[:cached], 0, table)
     batch = AttentionBatch([n for _, n in shapes], [c for c, _ in shapes], tables)
     new_ids = torch.tensor([tok for (c, _), t in zip(shapes, seqs) for tok in t[c:]])
-    with CountCalls(F.scaled_dot_product_attention) as calls:
+    with CountCalls(*ATTENTION_CALLS) as calls:
         mixed = s.model.forward(new_ids, batch, kv, s.weights(), s.base)
     alone = [step(s, kv, tokens[c:], c, table) for (c, _), tokens, table in zip(shapes, seqs, tables)]
     return mixed, alone, calls.count // s.config.num_layers
@@ -250,6 +250,8 @@ class CountCalls(TorchFunctionMode):
 
 
 MATMULS = tuple(f for f in (F.linear, ops._ONEDNN) if f is not None)  # what ops.project may call
+ATTENTION_CALLS = (F.scaled_dot_product_attention, torch.softmax)  # one per attention call: SDPA, or the
+# softmax of attention._decode_attention (decode groups on the CPU)
 
 
 def test_kv_rows_view_the_pages_as_rows_where_every_stride_is_whole_rows():

@@ -185,29 +185,26 @@ class PagedAttention:
         if self._rows is not None:
             self._write_rows = self._rows.token_rows(self._write_pages, self._write_slots)
         windows = set(self.layer_windows)
-        self._groups = [p.finish(on_device, windows, kv.dtype, self._rows) for p in plans]
+        self._groups = [p.finish(on_device, windows, kv.dtype, kv.shape[5], self._rows) for p in plans]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v [rows, kv_heads, dim] in layer `layer`; attention output [rows, heads, dim]."""
-        k_cache, v_cache = self.kv[:, layer, 0], self.kv[:, layer, 1]  # [pages, slot, kv_heads, dim] views
+        caches = self.kv[:, layer, 0], self.kv[:, layer, 1]  # [pages, slot, kv_heads, dim] views
         rows = self._rows
         if rows is not None:
             offsets = rows.offsets(layer)
             unit = rows.flat.shape[1]
             rows.flat.index_copy_(0, (self._write_rows + offsets[0]).view(-1), k.reshape(-1, unit))
             rows.flat.index_copy_(0, (self._write_rows + offsets[1]).view(-1), v.reshape(-1, unit))
-            caches = (rows.flat, rows.flat)
         else:
-            offsets = (0, 0)
-            k_cache[self._write_pages, self._write_slots] = k
-            v_cache[self._write_pages, self._write_slots] = v
-            caches = (k_cache, v_cache)
+            caches[0][self._write_pages, self._write_slots] = k
+            caches[1][self._write_pages, self._write_slots] = v
         window = self.layer_windows[layer]
         if len(self._groups) == 1 and self._groups[0].covers_all:
-            return self._groups[0].attend(q, caches, offsets, k_cache.shape[2:], window, self.scale)
+            return self._groups[0].attend(q, layer, caches, window, self.scale)
         out = torch.empty_like(q)
         for g in self._groups:
-            out[g.out_rows] = g.attend(q, caches, offsets, k_cache.shape[2:], window, self.scale)
+            out[g.out_rows] = g.attend(q, layer, caches, window, self.scale)
         return out
 
 
@@ -250,6 +247,13 @@ class KVRows:
     def offsets(self, layer: int) -> tuple[int, int]:
         """What to add to token_rows for this layer's K and V."""
         return layer * self.layer, layer * self.layer + self.which
+
+    def by_head(self, dim: int) -> KVRows:
+        """The same storage with one row per KV head (`dim` elements): gathers that fill a buffer
+        head-major, [seqs, kv_heads, keys, dim], the layout attention reads, with no transposing copy."""
+        per = self.flat.shape[1] // dim
+        return KVRows(self.flat.view(-1, dim), self.page * per, self.layer * per, self.which * per,
+                      self.slot * per, self.split * per)
 
 
 class StepMetadata:
@@ -338,7 +342,7 @@ class _GroupPlan:
         return _GroupPlan(at, num_queries, num_keys, block_size, all_visible, all_real,
                           all_real and out_rows == list(range(batch.num_tokens)))
 
-    def finish(self, arrays: list[Tensor], windows: set[int | None], dtype: torch.dtype,
+    def finish(self, arrays: list[Tensor], windows: set[int | None], dtype: torch.dtype, head_dim: int,
                rows: KVRows | None = None) -> _Group:
         """The group's device tensors: key maps and masks computed on the device from the sent arrays."""
         a = {name: arrays[i] for name, i in self.at.items()}
@@ -358,8 +362,12 @@ class _GroupPlan:
             masks[w] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
                 ~visible, float("-inf"))[:, None]  # [seqs, 1, queries, keys]
         slots = token % self.block_size
-        index = (pages, slots) if rows is None else rows.token_rows(pages, slots)
-        return _Group(a["q_rows"], index, masks, a["out_rows"], None if self.all_real else a["keep"],
+        if rows is None:
+            return _Group(a["q_rows"], (pages, slots), None, masks, a["out_rows"],
+                          None if self.all_real else a["keep"], self.covers_all)
+        rows = rows.by_head(head_dim)
+        index = rows.token_rows(pages, slots).transpose(1, 2).contiguous()  # [seqs, kv_heads, keys]
+        return _Group(a["q_rows"], index, rows, masks, a["out_rows"], None if self.all_real else a["keep"],
                       self.covers_all)
 
 
@@ -372,8 +380,10 @@ class _Group:
     """
 
     q_rows: Tensor  # [seqs, num_queries] flat-batch row of each query (padding: the sequence's last row)
-    keys: Tensor | tuple[Tensor, Tensor]  # every key token (padding: token 0): its KVRows rows
-    # [seqs, num_keys, split] (layer 0's K), or its (page, slot) [seqs, num_keys] where the KV has no flat view
+    keys: Tensor | tuple[Tensor, Tensor]  # every key token (padding: token 0): its rows in `rows` (one
+    # per KV head, layer 0's K) [seqs, kv_heads, num_keys], or its (page, slot) [seqs, num_keys] where
+    # the KV has no flat view
+    rows: KVRows | None  # the KV's flat view by head (KVRows.by_head), or None
     masks: dict[int | None, Tensor | None]  # window -> additive [seqs, 1, num_queries, num_keys], or None
     # where every key is visible to every query
     out_rows: Tensor  # [real queries] flat-batch row of each real query, in the order `keep` selects
@@ -381,43 +391,61 @@ class _Group:
     covers_all: bool  # the group's queries are exactly rows 0.. of the flat batch, in order
     folded: dict = field(default_factory=dict)  # (window, group) -> mask with each query row repeated
     # per GQA group [seqs, 1, num_queries * group, num_keys]: built at the first layer, reused by the rest
-    gathered: dict = field(default_factory=dict)  # 0 = K | 1 = V -> [seqs, num_keys, kv_heads, dim], the
+    gathered: dict = field(default_factory=dict)  # 0 = K | 1 = V -> [seqs, kv_heads, num_keys, dim], the
     # buffer every layer gathers into (a fresh CPU allocation this size page-faults: 64 MB cost 31 ms
     # against 6 ms reused, measured on this project's 2-core machine)
 
-    def attend(self, q: Tensor, caches: tuple[Tensor, Tensor], offsets: tuple[int, int], head_shape: torch.Size,
-               window: int | None, scale: float) -> Tensor:
-        """Output [real queries, heads, dim] of this group's queries, in `out_rows` order. caches: K and V
-        (KVRows.flat twice, at this layer's `offsets`; or the layer's [pages, slot, kv_heads, dim] views);
-        head_shape: (kv_heads, dim)."""
+    def attend(self, q: Tensor, layer: int, caches: tuple[Tensor, Tensor], window: int | None,
+               scale: float) -> Tensor:
+        """Output [real queries, heads, dim] of this group's queries, in `out_rows` order. caches: the
+        layer's K and V [pages, slot, kv_heads, dim] (read through `rows` where it exists)."""
         seqs, num_queries = self.q_rows.shape
         heads, dim = q.shape[1], q.shape[2]
-        kv_heads = head_shape[0]
+        kv_heads = caches[0].shape[2]
         group = heads // kv_heads
         # [seqs, queries, kv_heads, group, dim] -> [seqs, kv_heads, queries * group, dim]
         picked = q if self.covers_all and num_queries == 1 else q[self.q_rows]  # decode: q_rows is 0..seqs-1
         query = picked.view(seqs, num_queries, kv_heads, group, dim).transpose(1, 2)
         query = query.reshape(seqs, kv_heads, num_queries * group, dim)
-        key = self._gather(caches[0], 0, offsets[0], head_shape).transpose(1, 2)  # -> [seqs, kv_heads, keys, dim]
-        value = self._gather(caches[1], 1, offsets[1], head_shape).transpose(1, 2)
+        key, value = self._gather(caches, layer, 0), self._gather(caches, layer, 1)  # [seqs, kv_heads, keys, dim]
         mask = self.masks[window]
         if mask is not None and num_queries > 1 and group > 1:
             mask = self.folded.get((window, group))
             if mask is None:
                 mask = self.masks[window][:, :, :, None, :].expand(-1, -1, -1, group, -1)
                 mask = self.folded[(window, group)] = mask.reshape(seqs, 1, num_queries * group, -1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        if num_queries == 1 and query.device.type == "cpu" and key.is_contiguous():
+            out = _decode_attention(query, key, value, mask, scale)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
         # [seqs, kv_heads, queries * group, dim] -> [seqs * queries, heads, dim]
         out = out.view(seqs, kv_heads, num_queries, group, dim).transpose(1, 2).reshape(seqs * num_queries, heads, dim)
         return out if self.keep is None else out[self.keep]
 
-    def _gather(self, cache: Tensor, which: int, offset: int, head_shape: torch.Size) -> Tensor:
-        """The group's keys [seqs, num_keys, kv_heads, dim] of K or V (`which`) into this step's buffer."""
+    def _gather(self, caches: tuple[Tensor, Tensor], layer: int, which: int) -> Tensor:
+        """The group's keys [seqs, kv_heads, num_keys, dim] of this layer's K or V (`which`), in this
+        step's buffer: contiguous where the KV has a flat view, else a transposed view."""
         buffer = self.gathered.get(which)
-        if buffer is None:
-            shape = (self.keys if isinstance(self.keys, Tensor) else self.keys[0]).shape[:2]
-            buffer = self.gathered[which] = cache.new_empty((*shape, *head_shape))
-        if isinstance(self.keys, Tensor):
-            torch.index_select(cache, 0, (self.keys + offset).view(-1), out=buffer.view(-1, cache.shape[1]))
+        if self.rows is not None:
+            if buffer is None:
+                buffer = self.gathered[which] = caches[0].new_empty((*self.keys.shape, caches[0].shape[3]))
+            offset = self.rows.offsets(layer)[which]
+            torch.index_select(self.rows.flat, 0, (self.keys + offset).view(-1),
+                               out=buffer.view(-1, self.rows.flat.shape[1]))
             return buffer
-        return torch.ops.aten.index.Tensor_out(cache, list(self.keys), out=buffer)
+        if buffer is None:
+            buffer = self.gathered[which] = caches[0].new_empty((*self.keys[0].shape, *caches[0].shape[2:]))
+        return torch.ops.aten.index.Tensor_out(caches[which], list(self.keys), out=buffer).transpose(1, 2)
+
+def _decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(q k^T * scale + mask) v as two batched matmuls, for decode groups on the CPU.
+
+    query [seqs, kv_heads, group, dim] (one query per sequence, GQA folded); key, value [seqs, kv_heads,
+    keys, dim]; mask additive [seqs, 1, 1, keys] or None. The same sums as SDPA's math path, in the
+    inputs' dtype (float32 on the CPU). SDPA's CPU flash kernel tiles queries by 32 or more and pays
+    for it at one query a sequence: at 16 sequences, 4 KV heads of 64 and 48 / 96 / 258 keys it took
+    193 / 265 / 478 us against 107 / 175 / 412 us here (the project's 2-core EPYC)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores.add_(mask)
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
