@@ -102,6 +102,13 @@ def raw_bytes(t: Tensor) -> Tensor:
     return out
 
 
+def data_of(t: Tensor) -> Tensor:
+    """uint8 [num_bytes(t)] over the bytes an mkldnn tensor computes with: those `view` wrapped, or its own
+    buffer (raw_bytes)."""
+    owner = getattr(t, "_owner", None)
+    return owner if owner is not None and owner.dtype == torch.uint8 else raw_bytes(t)
+
+
 def view(data: Tensor, shape: tuple[int, ...], dtype: torch.dtype, layout: bytes) -> Tensor:
     """An mkldnn tensor of `shape` whose blocked bytes are `data` (uint8 on the CPU), in place."""
     if data.device.type != "cpu" or not data.is_contiguous():

@@ -29,6 +29,7 @@ from replicas.engine.models import (
     ops,
     split_state_dict,
 )
+from replicas.engine.models.architecture import architecture_for
 from replicas.engine.models.attention import StepMetadata
 from replicas.engine.models.ops import linears, stacked
 
@@ -138,6 +139,8 @@ def for_matmul(s: Setup, matmul: str) -> Setup:
         return s
     layers, base = blocked_for_cpu(s.config, s.layers, s.base)
     assert any(t.is_mkldnn for t in layers[0].values()) and any("+" in n for n in layers[0])
+    head = architecture_for(s.config).embedding if s.config.tie_word_embeddings else "lm_head.weight"
+    assert base[head].is_mkldnn  # a tied head too: the embedding then reads its rows from the blocked bytes
     return dataclasses.replace(s, layers=layers, base=base)
 
 
@@ -450,6 +453,22 @@ def test_project_takes_onednn_for_large_float32_weights_and_f_linear_otherwise()
             got = ops.project(x.to(w.dtype), w, b)
         assert calls.count == (want is ops._ONEDNN)
         torch.testing.assert_close(got, F.linear(x.to(w.dtype), w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1000, 256), (1001, 300), (33, 64)])  # rows padded to oneDNN's blocks too
+def test_embedding_reads_rows_of_a_blocked_weight_in_place(shape):
+    if ops._ONEDNN is None or not opaque.AVAILABLE:
+        pytest.skip("this torch has no oneDNN linear or no way to store its blocked layout")
+    plain = torch.randn(shape)
+    blocked = ops._reorder(plain)
+    ids = torch.tensor([0, shape[0] - 1, 7, 7, shape[0] // 2])
+    with pytest.raises(ValueError, match="no verified row layout"):
+        ops.embedding(ops._reorder(torch.randn(shape[0] + 64, shape[1])), ids)
+    assert ops.blocked_rows(plain, blocked)
+    assert torch.equal(ops.embedding(blocked, ids), plain[ids])
+    in_slab = opaque.view(opaque.raw_bytes(blocked).clone(), shape, plain.dtype, opaque.describe(blocked))
+    assert torch.equal(ops.embedding(in_slab, ids), plain[ids])  # bytes elsewhere, as a slab holds them
+    assert not ops.blocked_rows(plain + 1, blocked)  # rows that differ from the plain weight: refused
 
 
 def test_stacked_is_a_view_of_touching_tensors_and_none_otherwise():

@@ -23,6 +23,7 @@ class Architecture(Protocol):
     config: ModelConfig
     layer_prefix: str  # full-name prefix of layer i's tensors is f"{layer_prefix}{i}."
     fused: tuple[tuple[str, ...], ...]  # projections that read one input (ops.linears, ops.blocked)
+    embedding: str  # the token embedding's full name (also the lm_head where tie_word_embeddings)
 
     def layer_shapes(self) -> Shapes:
         """Name (prefix stripped) -> shape of every tensor of one layer, in packing order."""

@@ -23,6 +23,7 @@ from replicas.engine.models.ops import (
     ACTIVATIONS,
     Shapes,
     Weights,
+    embedding,
     linear,
     linears,
     proj_shapes,
@@ -39,6 +40,7 @@ _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 class Llama:
     layer_prefix = "model.layers."
     fused = (_QKV, _GATE_UP)
+    embedding = "model.embed_tokens.weight"
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -75,7 +77,7 @@ class Llama:
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, base: Weights, input_ids: Tensor, positions: Tensor) -> Tensor:
-        return base["model.embed_tokens.weight"][input_ids]
+        return embedding(base[self.embedding], input_ids)
 
     def prepare(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """RoPE cos/sin for this step's rows, shared by every layer."""
@@ -97,5 +99,5 @@ class Llama:
     def head(self, base: Weights, h: Tensor) -> Tensor:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
         x = rms_norm(h, base["model.norm.weight"], self.config.norm_eps)
-        return project(x, base.get("lm_head.weight", base["model.embed_tokens.weight"]))
+        return project(x, base.get("lm_head.weight", base[self.embedding]))
 

@@ -19,9 +19,12 @@ projections run one by one, with the same result.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from remap import opaque
 
 Tensor = torch.Tensor
 Weights = Mapping[str, Tensor]
@@ -127,6 +130,91 @@ def blocked(tensors: Mapping[str, Tensor], groups: Sequence[tuple[str, ...]] = (
         out = _replace(out, names, fused_name(names), torch.cat(weights),
                        None if biases[0] is None else torch.cat(biases))
     return {n: _reorder(t) if t.dim() == 2 and _blocks(t.numel(), t) else t for n, t in out.items()}
+
+
+def embedding(weight: Tensor, ids: Tensor) -> Tensor:
+    """Rows `ids` of an embedding matrix [vocab, hidden]: indexed, or read in place from a blocked (mkldnn)
+    weight whose row layout `blocked_rows` verified (a tied lm_head, blocked for the GEMM)."""
+    if not weight.is_mkldnn:
+        return weight[ids]
+    layout = _ROW_LAYOUTS.get(tuple(weight.shape))
+    if layout is None:
+        raise ValueError(f"no verified row layout for the blocked weight {list(weight.shape)}: "
+                         "ops.blocked_rows must accept it before its rows are read")
+    return layout.rows(opaque.data_of(weight).view(weight.dtype), ids, weight.shape)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where element (o, i) of a blocked 2-d weight lies in its bytes, in elements:
+    (o // o_block) * o_outer + (o % o_block) * o_inner + (i // i_block) * i_outer + (i % i_block) * i_inner.
+    oneDNN's blocked weight formats have this form; on the project's AVX2 EPYC a [32000, 768] weight is
+    [500][768][64] (64 rows interleaved), so o_block 64, o_inner 1, i_inner 64."""
+
+    o_block: int
+    o_outer: int
+    o_inner: int
+    i_block: int
+    i_outer: int
+    i_inner: int
+
+    def rows(self, flat: Tensor, ids: Tensor, shape: Sequence[int]) -> Tensor:
+        """Rows `ids` [n] -> [n, shape[1]] of the `shape` weight whose elements (padding included) are `flat`."""
+        out_features, in_features = shape
+        blocks = flat.as_strided(
+            (-(-out_features // self.o_block), self.o_block, -(-in_features // self.i_block), self.i_block),
+            (self.o_outer, self.o_inner, self.i_outer, self.i_inner))
+        return blocks[ids // self.o_block, ids % self.o_block].reshape(ids.shape[0], -1)[:, :in_features]
+
+    @staticmethod
+    def fit(offsets: Tensor) -> tuple[int, int, int] | None:
+        """(block, outer, inner) with offsets[k] == (k // block) * outer + (k % block) * inner, or None."""
+        n = offsets.numel()
+        if n == 0 or int(offsets[0]) != 0:
+            return None
+        inner = int(offsets[1]) if n > 1 else 1
+        k = torch.arange(n, dtype=offsets.dtype)
+        off = (offsets != k * inner).nonzero()
+        block = int(off[0]) if off.numel() else n
+        outer = int(offsets[block]) if block < n else 0
+        return (block, outer, inner) if torch.equal(offsets, k // block * outer + k % block * inner) else None
+
+
+_ROW_LAYOUTS: dict[tuple[int, int], RowLayout] = {}  # weight shape -> its verified blocked row layout
+
+
+def blocked_rows(plain: Tensor, weight: Tensor) -> bool:
+    """Whether `embedding` can read the rows of `weight` (`plain` reordered by ops.blocked): its layout,
+    found by reordering index-valued weights of the same shape, must give back every row of `plain`
+    bit for bit. Remembered per shape for this process (oneDNN picks one format per shape and ISA)."""
+    shape = tuple(plain.shape)
+    if shape not in _ROW_LAYOUTS:
+        layout = _row_layout(shape)
+        if layout is None:
+            return False
+        _ROW_LAYOUTS[shape] = layout
+    flat = opaque.data_of(weight).view(weight.dtype)
+    return torch.equal(_ROW_LAYOUTS[shape].rows(flat, torch.arange(shape[0]), shape), plain)
+
+
+def _row_layout(shape: tuple[int, int]) -> RowLayout | None:
+    """The RowLayout of ops.blocked's reorder of a float32 `shape` weight (the only dtype it blocks),
+    from two probes holding each element's row + 1 and column + 1 (the layout's padding holds 0), or
+    None where it is not of that form."""
+    rows, cols = shape
+    if max(rows, cols) + 1 >= 1 << 24:  # float32 holds integers exactly up to 2^24
+        return None
+    row_probe = _reorder(torch.arange(1, rows + 1, dtype=torch.float32)[:, None].expand(shape))
+    col_probe = _reorder(torch.arange(1, cols + 1, dtype=torch.float32)[None, :].expand(shape))
+    row_of, col_of = (opaque.data_of(p).view(torch.float32) for p in (row_probe, col_probe))
+    first_col = (col_of == 1).nonzero().flatten()  # (o, 0) for every o
+    first_row = (row_of == 1).nonzero().flatten()  # (0, i) for every i
+    if first_col.numel() != rows or first_row.numel() != cols:
+        return None
+    o_offsets = torch.empty(rows, dtype=torch.long).index_put_((row_of[first_col].long() - 1,), first_col)
+    i_offsets = torch.empty(cols, dtype=torch.long).index_put_((col_of[first_row].long() - 1,), first_row)
+    o_fit, i_fit = RowLayout.fit(o_offsets), RowLayout.fit(i_offsets)
+    return None if o_fit is None or i_fit is None else RowLayout(*o_fit, *i_fit)
 
 
 def _blocks(numel: int, t: Tensor) -> bool:

@@ -12,7 +12,17 @@ import torch
 
 from replicas.engine.models.attention import PagedAttention
 from replicas.engine.models.config import OPT_POSITION_OFFSET, ModelConfig
-from replicas.engine.models.ops import ACTIVATIONS, Shapes, Weights, layer_norm, linear, linears, proj_shapes, project
+from replicas.engine.models.ops import (
+    ACTIVATIONS,
+    Shapes,
+    Weights,
+    embedding,
+    layer_norm,
+    linear,
+    linears,
+    proj_shapes,
+    project,
+)
 
 Tensor = torch.Tensor
 _KVQ = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # in packing order (layer_shapes)
@@ -20,6 +30,7 @@ _KVQ = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # in packin
 
 class Opt:
     layer_prefix = "model.decoder.layers."
+    embedding = "model.decoder.embed_tokens.weight"
     fused = (_KVQ,)
 
     def __init__(self, config: ModelConfig) -> None:
@@ -56,7 +67,7 @@ class Opt:
 
     # ---- forward -------------------------------------------------------------------------
     def embed(self, base: Weights, input_ids: Tensor, positions: Tensor) -> Tensor:
-        tokens = base["model.decoder.embed_tokens.weight"][input_ids]
+        tokens = embedding(base[self.embedding], input_ids)
         return tokens + base["model.decoder.embed_positions.weight"][positions + OPT_POSITION_OFFSET]
 
     def prepare(self, positions: Tensor, dtype: torch.dtype) -> None:
@@ -80,5 +91,5 @@ class Opt:
         """Logits (weights' dtype) of the hidden states `h` [rows, hidden]."""
         if self.config.has_final_norm:
             h = layer_norm(h, base, "model.decoder.final_layer_norm", self.config.norm_eps)
-        return project(h, base.get("lm_head.weight", base["model.decoder.embed_tokens.weight"]))
+        return project(h, base.get("lm_head.weight", base[self.embedding]))
 
