@@ -14,8 +14,8 @@ batch of rows (vLLM v1 style):
 
 Each layer first writes the step's new K/V into their slots, then reads every sequence's context
 back from the pages, so chunked prefill (cached > 0) and decode need no special cases. A group's
-sequences are gathered token by token, padded to its longest query count and longest context, and
-masked; the plan is built once per step and reused by every layer: its integer index arrays go to
+sequences are gathered token by token (head-major, see below), padded to its longest query count and
+longest context, and masked; the plan is built once per step and reused by every layer: its integer index arrays go to
 the device in one copy (StepMetadata), the masks are computed there. Prefills share
 one call unless padding would more than double the work (then they split into several groups);
 decodes always share one.
@@ -27,6 +27,10 @@ q as in k and v, and nothing repeats K/V or upcasts them:
     q [seqs, queries, heads, dim]  ->  [seqs, kv_heads, queries * group, dim]   (row = query * group + g)
     k [seqs, keys, kv_heads, dim]  ->  [seqs, kv_heads, keys, dim]
     mask [seqs, 1, queries * group, keys]   (decode: [seqs, 1, 1, keys], broadcast; none if unneeded)
+
+On the CPU a decode group (one query a sequence) skips SDPA, whose flash kernel tiles queries by 32
+or more: two batched matmuls and a softmax over the contiguous K/V take about 60% of its time at
+decode sizes (_decode_attention).
 
 Masks are additive (0 / -inf) in the KV dtype, which SDPA's memory-efficient CUDA kernel takes
 as is; on CUDA the key axis is padded to a multiple of 16 so that kernel needs no copy of the mask.
@@ -40,7 +44,9 @@ kv_heads * dim elements, as remap/kv.py lays pages out), a token is one row of a
 dim] view of the same storage, and gathers and writes are single-index row copies (index_select,
 index_copy_): on the CPU about 5x faster than indexing the 6-d tensor with (page, slot) pairs. Where
 a stride is whole only in heads (a page of 256 KB against 3 heads of 64), a token is a few
-consecutive rows of heads (KVRows.split).
+consecutive rows of heads (KVRows.split). Gathers read one row per KV head (KVRows.by_head) into a
+[seqs, kv_heads, keys, dim] buffer, the layout attention takes, so nothing transposes or copies it
+again.
 
 Sliding windows (Mistral, Qwen2's sliding layers) are a mask: a query at position p sees keys at
 positions p - window < j <= p, the Transformers rule. Blocks that fall out of the window are not
