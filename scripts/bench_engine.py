@@ -17,9 +17,7 @@ submission of its first request to its last token (prefill included):
   prefill      16 prompts of 512 tokens -> 1 new token each    prefill_tok_s_b16 = 16 * 512 / s
 
 Every workload runs once to warm up, then --repeats times (fresh prompts each run, so no cache of an
-earlier run's prefix can help). vLLM stays loaded in its own interpreter and each run goes to both
-engines back to back (VllmPeer), so the ratios are not skewed by the machine's drift over minutes.
-The JSON keeps every run's seconds; the table shows medians and ranges.
+earlier run's prefix can help). The JSON keeps every run's seconds; the table shows medians and ranges.
 
   speedup_vs_vllm_decode_b1, _decode_b16, _prefill   vLLM's median seconds over ours (null without --vllm-python)
   vllm_same_output_fraction   per workload, the share of requests whose tokens equal vLLM's (a check that
@@ -149,82 +147,42 @@ def run_once(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tu
     return seconds, [list(engine.sequence(i).output_token_ids) for i in ids]
 
 
-class VllmPeer:
-    """vLLM on the same folder in its own interpreter (scripts/vllm_baseline.py --reply-fd), told one run at
-    a time, so that its runs interleave with ours: this machine's speed drifts by up to 30% over minutes,
-    and two sides timed minutes apart drift apart with it."""
-
-    def __init__(self, python: str, model: BenchModel, runs: dict, workloads: tuple[Workload, ...], threads: int,
-                 tmp: pathlib.Path) -> None:
-        script = pathlib.Path(__file__).with_name("vllm_baseline.py")
-        self.env = dict(os.environ)
-        self.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
-        spec, self.out = tmp / "runs.json", tmp / "vllm.json"
-        spec.write_text(json.dumps({"workloads": [{"name": w.name, "new_tokens": w.new_tokens, "runs": runs[w.name]}
-                                                  for w in workloads]}))
-        read, write = os.pipe()
-        cmd = [python, str(script), "--model", str(model.folder), "--runs", str(spec), "--json", str(self.out),
-               "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--max-num-seqs", str(MAX_NUM_SEQS),
-               "--reply-fd", str(write)]
-        # vLLM's log goes to our stdout and stderr; its answers come back on the pipe
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, env=self.env, pass_fds=(write,))
-        os.close(write)
-        self.replies = os.fdopen(read)
-
-    def run(self, workload: Workload, run: int) -> tuple[float, list[list[int]]]:
-        self.proc.stdin.write(json.dumps({"workload": workload.name, "run": run}) + "\n")
-        self.proc.stdin.flush()
-        line = self.replies.readline()
-        if not line:
-            raise RuntimeError(f"vLLM exited with {self.proc.wait()} (its log is above)")
-        reply = json.loads(line)
-        return reply["seconds"], reply["token_ids"]
-
-    def close(self) -> dict:
-        """vLLM's settings (version, dtype, ...); RuntimeError if it did not end cleanly."""
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-        rc = self.proc.wait(timeout=300)
-        self.replies.close()
-        if rc != 0:
-            raise RuntimeError(f"vLLM exited with {rc} (its log is above)")
-        return json.loads(self.out.read_text()) | {"omp_threads_bind": self.env["VLLM_CPU_OMP_THREADS_BIND"]}
-
-
-def bench(model: BenchModel, runs: dict[str, list[list[list[int]]]], workloads: tuple[Workload, ...],
-          peer: VllmPeer | None) -> tuple[dict, dict]:
-    """(ours, vLLM's) {workload: {"seconds": [per timed run], "token_ids": the last run's outputs}}, vLLM's
-    with its settings ({} without a peer, or a printed reason if it fails). Each workload's run r goes to
-    both sides back to back, ours first in even runs and vLLM first in odd ones; run 0 warms up."""
+def bench_ours(model: BenchModel, runs: dict[str, list[list[list[int]]]], workloads: tuple[Workload, ...]) -> dict:
+    """{workload: {"seconds": [per timed run], "token_ids": the last run's outputs}}, runs in the order vLLM's are."""
     engine = make_engine(model, kv_tokens=max(w.batch * (w.prompt_tokens + w.new_tokens + 16) for w in workloads))
-    sides = {"ours": lambda w, run: run_once(engine, runs[w.name][run], w.new_tokens)}
-    if peer is not None:
-        sides["vllm"] = peer.run
-    out = {side: {w.name: {"seconds": [], "token_ids": []} for w in workloads} for side in sides}
+    out = {w.name: {"seconds": [], "token_ids": []} for w in workloads}
     for run in range(len(runs[workloads[0].name])):
         for w in workloads:
-            for side in list(sides)[:: 1 if run % 2 == 0 else -1]:
-                time.sleep(0.2)  # the other side's idle OpenMP threads stop spinning
-                try:
-                    seconds, tokens = sides[side](w, run)
-                except Exception as e:  # noqa: BLE001 - the baseline is optional; ours is not
-                    if side == "ours":
-                        raise
-                    print(f"vLLM baseline failed: {e}", file=sys.stderr)
-                    peer.proc.kill()
-                    del sides[side]
-                    continue
-                if run > 0:
-                    out[side][w.name]["seconds"].append(seconds)
-                    out[side][w.name]["token_ids"] = tokens
+            seconds, tokens = run_once(engine, runs[w.name][run], w.new_tokens)
+            if run > 0:  # run 0 warms up
+                out[w.name]["seconds"].append(seconds)
+                out[w.name]["token_ids"] = tokens
     engine.close()
-    vllm = {}
-    if "vllm" in sides:
+    return out
+
+
+def bench_vllm(python: str, model: BenchModel, runs: dict, workloads: tuple[Workload, ...], threads: int) -> dict:
+    """The same runs under vLLM (scripts/vllm_baseline.py, in its own interpreter); {} and a printed reason
+    if that fails."""
+    script = pathlib.Path(__file__).with_name("vllm_baseline.py")
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = pathlib.Path(tmp) / "runs.json", pathlib.Path(tmp) / "vllm.json"
+        spec.write_text(json.dumps({"workloads": [{"name": w.name, "new_tokens": w.new_tokens, "runs": runs[w.name]}
+                                                  for w in workloads]}))
+        cmd = [python, str(script), "--model", str(model.folder), "--runs", str(spec), "--json", str(out),
+               "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--max-num-seqs", str(MAX_NUM_SEQS)]
         try:
-            vllm = peer.close() | {"workloads": out["vllm"]}
-        except (RuntimeError, OSError, ValueError) as e:
-            print(f"vLLM baseline failed: {e}", file=sys.stderr)
-    return out["ours"], vllm
+            proc = subprocess.run(cmd, check=False, timeout=1800, env=env)  # vLLM's log goes to our stderr
+            if proc.returncode != 0:
+                raise RuntimeError(f"exit {proc.returncode} (its log is above)")
+            result = json.loads(out.read_text())
+        except Exception as e:  # noqa: BLE001 - the baseline is optional
+            print(f"vLLM baseline failed ({python}): {e}", file=sys.stderr)
+            return {}
+    result["omp_threads_bind"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+    return result
 
 
 def summarize(w: Workload, seconds: list[float]) -> dict:
@@ -309,13 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    TINY_LLAMA if args.quick else MID_LLAMA)
         model = BenchModel(folder)
         runs = {w.name: [w.prompts(r, model.config.vocab_size) for r in range(repeats + 1)] for w in workloads}
-        peer = None
-        if args.vllm_python:
-            try:
-                peer = VllmPeer(args.vllm_python, model, runs, workloads, args.threads, pathlib.Path(tmp))
-            except OSError as e:
-                print(f"vLLM baseline failed ({args.vllm_python}): {e}", file=sys.stderr)
-        ours, vllm = bench(model, runs, workloads, peer)
+        ours = bench_ours(model, runs, workloads)
+        vllm = bench_vllm(args.vllm_python, model, runs, workloads, args.threads) if args.vllm_python else {}
     results = {"model": str(args.model) if args.model else "tiny-llama" if args.quick else "mid-llama",
                "hf_config": model.hf_config, "num_params": model.num_params,
                "workloads": {w.name: asdict(w) for w in workloads}, "repeats": repeats,

@@ -18,11 +18,6 @@ orders its own. Each run is one `LLM.generate` call over the run's prompts: gree
 new_tokens each, timed from the call to its return. Prefix caching is off, as our engine has none.
 Writes {"vllm_version", "dtype", "max_num_batched_tokens", "workloads": {name: {"seconds": [timed runs],
 "token_ids": [the last run's outputs]}}}.
-
-With --reply-fd N it runs what it is told instead, so that bench_engine.py can interleave its runs with
-ours: each line on stdin names one {"workload": name, "run": r}; the answer, {"seconds", "token_ids"},
-goes as one line to file descriptor N (vLLM logs to stdout). At the end of stdin it writes --json
-without the workloads.
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
 
@@ -43,7 +37,6 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", type=pathlib.Path, required=True)
-    ap.add_argument("--reply-fd", type=int, help="run what stdin asks, one run per line, answering on this fd")
     args = ap.parse_args()
     workloads = json.loads(args.runs.read_text())["workloads"]
     longest = max(len(p) + w["new_tokens"] for w in workloads for run in w["runs"] for p in run)
@@ -56,39 +49,23 @@ def main() -> None:
     llm = LLM(model=str(args.model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=longest + 16,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=False, gpu_memory_utilization=0.3, seed=0)
-    def run_once(w: dict, run: int) -> tuple[float, list[list[int]]]:
-        n = w["new_tokens"]
-        params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in w["runs"][run]]
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        assert all(len(t) == n for t in tokens), [len(t) for t in tokens]
-        return seconds, tokens
-
     out = {w["name"]: {"seconds": [], "token_ids": []} for w in workloads}
-    if args.reply_fd is not None:
-        by_name = {w["name"]: w for w in workloads}
-        with os.fdopen(args.reply_fd, "w") as reply:
-            for line in sys.stdin:
-                ask = json.loads(line)
-                seconds, tokens = run_once(by_name[ask["workload"]], ask["run"])
-                reply.write(json.dumps({"seconds": seconds, "token_ids": tokens}) + "\n")
-                reply.flush()
-        out = None
-    else:
-        for run in range(len(workloads[0]["runs"])):
-            for w in workloads:
-                seconds, tokens = run_once(w, run)
-                if run > 0:
-                    out[w["name"]]["seconds"].append(seconds)
-                    out[w["name"]]["token_ids"] = tokens
+    for run in range(len(workloads[0]["runs"])):
+        for w in workloads:
+            n = w["new_tokens"]
+            params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in w["runs"][run]]
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tokens = [list(o.outputs[0].token_ids) for o in outputs]
+            assert all(len(t) == n for t in tokens), [len(t) for t in tokens]
+            if run > 0:
+                out[w["name"]]["seconds"].append(seconds)
+                out[w["name"]]["token_ids"] = tokens
     config = llm.llm_engine.vllm_config
     result = {"vllm_version": vllm.__version__, "dtype": str(config.model_config.dtype).removeprefix("torch."),
-              "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens}
-    if out is not None:
-        result["workloads"] = out
+              "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens, "workloads": out}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k != "workloads"}))
