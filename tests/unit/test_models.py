@@ -156,6 +156,14 @@ def make_kv_of_head_rows(config: ModelConfig, num_pages: int = NUM_PAGES, device
     return pages.as_strided((num_pages, *like.shape[1:]), (per_page + dim, *like.stride()[1:]))
 
 
+@pytest.fixture(params=["sdpa", "matmul"])
+def decode_attention(request, monkeypatch):
+    """How a decode group attends on the CPU: SDPA, or attention._decode_attention's matmuls (which the
+    engine takes for larger groups on more than one thread)."""
+    monkeypatch.setattr(attention, "_decode_by_matmul", lambda num_heads: request.param == "matmul")
+    return request.param
+
+
 @pytest.fixture(params=["rows", "head_rows", "pairs"])
 def kv_index(request, monkeypatch):
     """How attention reads and writes the paged KV: single rows of its flat view (KVRows, where the
@@ -181,7 +189,7 @@ def test_prefill_logits_of_every_position_match_transformers(setup, matmul, kv_i
 
 
 # ---- (b), (c) greedy generation --------------------------------------------------------------
-def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul, kv_index):
+def test_greedy_decode_through_paged_kv_equals_transformers_generate(setup, matmul, kv_index, decode_attention):
     setup = for_matmul(setup, matmul)
     prompt = make_prompt(9, seed=3)
     assert greedy(setup, prompt) == hf_greedy(setup, prompt)
@@ -277,11 +285,19 @@ def test_kv_rows_view_the_pages_as_rows_where_every_stride_is_whole_rows():
 
 
 @pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window", "opt"], indirect=True)
-def test_prefills_of_similar_size_share_one_attention_call_and_decodes_another(setup):
+def test_prefills_of_similar_size_share_one_attention_call_and_decodes_another(setup, decode_attention):
     mixed, alone, calls_per_layer = mixed_step(setup, [(0, 6), (2, 5), (0, 7), (4, 1), (9, 1), (1, 1)])
     assert calls_per_layer == 2
     for i, logits in enumerate(alone):
         torch.testing.assert_close(mixed[i], logits, atol=1e-5, rtol=0)
+
+
+def test_decodes_of_different_lengths_in_one_step_give_transformers_logits(setup, decode_attention):
+    shapes = [(5, 1), (9, 1), (2, 1)]  # (cached, new): the shorter contexts are masked in the shared call
+    mixed, _, _ = mixed_step(setup, shapes)
+    for i, (cached, new) in enumerate(shapes):
+        want = hf_logits(setup, make_prompt(cached + new, seed=10 + i))[-1]
+        torch.testing.assert_close(mixed[i], want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("setup", ["llama_gqa", "mistral_window"], indirect=True)

@@ -28,9 +28,10 @@ q as in k and v, and nothing repeats K/V or upcasts them:
     k [seqs, keys, kv_heads, dim]  ->  [seqs, kv_heads, keys, dim]
     mask [seqs, 1, queries * group, keys]   (decode: [seqs, 1, 1, keys], broadcast; none if unneeded)
 
-On the CPU a decode group (one query a sequence) skips SDPA, whose flash kernel tiles queries by 32
-or more: two batched matmuls and a softmax over the contiguous K/V take about 60% of its time at
-decode sizes (_decode_attention).
+On the CPU a decode group (one query a sequence) of MATMUL_DECODE_MIN_HEADS (sequence, KV head) pairs
+or more skips SDPA, whose flash kernel tiles queries by 32 or more and spreads little work over two
+threads badly: two batched matmuls and a softmax over the contiguous K/V take about 60% of its time
+at 16 sequences (_decode_attention).
 
 Masks are additive (0 / -inf) in the KV dtype, which SDPA's memory-efficient CUDA kernel takes
 as is; on CUDA the key axis is padded to a multiple of 16 so that kernel needs no copy of the mask.
@@ -75,6 +76,10 @@ BACKENDS = ("torch", "flashinfer")
 DEFAULT_BACKEND = "torch"
 MAX_PADDING_FACTOR = 2.0  # a prefill group's padded query x key area may be at most this times its real area
 CUDA_KEY_ALIGN = 16  # key axis padded to this on CUDA: the memory-efficient kernel's mask alignment
+# A decode group on the CPU takes _decode_attention from this many (sequence, KV head) pairs, and only with
+# more than one thread: below, or on one thread, SDPA's one call costs less than the matmuls' four ops (the
+# 2-core EPYC, 2 threads: 4 x 2 heads of 32, 32 keys 30 against 40 us; 4 x 4 heads of 64 61 against 51 us)
+MATMUL_DECODE_MIN_HEADS = 16
 
 
 @dataclass(frozen=True)
@@ -420,7 +425,8 @@ class _Group:
             if mask is None:
                 mask = self.masks[window][:, :, :, None, :].expand(-1, -1, -1, group, -1)
                 mask = self.folded[(window, group)] = mask.reshape(seqs, 1, num_queries * group, -1)
-        if num_queries == 1 and query.device.type == "cpu" and key.is_contiguous():
+        by_matmul = num_queries == 1 and query.device.type == "cpu" and key.is_contiguous()
+        if by_matmul and _decode_by_matmul(seqs * kv_heads):
             out = _decode_attention(query, key, value, mask, scale)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
@@ -442,6 +448,11 @@ class _Group:
         if buffer is None:
             buffer = self.gathered[which] = caches[0].new_empty((*self.keys[0].shape, *caches[0].shape[2:]))
         return torch.ops.aten.index.Tensor_out(caches[which], list(self.keys), out=buffer).transpose(1, 2)
+
+def _decode_by_matmul(num_heads: int) -> bool:
+    """Whether a CPU decode group over `num_heads` (sequence, KV head) pairs takes _decode_attention."""
+    return num_heads >= MATMUL_DECODE_MIN_HEADS and torch.get_num_threads() > 1
+
 
 def _decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(q k^T * scale + mask) v as two batched matmuls, for decode groups on the CPU.
