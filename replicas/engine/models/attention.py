@@ -15,10 +15,10 @@ batch of rows (vLLM v1 style):
 Each layer first writes the step's new K/V into their slots, then reads every sequence's context
 back from the pages, so chunked prefill (cached > 0) and decode need no special cases. A group's
 sequences are gathered token by token (head-major, see below), padded to its longest query count and
-longest context, and masked; the plan is built once per step and reused by every layer: its integer index arrays go to
-the device in one copy (StepMetadata), the masks are computed there. Prefills share
-one call unless padding would more than double the work (then they split into several groups);
-decodes always share one.
+longest context, and masked; the plan is built once per step and reused by every layer: its integer
+index arrays go to the device in one copy (StepMetadata), the masks are computed there. Prefills
+share one call unless padding would more than double the work (then they split into several
+groups); decodes always share one.
 
 Grouped-query attention is folded into the query axis: the `group = heads / kv_heads` query heads
 that read one KV head become `group` extra query rows of that head, so SDPA sees as many heads in
@@ -448,6 +448,7 @@ class _Group:
         if buffer is None:
             buffer = self.gathered[which] = caches[0].new_empty((*self.keys[0].shape, *caches[0].shape[2:]))
         return torch.ops.aten.index.Tensor_out(caches[which], list(self.keys), out=buffer).transpose(1, 2)
+
 
 def _decode_by_matmul(num_heads: int) -> bool:
     """Whether a CPU decode group over `num_heads` (sequence, KV head) pairs takes _decode_attention."""
