@@ -196,7 +196,8 @@ class PagedAttention:
         if self._rows is not None:
             self._write_rows = self._rows.token_rows(self._write_pages, self._write_slots)
         windows = set(self.layer_windows)
-        self._groups = [p.finish(on_device, windows, kv.dtype, kv.shape[5], self._rows) for p in plans]
+        heads = None if self._rows is None else self._rows.by_head(kv.shape[5])  # what every group gathers by
+        self._groups = [p.finish(on_device, windows, kv.dtype, heads) for p in plans]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v [rows, kv_heads, dim] in layer `layer`; attention output [rows, heads, dim]."""
@@ -353,9 +354,10 @@ class _GroupPlan:
         return _GroupPlan(at, num_queries, num_keys, block_size, all_visible, all_real,
                           all_real and out_rows == list(range(batch.num_tokens)))
 
-    def finish(self, arrays: list[Tensor], windows: set[int | None], dtype: torch.dtype, head_dim: int,
+    def finish(self, arrays: list[Tensor], windows: set[int | None], dtype: torch.dtype,
                rows: KVRows | None = None) -> _Group:
-        """The group's device tensors: key maps and masks computed on the device from the sent arrays."""
+        """The group's device tensors: key maps and masks computed on the device from the sent arrays;
+        `rows`: the KV's flat view by head (KVRows.by_head), or None."""
         a = {name: arrays[i] for name, i in self.at.items()}
         key_pos = torch.arange(self.num_keys, device=a["contexts"].device)[None, :]  # [1, keys]
         valid = key_pos < a["contexts"][:, None]  # [seqs, keys]
@@ -376,7 +378,6 @@ class _GroupPlan:
         if rows is None:
             return _Group(a["q_rows"], (pages, slots), None, masks, a["out_rows"],
                           None if self.all_real else a["keep"], self.covers_all)
-        rows = rows.by_head(head_dim)
         index = rows.token_rows(pages, slots).transpose(1, 2).contiguous()  # [seqs, kv_heads, keys]
         return _Group(a["q_rows"], index, rows, masks, a["out_rows"], None if self.all_real else a["keep"],
                       self.covers_all)
