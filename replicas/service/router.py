@@ -59,6 +59,22 @@ def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica
     return groups + ([rest] if rest else [])
 
 
+def route(view: RoutingView | None, model: str | None, avoid: frozenset[str],
+          candidates: list[RunningReplica]) -> list[list[RunningReplica]] | None:
+    """The groups Serve tries in turn (it takes the shortest queue with room in the first group that
+    has any, and backs off and asks again when none has), or None for Serve's power of two choices.
+    A replica that refused the model for good is offered only when every replica has: offered last
+    behind full usable ones, it took a burst's overflow and refused it again (a 503)."""
+    usable = [r for r in candidates if r.replica_id.unique_id not in avoid]
+    if not usable:  # every replica refused for good: one of them answers again, and the ingress stops
+        return [candidates]
+    if view is not None and model is not None:
+        ranks = rank_replicas(view, model, usable)
+        if ranks:
+            return ranks
+    return [usable] if avoid else None  # Serve's power of two choices draws from every replica
+
+
 class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
     def initialize_state(self, app_name: str = "oneiros", refresh_s: float = 0.5, stale_after_s: float = 5.0,
                          **kwargs: Any) -> None:
@@ -75,20 +91,10 @@ class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
         self._maybe_refresh()
         if self._view is None and self._refreshing is not None:  # the very first requests: wait for a view
             await asyncio.wait([self._refreshing], timeout=FIRST_VIEW_WAIT_S)
-        model = model_of(pending_request)
-        avoid = avoided_by(pending_request)
-        usable = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
-        last = [[r for r in candidate_replicas if r.replica_id.unique_id in avoid]] if len(usable) < len(
-            candidate_replicas) else []
-        if not usable:  # every replica refused for good: one of them answers again, and the ingress stops
-            return last
         view = self._view if time.monotonic() - self._view_at <= self._stale_after_s else None
-        if view is not None and model is not None:
-            ranks = rank_replicas(view, model, usable)
-            if ranks:
-                return ranks + last
-        if avoid:  # Serve's power of two choices draws from every replica, whatever it is given
-            return [usable] + last
+        ranks = route(view, model_of(pending_request), avoided_by(pending_request), candidate_replicas)
+        if ranks is not None:
+            return ranks
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     def _maybe_refresh(self) -> None:

@@ -329,6 +329,29 @@ def test_the_router_groups_equally_resident_hosts_so_serve_picks_the_shortest_qu
     assert rank_replicas(view, "c", list(replicas.values())) == []  # no host: Serve's own choice
 
 
+def test_the_router_never_offers_a_replica_that_refused_the_model_for_good_while_another_exists():
+    """CI saw a burst's overflow spill onto the replica that had refused the model (offered last, behind
+    a full one): it refused again and the ingress answered 503. Serve waits for room instead."""
+    from types import SimpleNamespace
+
+    from cluster.messages import RouteEntry, RoutingView
+    from replicas.service.router import route
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid)) for rid in ("r1", "r2", "r3")]
+    view = RoutingView(1, NOW, entries=(RouteEntry("r1", "a", 1.0, 50, 0), RouteEntry("r2", "b", 1.0, 5, 0)),
+                       loading=(RouteEntry("r3", "a", 0.0, 80, 0),))
+
+    def ids(groups):
+        return None if groups is None else [[r.replica_id.unique_id for r in g] for g in groups]
+
+    assert ids(route(view, "a", frozenset(), replicas)) == [["r1"], ["r3"], ["r2"]]
+    assert ids(route(view, "a", frozenset({"r1"}), replicas)) == [["r3"], ["r2"]]
+    assert ids(route(view, "c", frozenset({"r2"}), replicas)) == [["r1", "r3"]]  # no host known
+    assert ids(route(None, "a", frozenset({"r1", "r3"}), replicas)) == [["r2"]]  # no view
+    assert ids(route(None, "a", frozenset(), replicas)) is None  # Serve's power of two choices
+    assert ids(route(view, "a", frozenset({"r1", "r2", "r3"}), replicas)) == [["r1", "r2", "r3"]]  # one refuses again
+
+
 def test_every_live_replica_gets_orders_even_with_nothing_to_do():
     decision = make_state(make_report("r1"), make_report("r2", [make_tenant()])).decide(NOW)
     assert set(decision.orders) == {"r1", "r2"}
