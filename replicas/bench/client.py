@@ -154,7 +154,7 @@ class SseClient:
         """The events of a streamed POST /completions, until [DONE]."""
         async with self._request("POST", "/completions", body, headers) as response:
             await _raise_for_status(response)
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_bytes()):
                 if not line.startswith("data:"):
                     continue  # blank separators, comments
                 data = line[5:].strip()
@@ -179,6 +179,20 @@ class SseClient:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, broken where SSE breaks them: at CR, LF or CRLF only.
+    httpx's aiter_lines also breaks at U+0085, U+2028 and U+2029 (str.splitlines), which a JSON
+    string may hold raw (vLLM sends them so): it cut an event in two."""
+    pending = b""
+    async for chunk in chunks:
+        lines = (pending + chunk).splitlines(keepends=True)  # bytes.splitlines: CR, LF and CRLF only
+        pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            yield line.rstrip(b"\r\n").decode()
+    if pending:
+        yield pending.decode()
 
 
 async def _raise_for_status(response) -> None:

@@ -235,6 +235,24 @@ def test_client_records_ttft_tbt_and_marks_failures():
     assert [r.tenant for r in (good, short, boom, midfail)] == ["t0", "t1", "t2", "t3"]
 
 
+def test_sse_lines_break_only_where_sse_does():
+    """httpx's aiter_lines cut an event at a raw U+2028 in its JSON (vLLM sends them raw)."""
+    from replicas.bench.client import sse_lines
+
+    stream = 'data: {"text":"a\u2028b\x85c\u2029d\u00e9"}\r\n\r\ndata: [DONE]\n\n'.encode()
+
+    async def lines(size):
+        async def chunks():
+            for i in range(0, len(stream), size):
+                yield stream[i:i + size]  # boundaries inside lines, CRLFs and UTF-8 sequences
+        return [line async for line in sse_lines(chunks())]
+
+    for size in (1, 2, 3, 7, len(stream)):
+        got = [line for line in asyncio.run(lines(size)) if line]
+        assert got == ['data: {"text":"a\u2028b\x85c\u2029d\u00e9"}', "data: [DONE]"], size
+        assert json.loads(got[0][5:])["text"] == "a\u2028b\x85c\u2029d\u00e9"
+
+
 def test_replay_is_open_loop_and_queues_beyond_the_concurrency_cap():
     reqs = [wl.Request(0.0, "t0", 1, 1), wl.Request(0.0, "t0", 1, 1), wl.Request(0.08, "t0", 1, 1)]
 

@@ -78,8 +78,17 @@ def _reason(finish_reason) -> str | None:
     return getattr(finish_reason, "value", finish_reason)  # the engine's FinishReason enum or a plain str
 
 
+# Characters that JSON leaves raw in a string and that str.splitlines (and clients built on it, such as
+# httpx's aiter_lines) take for line breaks: raw, they cut a `data:` line in two. SSE itself breaks
+# lines only at CR and LF, which JSON always escapes.
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        text = text.translate(_UNICODE_LINE_BREAKS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 # ---- logprobs -------------------------------------------------------------------------------------
