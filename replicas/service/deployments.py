@@ -159,11 +159,17 @@ INGRESS_SHUTDOWN_S = INGRESS_DRAIN_S + 2.0  # ...within Serve's graceful shutdow
 # client went away) cancels the gRPC call on the loop that owns it, and the replica aborts the
 # request; with Serve's defaults (a separate router loop) the cancel is lost and the request runs to
 # its end. Measured in docs/latency.md.
-INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Ray starts every worker process at nice 15 (`RAY_worker_niceness`), below its own control plane,
+# so that batch tasks yield to it. The ingress and the engine replicas serve requests and run at the
+# normal priority, as a server does (vLLM's runs at 0): at 15, every process at 0 beside them (a
+# client, an agent, Ray's own) took a core first. Measured in docs/latency.md.
+SERVING_PRIORITY = {"RAY_worker_niceness": "0"}
+INGRESS_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                  "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 # The engine replicas run `generate` on the loop that owns the gRPC call, too: each request and each
 # streamed item then crosses one thread (the engine thread's handoff) instead of two; the engine's
 # work never runs on that loop. Measured in docs/latency.md.
-ENGINE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+ENGINE_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 @serve.ingress()

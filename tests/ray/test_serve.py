@@ -4,6 +4,7 @@ memory-aware routing to the replica that hosts the model, and OpenAI-style error
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -67,6 +68,19 @@ def test_requests_land_on_the_replica_that_hosts_their_model(cluster):
         served = {c.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2, temperature=0)
                   .system_fingerprint for _ in range(4)}
         assert served <= hosts, (model, view.hosts(model))  # never a replica that would have to load it
+
+
+def test_the_ingress_and_engine_replicas_run_at_normal_priority(cluster):
+    """Ray starts workers at nice 15; the serving processes ask for 0 (replicas/service/deployments.py).
+    The cluster controller, a Ray worker with no request on its path, keeps Ray's default."""
+    from ray.util.state import list_actors
+
+    config, _ = cluster
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    nice = {a.class_name: os.getpriority(os.PRIO_PROCESS, a.pid) for a in alive
+            if a.class_name.startswith(f"ServeReplica:{config.app_name}:") or a.class_name == "ClusterController"}
+    assert {c.split(":")[-1] for c, n in nice.items() if n == 0} == {"OpenAIIngress", "EngineReplica"}, nice
+    assert nice["ClusterController"] > 0, nice
 
 
 def post(base, path, body: bytes):
