@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
 import pytest
 
@@ -186,6 +189,15 @@ def test_each_step_reaches_the_event_loop_in_one_handoff(server):
         server.engine.step, server._worker._deliver = real_step, real_deliver
     assert all(sum(len(item.token_ids) for item in items) == 8 for items in got)
     assert handoffs == [n for n in steps if n] and max(handoffs) > 1  # batched steps, one handoff each
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="niceness is per thread on Linux only")
+def test_the_engine_thread_runs_below_its_process_so_the_event_loops_take_a_core_first(server):
+    from replicas.service.server import ENGINE_THREAD_NICENESS
+
+    process = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    engine = os.getpriority(os.PRIO_PROCESS, server._worker._thread.native_id)
+    assert engine == min(19, process + ENGINE_THREAD_NICENESS)
 
 
 def test_a_step_that_raises_fails_the_streams_in_flight_and_the_replica_goes_on(server):
