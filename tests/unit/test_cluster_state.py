@@ -352,6 +352,34 @@ def test_the_router_never_offers_a_replica_that_refused_the_model_for_good_while
     assert ids(route(view, "a", frozenset({"r1", "r2", "r3"}), replicas)) == [["r1", "r2", "r3"]]  # one refuses again
 
 
+RIDS = [f"r{i}" for i in range(6)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(candidates=st.lists(st.sampled_from(RIDS), min_size=1, unique=True), avoid=st.sets(st.sampled_from(RIDS)),
+       hosts=st.lists(st.tuples(st.sampled_from(RIDS), st.sampled_from(["a", "b"]), st.sampled_from([0.5, 1.0])),
+                      unique_by=lambda h: (h[0], h[1])),
+       loading=st.sets(st.sampled_from(RIDS)), model=st.sampled_from(["a", "b", None]), has_view=st.booleans())
+def test_the_router_offers_only_candidates_and_an_avoided_one_only_when_all_are(candidates, avoid, hosts, loading,
+                                                                                 model, has_view):
+    from types import SimpleNamespace
+
+    from cluster.messages import RouteEntry, RoutingView
+    from replicas.service.router import route
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid)) for rid in candidates]
+    view = RoutingView(1, NOW, entries=tuple(RouteEntry(r, m, f, 10, 0) for r, m, f in hosts),
+                       loading=tuple(RouteEntry(r, "a", 0.0, 10, 0) for r in sorted(loading))) if has_view else None
+    groups = route(view, model, frozenset(avoid), replicas)
+    usable = set(candidates) - avoid
+    if groups is None:  # Serve's own choice over every candidate: only when nothing is avoided
+        assert not avoid & set(candidates)
+        return
+    offered = [r.replica_id.unique_id for g in groups for r in g]
+    assert len(offered) == len(set(offered)) and set(offered) <= set(candidates) and all(groups)
+    assert set(offered) == (usable or set(candidates))  # every usable one offered; an avoided one never beside it
+
+
 def test_every_live_replica_gets_orders_even_with_nothing_to_do():
     decision = make_state(make_report("r1"), make_report("r2", [make_tenant()])).decide(NOW)
     assert set(decision.orders) == {"r1", "r2"}
