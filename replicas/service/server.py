@@ -58,10 +58,10 @@ def load_model(spec: ModelSpec) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     return config, dummy_weights(config, spec.seed, std=spec.weight_std), spec.tokenizer()
 
 
-# The engine thread computes; the event loops beside it (this process's, and on a shared host the
-# ingress's and the clients') only pass requests and tokens on, in short bursts. The engine thread runs
-# this much below its process's priority, so that a woken loop takes a core at once instead of waiting
-# out the step's time slice. Measured in docs/latency.md.
+# On the CPU the engine thread computes; the event loops beside it (this process's, and on a shared
+# host the ingress's and the clients') only pass requests and tokens on, in short bursts. The engine
+# thread runs this much below its process's priority, so that a woken loop takes a core at once
+# instead of waiting out the step's time slice. Measured in docs/latency.md.
 ENGINE_THREAD_NICENESS = 5
 
 
@@ -118,7 +118,8 @@ class EngineThread:
             started.set_exception(exc)
             return
         started.set_result(self.engine)
-        lower_this_threads_priority(ENGINE_THREAD_NICENESS)
+        if self.engine.memory.device.type == "cpu":  # on a GPU it feeds the device: it keeps its priority
+            lower_this_threads_priority(ENGINE_THREAD_NICENESS)
         while True:
             busy = self.engine.has_unfinished()
             ran = 0
