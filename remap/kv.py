@@ -120,12 +120,16 @@ class KVBlocks:
         if len(pages) != len(dst):
             raise RemapError(f"migrate needs as many destinations ({len(dst)}) as blocks ({len(pages)})")
         self._backend.copy_pages(pages, dst, self.block_bytes)
+        where: dict[SeqId, dict[PageId, int]] = {}  # each touched table's page -> position, built once
         for src, new in zip(pages, dst):
             owner = self._pool.owner(src)
             if owner.kind is not OwnerKind.KV or owner.model != self.model:
                 raise IntegrityError(f"page {src} is {owner}, not a KV block of {self.model!r}")
-            table = self._tables[SeqId(owner.index)]
-            table[table.index(src)] = new
+            seq = SeqId(owner.index)
+            table = self._tables[seq]
+            if seq not in where:
+                where[seq] = dict(zip(table, range(len(table))))
+            table[where[seq][src]] = new
             self._pool.reassign([new], owner)
         self._pool.free(pages)
 

@@ -80,7 +80,10 @@ class PagePool:
             page = plain.popitem()[0] if plain else homed.popitem(last=False)[0]
             owners[page] = owner
             pages.append(page)
-        self._kinds[pages] = owner.kind
+        if num_pages == 1:  # a decode's block: a scalar store, not an array built from a list
+            self._kinds[pages[0]] = owner.kind
+        else:
+            self._kinds[pages] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= num_pages
         self._num_by_kind[owner.kind] += num_pages
         return pages
@@ -102,20 +105,32 @@ class PagePool:
         return True
 
     def free(self, pages: Iterable[PageId]) -> None:
-        owners, homed = self._owner, self._homed
-        counts = self._num_by_kind
+        """Free owned pages; a page already free, or named twice, raises before anything changes.
+        Array lookups, not per-page ones: a layer's slab on a GH200 pool is ~1,000 pages."""
         pages = list(pages)
+        if not pages:
+            return
+        kinds = self._kinds[pages]
+        if (kinds == OwnerKind.FREE).any() or len(set(pages)) != len(pages):
+            seen: set[PageId] = set()
+            for p in pages:
+                if self._owner[p].kind is OwnerKind.FREE or p in seen:
+                    raise IntegrityError(f"double free of page {p}")
+                seen.add(p)
+        counts = self._num_by_kind
+        for kind, n in enumerate(np.bincount(kinds, minlength=len(OwnerKind)).tolist()):
+            counts[kind] -= n
+        counts[OwnerKind.FREE] += len(pages)
+        owners = self._owner
         for p in pages:
-            kind = owners[p].kind
-            if kind is OwnerKind.FREE:
-                raise IntegrityError(f"double free of page {p}")
             owners[p] = FREE
-            counts[kind] -= 1
-            counts[OwnerKind.FREE] += 1
-            if homed[p]:
-                self._free_homed[p] = None
-            else:
-                self._free_plain[p] = None
+        homed = self._homed[pages]
+        if homed.any():  # each tier gets its pages in the order given, as one insertion at a time would
+            ids = np.asarray(pages)
+            self._free_homed.update(dict.fromkeys(ids[homed].tolist()))
+            self._free_plain.update(dict.fromkeys(ids[~homed].tolist()))
+        else:
+            self._free_plain.update(dict.fromkeys(pages))
         self._kinds[pages] = OwnerKind.FREE
 
     @contextmanager
@@ -123,7 +138,8 @@ class PagePool:
         """Inside the block the free ones among `pages` are out of reach of `alloc` and not counted in
         `num_free` (an eviction's destinations must land outside the run it clears); they stay FREE and
         go back to their tier on exit, as `free` would put them. Nothing else may own them meanwhile."""
-        held = [p for p in pages if self._owner[p].kind is OwnerKind.FREE]
+        pages = list(pages)
+        held = [p for p, free in zip(pages, (self._kinds[pages] == OwnerKind.FREE).tolist()) if free]
         for p in held:
             del (self._free_homed if self._homed[p] else self._free_plain)[p]
         self._num_by_kind[OwnerKind.FREE] -= len(held)
