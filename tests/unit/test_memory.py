@@ -122,6 +122,27 @@ def test_alloc_returns_none_and_changes_nothing_when_full():
     mem.check_integrity()
 
 
+def test_a_double_free_raises_before_anything_changes_and_frees_keep_each_tier_in_order():
+    from remap import IntegrityError, Owner, PagePool
+
+    pool = PagePool(8, PAGE)
+    owner = Owner(OwnerKind.KV, ModelId("m"), 1)
+    pages = pool.alloc(6, owner)
+    pool.set_homed(pages[:2], True)
+    for bad in ([pages[0], pages[0]], [pages[1], pages[2], pages[1]]):
+        with pytest.raises(IntegrityError, match=f"double free of page {bad[-1]}"):
+            pool.free(bad)
+        assert pool.num_free == 2 and pool.owner(bad[0]) == owner  # nothing freed
+    pool.free(pages[:4])  # two homed, two plain
+    pool.check_integrity()
+    with pytest.raises(IntegrityError, match=f"double free of page {pages[3]}"):
+        pool.free([pages[4], pages[3]])
+    assert pool.owner(pages[4]) == owner and pool.num_free == 6
+    # plain pages go out LIFO (the last freed first), homed ones only when plain is empty, oldest first
+    assert pool.alloc(4, owner) == [pages[3], pages[2], 6, 7]
+    assert pool.alloc(2, owner) == [pages[0], pages[1]]
+
+
 def test_two_models_share_one_pool_and_kv_lands_in_the_other_models_pages():
     mem = make_memory(num_pages=32)
     kv_a, layers_a, base_a = add_model(mem, "a", seed=1)
