@@ -271,7 +271,7 @@ class HomeRuns(Placement):
         return first
 
     def _owned(self, pages: Sequence[PageId]) -> list[PageId]:
-        """The pages, in order, that are not free (one array lookup: a slab is ~1,000 pages)."""
+        """The pages, in order, that are not free (one array lookup: a slab is hundreds of pages)."""
         return [p for p, free in zip(pages, (self._pool.kinds()[pages] == OwnerKind.FREE).tolist()) if not free]
 
     def _cheapest_run(self, num_pages: int) -> PageId | None:

@@ -106,7 +106,7 @@ class PagePool:
 
     def free(self, pages: Iterable[PageId]) -> None:
         """Free owned pages; a page already free, or named twice, raises before anything changes.
-        Array lookups, not per-page ones: a layer's slab on a GH200 pool is ~1,000 pages."""
+        Array lookups, not per-page ones: a layer's slab on a GH200 pool is hundreds of pages."""
         pages = list(pages)
         if not pages:
             return
