@@ -40,6 +40,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 from remap import KVBlocks, ModelId, SeqId
 from replicas.engine.sequence import FinishReason, Sequence, SeqStatus
@@ -414,7 +415,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             need += max(0, kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id)))
             budget -= n
-        for seq in list(self.waiting[model])[: max(0, self.config.max_num_seqs - len(self.running[model]))]:
+        for seq in islice(self.waiting[model], max(0, self.config.max_num_seqs - len(self.running[model]))):
             if budget <= 0:
                 break
             n = min(seq.num_uncomputed_tokens, budget)
@@ -430,7 +431,7 @@ class Scheduler:
         if self.swapped[model]:
             return need
         prompts = 0
-        for seq in list(self.waiting[model])[: max(0, self.config.max_num_seqs - len(self.running[model]))]:
+        for seq in islice(self.waiting[model], max(0, self.config.max_num_seqs - len(self.running[model]))):
             if seq.num_uncomputed_tokens > budget:
                 break
             prompts += kv.num_blocks_for(seq.num_tokens)
