@@ -226,8 +226,7 @@ class DeviceMemory:
         """Close the idle staging rings that own any of these pages, in page order: the order decides
         which freed pages the next allocations get, and a set of owners (which hash model names)
         would make it, and a simulation's result, differ from one process to the next."""
-        staging = [self.pool.owner(p).model for p, is_staging in
-                   zip(pages, (self.pool.kinds()[list(pages)] == OwnerKind.STAGING).tolist()) if is_staging]
+        staging = [self.pool.owner(p).model for p in self.pool.having(pages, OwnerKind.STAGING)]
         for model in dict.fromkeys(staging):
             self._retire_ring(model)  # a no-op where the model has no ring
 

@@ -271,8 +271,8 @@ class HomeRuns(Placement):
         return first
 
     def _owned(self, pages: Sequence[PageId]) -> list[PageId]:
-        """The pages, in order, that are not free (one array lookup: a slab is hundreds of pages)."""
-        return [p for p, free in zip(pages, (self._pool.kinds()[pages] == OwnerKind.FREE).tolist()) if not free]
+        """The pages, in order, that are not free."""
+        return self._pool.having(pages, OwnerKind.FREE, other_than=True)
 
     def _cheapest_run(self, num_pages: int) -> PageId | None:
         """Start of the run with the fewest KV blocks and no other owners, if the blocks can move."""

@@ -55,6 +55,13 @@ class PagePool:
     def is_homed(self, page: PageId) -> bool:
         return bool(self._homed[page])
 
+    def having(self, pages: Iterable[PageId], kind: OwnerKind, other_than: bool = False) -> list[PageId]:
+        """The pages, in order, whose owner is of `kind` (or of any other kind): one array lookup,
+        not one per page (a layer's slab on a GH200 pool is hundreds of pages)."""
+        pages = list(pages)
+        match = (self._kinds[pages] != kind) if other_than else (self._kinds[pages] == kind)
+        return [p for p, m in zip(pages, match.tolist()) if m]
+
     def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
         """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""
         usable = self._kinds == OwnerKind.FREE
@@ -138,8 +145,7 @@ class PagePool:
         """Inside the block the free ones among `pages` are out of reach of `alloc` and not counted in
         `num_free` (an eviction's destinations must land outside the run it clears); they stay FREE and
         go back to their tier on exit, as `free` would put them. Nothing else may own them meanwhile."""
-        pages = list(pages)
-        held = [p for p, free in zip(pages, (self._kinds[pages] == OwnerKind.FREE).tolist()) if free]
+        held = self.having(pages, OwnerKind.FREE)
         for p in held:
             del (self._free_homed if self._homed[p] else self._free_plain)[p]
         self._num_by_kind[OwnerKind.FREE] -= len(held)
