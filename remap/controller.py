@@ -71,6 +71,10 @@ class RemapConfig:
             _check_int("max_staging_slots", self.max_staging_slots, minimum=1)
 
 
+_TENANT_INTS = (("num_layers", 1), ("layer_pages", 1), ("layer_bytes", 1),
+                ("num_running", 0), ("num_waiting", 0), ("kv_pages_needed", 0))
+
+
 @dataclass(frozen=True)
 class TenantSnapshot:
     model: str  # model name, unique in a snapshot
@@ -91,9 +95,10 @@ class TenantSnapshot:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remapped_layers", frozenset(self.remapped_layers))
-        for name, minimum in (("num_layers", 1), ("layer_pages", 1), ("layer_bytes", 1),
-                              ("num_running", 0), ("num_waiting", 0), ("kv_pages_needed", 0)):
-            _check_int(f"tenant {self.model!r}: {name}", getattr(self, name), minimum)
+        for name, minimum in _TENANT_INTS:  # one per step per tenant: the message is built only on failure
+            value = getattr(self, name)
+            if type(value) is not int or value < minimum:
+                _check_int(f"tenant {self.model!r}: {name}", value, minimum)
         bad = sorted(i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < self.num_layers))
         if bad:
             raise ValueError(f"tenant {self.model!r}: remapped layer ids {bad} outside [0, {self.num_layers})")

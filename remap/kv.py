@@ -52,6 +52,7 @@ class KVBlocks:
         self._tables: dict[SeqId, list[PageId]] = {}
         self._owners: dict[SeqId, Owner] = {}
         self._swapped: dict[SeqId, torch.Tensor] = {}  # host [num_blocks, block_bytes]
+        self._num_used = 0  # pages in all tables (read every step by the scheduler and the controller)
 
     # ---- queries -------------------------------------------------------------------------
     def num_blocks_for(self, num_tokens: int) -> int:
@@ -63,7 +64,7 @@ class KVBlocks:
 
     @property
     def num_pages_used(self) -> int:
-        return sum(len(t) for t in self._tables.values())
+        return self._num_used
 
     @property
     def num_free_pages(self) -> int:
@@ -98,6 +99,7 @@ class KVBlocks:
             self._tables[seq] = pages
         else:
             table.extend(pages)
+        self._num_used += num_blocks
         return pages
 
     def free(self, seq: SeqId) -> int:
@@ -108,6 +110,7 @@ class KVBlocks:
         if not table:
             return 0
         self._pool.free(table)
+        self._num_used -= len(table)
         return len(table)
 
     # ---- migrate / swap ------------------------------------------------------------------
@@ -119,18 +122,22 @@ class KVBlocks:
         """
         if len(pages) != len(dst):
             raise RemapError(f"migrate needs as many destinations ({len(dst)}) as blocks ({len(pages)})")
-        self._backend.copy_pages(pages, dst, self.block_bytes)
-        where: dict[SeqId, dict[PageId, int]] = {}  # each touched table's page -> position, built once
-        for src, new in zip(pages, dst):
-            owner = self._pool.owner(src)
+        owners = [self._pool.owner(p) for p in pages]
+        for src, owner in zip(pages, owners):
             if owner.kind is not OwnerKind.KV or owner.model != self.model:
                 raise IntegrityError(f"page {src} is {owner}, not a KV block of {self.model!r}")
-            seq = SeqId(owner.index)
+        self._backend.copy_pages(pages, dst, self.block_bytes)
+        moves: dict[SeqId, dict[PageId, PageId]] = {}  # per touched table: source -> destination
+        for src, new, owner in zip(pages, dst, owners):
+            moves.setdefault(SeqId(owner.index), {})[src] = new
+        for seq, move in moves.items():
             table = self._tables[seq]
-            if seq not in where:
-                where[seq] = dict(zip(table, range(len(table))))
-            table[where[seq][src]] = new
-            self._pool.reassign([new], owner)
+            if 16 * len(move) < len(table):  # a few blocks of a long table: find each (a C scan)
+                for src, new in move.items():
+                    table[table.index(src)] = new
+            else:
+                table[:] = [move.get(p, p) for p in table]
+        self._pool.reassign(dst, owners)
         self._pool.free(pages)
 
     def swap_out(self, seq: SeqId) -> int:
@@ -142,6 +149,7 @@ class KVBlocks:
         self._backend.read_pages(table, self.block_bytes, host)
         self._swapped[seq] = host
         self._pool.free(table)
+        self._num_used -= len(table)
         return len(table)
 
     def swap_in(self, seq: SeqId) -> list[PageId] | None:
@@ -155,6 +163,7 @@ class KVBlocks:
         self._backend.write_pages(pages, self.block_bytes, host)
         del self._swapped[seq]
         self._tables[seq] = pages
+        self._num_used += len(pages)
         return pages
 
     @property
@@ -174,5 +183,7 @@ class KVBlocks:
                     raise IntegrityError(f"page {p} in table of seq {seq} is owned by {self._pool.owner(p)}")
             if seq in self._swapped:
                 raise IntegrityError(f"seq {seq} of {self.model!r} is both on device and swapped")
+        if self._num_used != len(seen):
+            raise IntegrityError(f"{self._num_used} pages counted in use, {len(seen)} in {self.model!r} block tables")
         if set(self._owners) != set(self._tables) | set(self._swapped):
             raise IntegrityError(f"owner cache {sorted(self._owners)} != live sequences of {self.model!r}")

@@ -156,9 +156,14 @@ class PagePool:
                 (self._free_homed if self._homed[p] else self._free_plain)[p] = None
             self._num_by_kind[OwnerKind.FREE] += len(held)
 
-    def reassign(self, pages: Iterable[PageId], owner: Owner) -> None:
-        """Hand owned pages to a new owner of any kind (e.g. a KV block to another sequence)."""
-        for p in pages:
+    def reassign(self, pages: Iterable[PageId], owner: Owner | Sequence[Owner]) -> None:
+        """Hand owned pages to a new owner of any kind (e.g. a KV block to another sequence), or each
+        page to its own owner when `owner` is a sequence of them."""
+        pages = list(pages)
+        owners = [owner] * len(pages) if isinstance(owner, Owner) else list(owner)
+        if len(owners) != len(pages):
+            raise IntegrityError(f"reassign of {len(pages)} pages to {len(owners)} owners")
+        for p, owner in zip(pages, owners):
             old = self._owner[p]
             if old.kind is OwnerKind.FREE:
                 raise IntegrityError(f"reassign of free page {p} to {owner}")

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from replicas.engine.models import ModelConfig
 from replicas.sim.devices import H100_SXM, DeviceProfile
@@ -203,7 +202,7 @@ def _elementwise_elems(config: ModelConfig) -> int:
 
 
 def _itemsize(config: ModelConfig) -> int:
-    return torch.empty((), dtype=config.dtype).element_size()
+    return config.dtype.itemsize
 
 
 # ---- calibration against Vidur's measured H100 operator times ------------------------------------------

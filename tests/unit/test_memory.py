@@ -332,3 +332,28 @@ def test_an_opaque_blocked_weight_is_stored_as_its_own_bytes_through_reclaim_res
     check(mem.params.tensors(ModelId("m0"), 1), 1)
     mem.check_integrity()
     mem.close()
+
+
+def test_migrate_moves_a_few_blocks_of_a_long_table_and_all_of_a_short_one_in_place():
+    from remap import Owner
+
+    mem = make_memory(num_pages=80)  # 15 pages of parameters
+    kv, _, _ = add_model(mem)
+    long, short = list(kv.alloc(SeqId(1), 40)), list(kv.alloc(SeqId(2), 3))  # alloc returns the live table
+    for p in long + short:
+        kv.view[p].fill_(float(p))
+    src = [long[7], short[0], long[30], short[2], short[1]]  # 2 of 40 (found one by one), 3 of 3 (one pass)
+    dst = mem.pool.alloc(len(src), Owner(OwnerKind.KV, ModelId("m0"), 0))
+    want_long = [dst[src.index(p)] if p in src else p for p in long]
+    want_short = [dst[src.index(p)] for p in short]
+    kv.migrate(src, dst)
+    assert kv.table(SeqId(1)) == want_long and kv.table(SeqId(2)) == want_short
+    for old, new in zip(long + short, want_long + want_short):
+        assert torch.equal(kv.view[new], torch.full_like(kv.view[new], float(old)))
+    assert all(mem.pool.owner(p).kind is OwnerKind.FREE for p in src)
+    assert mem.pool.owner(dst[1]) == Owner(OwnerKind.KV, ModelId("m0"), SeqId(2))
+    assert kv.num_pages_used == 43
+    mem.check_integrity()
+    kv.free(SeqId(1))
+    assert kv.num_pages_used == 3
+    mem.check_integrity()
