@@ -155,6 +155,14 @@ class ReplicaSettings(BaseModel):
                                 "to be loaded there (idle tenants lend layers for it; KV of requests in flight "
                                 "frees as they end) before a 503. A model that can never fit gets a 503 at once.")
     autoscaling: AutoscalingSettings | None = Field(None, description="Scale on memory pressure; null = fixed.")
+    stream_batch_ms: float = Field(
+        40.0, ge=0, description="Stream batching under load: while more than stream_batch_above streams are in "
+                                "flight on a replica, a stream's tokens wait up to this long for the next step's, "
+                                "to go out as one chunk (one message through Serve, the ingress and HTTP instead "
+                                "of two). A request's first token and its last never wait. 0 = every step's "
+                                "tokens at once.")
+    stream_batch_above: int = Field(8, ge=0, description="Streams in flight on a replica above which tokens are "
+                                                         "batched (stream_batch_ms).")
 
 
 class SchedulerSettings(BaseModel):

@@ -559,12 +559,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-replica-after", type=float, metavar="S",
                     help="failover run: S seconds into the measured run, kill the engine replica hosting the most "
                          "models; report what was lost and moved (Serve path only)")
+    ap.add_argument("--stream-batch-ms", type=float, metavar="MS",
+                    help="replicas.stream_batch_ms of both paths (default: the config's; 0 = every step's "
+                         "tokens in their own message)")
     args = ap.parse_args(argv)
     if min(args.requests, args.concurrency, args.max_tokens, args.rounds) < 1:
         ap.error("--requests, --concurrency, --max-tokens and --rounds must be >= 1")
     from replicas.config import default_config
 
     config = default_config(http={"port": free_port()})
+    if args.stream_batch_ms is not None:
+        data = config.model_dump()
+        data["replicas"]["stream_batch_ms"] = args.stream_batch_ms
+        try:
+            config = type(config).model_validate(data)
+        except ValueError as exc:
+            ap.error(f"--stream-batch-ms: {exc}")
     models = [m.name for m in config.models]
     workload = make_workload(args.requests, models, args.seed, args.max_tokens)
     warmup = make_workload(args.concurrency if args.warmup is None else args.warmup, models, args.seed + 1,

@@ -157,6 +157,16 @@ def _call(future: concurrent.futures.Future, fn: Callable, args: tuple) -> None:
         future.set_exception(exc)
 
 
+async def _next_step(queue: asyncio.Queue, within_s: float) -> list[RequestOutput]:
+    """The stream's next step's output if it comes within `within_s` (a preempted or waiting stream
+    does not hold back the tokens it has), else nothing."""
+    try:
+        async with asyncio.timeout(within_s):
+            return [await queue.get()]
+    except TimeoutError:
+        return []
+
+
 class EngineServer:
     def __init__(self, config: OneirosConfig, replica_id: str = "local", node_id: str = "local",
                  models: list[str] | None = None) -> None:
@@ -232,12 +242,15 @@ class EngineServer:
             added.add_done_callback(self._abort_orphan)
             raise
         finished = False
+        hold_s, busy = self.config.replicas.stream_batch_ms / 1000, self.config.replicas.stream_batch_above
         try:
             while not finished:
                 async with asyncio.timeout(QUEUE_WAIT_TIMEOUT_S):  # no task per item, as wait_for makes one
                     outs = [await queue.get()]
                 while not queue.empty():  # a slow consumer gets several steps in one item: fewer messages
                     outs.append(queue.get_nowait())
+                if hold_s and added_at is None and len(outs) == 1 and not outs[0].finished and len(self._queues) > busy:
+                    outs += await _next_step(queue, hold_s)  # under load: two steps' tokens in one message
                 finished = outs[-1].finished
                 stamps = (() if added_at is None else
                           (("replica_received", received), ("engine_added", added_at[0]), ("replica_first_token", time.time())))

@@ -221,3 +221,35 @@ def test_a_step_that_raises_fails_the_streams_in_flight_and_the_replica_goes_on(
     server.call(server.engine.memory.check_integrity)
     again = asyncio.run(collect(server, "llama", [5, 6, 7]))
     assert [t for item in again for t in item.token_ids] == server.call(server.engine.generate, "llama", [[5, 6, 7]], GREEDY)[0]
+
+
+def test_under_load_a_streams_tokens_go_out_two_steps_per_message_and_the_first_at_once():
+    """Above stream_batch_above streams in flight, each message after the first carries two steps'
+    tokens (one message through Serve, the ingress and HTTP instead of two); the tokens are the same."""
+    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    prompts = [[5 + i, 6, 7] for i in range(4)]
+    batched = EngineServer(default_config(replicas={"stream_batch_above": 2, "stream_batch_ms": 5000}),
+                           replica_id="b", models=["llama"])
+    try:
+        async def main():
+            return await asyncio.gather(*(collect(batched, "llama", p, params) for p in prompts))
+        got = asyncio.run(main())
+        want = batched.call(batched.engine.generate, "llama", prompts, params)
+    finally:
+        batched.close()
+    for items, tokens in zip(got, want):
+        assert [t for item in items for t in item.token_ids] == tokens
+        sizes = [len(item.token_ids) for item in items]
+        assert sizes[0] == 1 and all(n >= 2 for n in sizes[1:-1]) and len(items) <= 5, sizes
+
+
+def test_a_held_stream_waits_for_the_next_step_only_so_long():
+    from replicas.service.server import _next_step
+
+    async def main():
+        queue = asyncio.Queue()
+        assert await _next_step(queue, 0.01) == []  # no step came: what it has goes out
+        asyncio.get_running_loop().call_later(0.01, queue.put_nowait, "step")
+        return await _next_step(queue, 5.0)
+
+    assert asyncio.run(main()) == ["step"]
