@@ -154,7 +154,7 @@ class RemapDriver:
         """The staging ring of the model's remapped layers, kept across its steps (its slots still
         hold the layers of the last pass); opened when missing, preempting later arrivals than the
         head if there is no room."""
-        num_remapped = self.memory.params.num_layers(model) - len(self.memory.params.resident_layers(model))
+        num_remapped = len(self.memory.params.remapped_layers(model))
         ring = self.memory.ring(model)
         if num_remapped == 0 or ring is not None:
             if num_remapped == 0 and ring is not None:

@@ -101,7 +101,7 @@ class SimExecutor:
                  keep_steps: int = 10_000) -> None:
         self._memory, self.cost, self.clock, self.token_id = memory, cost, clock, token_id
         self._configs: dict[ModelId, ModelConfig] = {}
-        self._resident: dict[ModelId, frozenset[int]] = {}
+        self._remapped: dict[ModelId, frozenset[int]] = {}  # each model's lent layers after the last step
         self._swapped_blocks: dict[SeqId, int] = {}  # swapped-out sequence -> blocks it took to host
         self._migrated = memory.num_blocks_migrated
         self._rings: dict[ModelId, tuple[StagingRing, frozenset[int]] | None] = {}  # model -> last step's ring
@@ -114,7 +114,7 @@ class SimExecutor:
             raise ValueError(f"token {self.token_id} is an eos or outside {model!r}'s vocabulary: sequences "
                              "would stop after one token")
         self._configs[model] = lm.config
-        self._resident[model] = frozenset(self._memory.params.resident_layers(model))
+        self._remapped[model] = self._memory.params.remapped_layers(model)
 
     def execute(self, output: SchedulerOutput, seqs: Mapping[SeqId, Sequence], ring: StagingRing | None) -> ExecutorResult:
         model, config = output.model, self._configs[output.model]
@@ -143,7 +143,7 @@ class SimExecutor:
     def _copied_layers(self, model: ModelId, ring: StagingRing | None, num_streamed: int) -> int:
         """Streamed layers copied this step: all of them, unless the ring has a slot for each and
         already held them in its last pass (a slot keeps its layer across passes: remap/staging.py)."""
-        layers = frozenset(self._memory.params.resident_layers(model))
+        layers = self._memory.params.remapped_layers(model)  # the same set lent: the same layers resident
         last = self._rings.get(model)
         kept = ring is not None and num_streamed <= ring.num_slots and last is not None and last[0] is ring and last[1] == layers
         self._rings[model] = (ring, layers) if ring is not None else None
@@ -166,10 +166,10 @@ class SimExecutor:
 
     def _restored_bytes(self) -> float:
         nbytes = 0.0
-        for model in self._configs:
-            now = frozenset(self._memory.params.resident_layers(model))
-            nbytes += sum(self._memory.params.slab(model, i).num_bytes for i in now - self._resident[model])
-            self._resident[model] = now
+        for model in self._configs:  # restored: lent at the last step, resident now
+            now = self._memory.params.remapped_layers(model)
+            nbytes += sum(self._memory.params.slab(model, i).num_bytes for i in self._remapped[model] - now)
+            self._remapped[model] = now
         return nbytes
 
     def _migrated_bytes(self) -> float:
