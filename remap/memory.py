@@ -212,7 +212,7 @@ class DeviceMemory:
     def close_idle_rings(self, need: int) -> None:
         """Close idle rings until `need` pages are free, if closing them all would make that many."""
         idle = [m for m, r in self._rings.items() if not r.in_pass]
-        if self.pool.num_free + sum(len(self._rings[m].pages) for m in idle) >= need:
+        if self.pool.num_free + sum(self._rings[m].num_pages for m in idle) >= need:
             for m in idle:
                 if self.pool.num_free >= need:
                     break
@@ -286,7 +286,7 @@ class DeviceMemory:
         kv_pages = sum(kv.num_pages_used for kv in self.kv.values())
         if kv_pages != self.pool.num_owned_by(OwnerKind.KV):
             raise IntegrityError(f"block tables hold {kv_pages} pages, pool says {self.pool.num_owned_by(OwnerKind.KV)} KV")
-        staging = sum(len(r.pages) for r in self._rings.values())
+        staging = sum(r.num_pages for r in self._rings.values())
         if staging != self.pool.num_owned_by(OwnerKind.STAGING):
             raise IntegrityError(f"rings hold {staging} pages, pool says {self.pool.num_owned_by(OwnerKind.STAGING)} staging")
         for model, ring in self._rings.items():

@@ -58,10 +58,9 @@ class PagePool:
     def having(self, pages: Iterable[PageId], kind: OwnerKind, other_than: bool = False) -> list[PageId]:
         """The pages, in order, whose owner is of `kind` (or of any other kind): one array lookup,
         not one per page (a layer's slab on a GH200 pool is hundreds of pages)."""
-        pages = list(pages)
-        kinds = self._kinds[_index(pages)]
-        match = (kinds != kind) if other_than else (kinds == kind)
-        return [p for p, m in zip(pages, match.tolist()) if m]
+        idx = _index(list(pages))
+        kinds = self._kinds[idx]
+        return idx[(kinds != kind) if other_than else (kinds == kind)].tolist()
 
     def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
         """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""

@@ -55,6 +55,10 @@ class StagingRing:
     def pages(self) -> list[PageId]:
         return [p for pages in self.slot_pages for p in pages]
 
+    @property
+    def num_pages(self) -> int:
+        return sum(map(len, self.slot_pages))
+
     def begin_pass(self, layers: Sequence[int]) -> None:
         """Start a forward pass over these remapped layers (ascending); prefetch the first slots."""
         self.in_pass = True

@@ -61,7 +61,7 @@ class RemapDriver:
 
     def _ring_pages(self, model: ModelId | None) -> int:
         ring = self.memory.ring(model) if model is not None else None
-        return len(ring.pages) if ring else 0
+        return ring.num_pages if ring else 0
 
     def snapshot(self, now: float, extra: Mapping[ModelId, int] | None = None,
                   urgent: ModelId | None = None) -> MemorySnapshot:
@@ -83,7 +83,7 @@ class RemapDriver:
             ))
         for model in self._tenants():  # the controller charges staging itself: open rings count as free
             ring = self.memory.ring(model)
-            ring_pages += len(ring.pages) if ring else 0
+            ring_pages += ring.num_pages if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
                               urgent, copies_overlap=self.copies_overlap)
 

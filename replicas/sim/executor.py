@@ -121,7 +121,7 @@ class SimExecutor:
         batch = BatchShape(tuple(len(s.token_ids) for s in output.seqs),
                            tuple(s.num_cached_tokens for s in output.seqs),
                            sum(s.samples for s in output.seqs))
-        num_streamed = config.num_layers - len(self._memory.params.resident_layers(model)) if ring else 0
+        num_streamed = len(self._memory.params.remapped_layers(model)) if ring else 0
         swap_out, swap_in = self._swap_traffic(seqs)
         cost = self.cost.step(
             config, batch,
