@@ -78,6 +78,11 @@ class KVBlocks:
     def is_swapped(self, seq: SeqId) -> bool:
         return seq in self._swapped
 
+    @property
+    def num_swapped(self) -> int:
+        """Sequences whose blocks are on the host now."""
+        return len(self._swapped)
+
     def num_swapped_blocks(self, seq: SeqId) -> int:
         return len(self._swapped[seq]) if seq in self._swapped else 0
 

@@ -152,6 +152,8 @@ class SimExecutor:
     def _swap_traffic(self, seqs: Mapping[SeqId, Sequence]) -> tuple[float, float]:
         """(bytes swapped out, bytes swapped in) since the last step, from the sequences' states."""
         out_bytes = in_bytes = 0.0
+        if not self._swapped_blocks and not any(kv.num_swapped for kv in self._memory.kv.values()):
+            return out_bytes, in_bytes  # nothing on the host before or now (every step without swapping)
         swapped = {sid for sid, s in seqs.items() if s.status is SeqStatus.SWAPPED}
         for sid in swapped - self._swapped_blocks.keys():
             kv = self._memory.kv[seqs[sid].model]
