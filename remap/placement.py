@@ -138,7 +138,7 @@ class HomeRuns(Placement):
             evicted = self._evict(self._owned(busy), slab.home)
             if evicted is None:
                 busy = self._owned(slab.home)
-                not_kv = int((self._pool.kinds()[busy] != OwnerKind.KV).sum())
+                not_kv = len(self._pool.having(busy, OwnerKind.KV, other_than=True))
                 free_outside = self._pool.num_free - (slab.num_pages - len(busy))
                 return RestoreOutcome(
                     False, 0, f"{len(busy)} of its {slab.num_pages} home pages are in use ({not_kv} not KV) and "
@@ -291,7 +291,7 @@ class HomeRuns(Placement):
     def _evict(self, pages: Sequence[PageId], keep_out: Sequence[PageId]) -> int | None:
         """Move the KV blocks on `pages` to free pages outside `keep_out`: how many moved, or None
         (nothing moves) if a page is not KV or too few pages are free outside."""
-        if (self._pool.kinds()[list(pages)] != OwnerKind.KV).any():
+        if self._pool.having(pages, OwnerKind.KV, other_than=True):
             return None
         owners = [self._pool.owner(p) for p in pages]
         with self._pool.withheld(keep_out):
