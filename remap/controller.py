@@ -56,6 +56,11 @@ class RemapConfig:
     # budget). Prefill steps are long, but the layers they let a model lend stay lent once KV fills
     # the pages, and every decode step after that waits for transfers compute no longer hides.
     budget_on_decode: bool = True
+    # A streaming model over its alpha budget gets its layers back before waiting requests are
+    # admitted (True), or only from pages no tenant's KV wants (False, the paper's back-off). Every
+    # step of an over-budget model waits for the copies its compute does not hide, so admitting
+    # another request into those pages slows every stream of that model.
+    restore_before_admitting: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -72,7 +77,7 @@ class RemapConfig:
 
 
 _TENANT_INTS = (("num_layers", 1), ("layer_pages", 1), ("layer_bytes", 1),
-                ("num_running", 0), ("num_waiting", 0), ("kv_pages_needed", 0))
+                ("num_running", 0), ("num_waiting", 0), ("kv_pages_needed", 0), ("kv_pages_admitting", 0))
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class TenantSnapshot:
     # measured (a model that has not run a step yet): its alpha budget is the cap until it has run,
     # so a zero estimate never freezes the budget of a tenant that has only waited.
     predicted_compute_s: float | None
+    kv_pages_admitting: int = 0  # of kv_pages_needed, what admitting waiting requests would take
     cold: bool = False  # idle cluster-wide (a cluster order): an idle tenant that lends before any other
     warming: bool = False  # traffic expected soon (a cluster order): lends last, gets its layers back first
 
@@ -99,6 +105,9 @@ class TenantSnapshot:
             value = getattr(self, name)
             if type(value) is not int or value < minimum:
                 _check_int(f"tenant {self.model!r}: {name}", value, minimum)
+        if self.kv_pages_admitting > self.kv_pages_needed:
+            raise ValueError(f"tenant {self.model!r}: kv_pages_admitting {self.kv_pages_admitting} > "
+                             f"kv_pages_needed {self.kv_pages_needed}")
         bad = sorted(i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < self.num_layers))
         if bad:
             raise ValueError(f"tenant {self.model!r}: remapped layer ids {bad} outside [0, {self.num_layers})")
@@ -273,13 +282,13 @@ class RemapController:
         for t in over:
             spare, t.count = spare + self._gain(t, t.budget), t.budget
         spare, reclaimed = self._reclaim(tenants, spare)
-        spare = self._back_off(over, spare)
+        spare, short = self._back_off(over, spare, tenants)
         restored = [t for t in over if t.count < t.count0]  # in decision order, like reclaimed
         for t in restored:
             t.why.append(_over_budget_reason(t, spare))
         if not reclaimed:
             spare = self._revert(tenants, spare, restored)
-        return self._build(snapshot, tenants, reclaimed, restored, spare)
+        return self._build(snapshot, tenants, reclaimed, restored, spare, short)
 
     def _working(self, t: TenantSnapshot, snapshot: MemorySnapshot) -> _Tenant:
         streams = t.is_active and snapshot.urgent in (None, t.model)
@@ -349,14 +358,28 @@ class RemapController:
             best = max(best, (gain, -k))  # most pages, then fewest layers
         return (-best[1], best[0]) if best[0] > 0 else (0, 0)
 
-    def _back_off(self, over: list[_Tenant], spare: int) -> int:
-        """Undo target restores, inactive models first, until no other tenant's page is taken."""
+    def _back_off(self, over: list[_Tenant], spare: int, tenants: list[_Tenant]) -> tuple[int, int]:
+        """Undo target restores, inactive models first, until no other tenant's page is taken; a
+        streaming model's restores may take the pages of admissions (restore_before_admitting).
+        Returns (spare, pages short): the shortfall is what the paper's back-off would leave, since
+        admissions that wait for restores are not short of anything remapping could still give."""
+        admitting = sum(t.snap.kv_pages_admitting for t in tenants) if self.config.restore_before_admitting else 0
+        targets = {id(t): t.count for t in over}
+        paper = self._back_off_to(over, spare, 0)
+        if not admitting:
+            return paper, max(0, -paper)
+        for t in over:
+            t.count = targets[id(t)]
+        return self._back_off_to(over, spare, admitting), max(0, -paper)
+
+    def _back_off_to(self, over: list[_Tenant], spare: int, admitting: int) -> int:
         for t in sorted(over, key=lambda t: (t.streams, t.snap.model)):
-            if spare >= 0:
-                break
+            floor = -admitting if t.streams else 0  # the lowest spare t's restores may leave
+            if spare >= floor:
+                continue
             base = spare - self._delta(t, t.count0, t.count)  # spare without any of t's restores
             counts = range(t.count, t.count0 + 1)
-            fits = [c for c in counts if base + self._delta(t, t.count0, c) >= 0]
+            fits = [c for c in counts if base + self._delta(t, t.count0, c) >= floor]
             t.count = min(fits) if fits else max(counts, key=lambda c: (self._delta(t, t.count0, c), -c))
             spare = base + self._delta(t, t.count0, t.count)
         return spare
@@ -379,7 +402,7 @@ class RemapController:
     # -- the plan ------------------------------------------------------------------------------
 
     def _build(self, snapshot: MemorySnapshot, tenants: list[_Tenant], reclaimed: list[_Tenant],
-               restored: list[_Tenant], spare: int) -> RemapPlan:
+               restored: list[_Tenant], spare: int, short: int) -> RemapPlan:
         n = {t.snap.model: t.snap.num_layers for t in tenants}
         reclaim = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in reclaimed
@@ -398,10 +421,12 @@ class RemapController:
         kv = sum(t.snap.kv_pages_needed for t in tenants)
         reason = (f"ledger: free {snapshot.num_free_pages} + reclaimed {_pages(reclaim, tenants)} "
                   f"- restored {_pages(restore, tenants)} - kv needed {kv} - staging {staging} = spare {spare} pages")
-        if spare < 0:
-            reason += (f"; SHORT by {-spare} pages: no layer left to reclaim (inactive tenants at their cap, "
+        if short:
+            reason += (f"; SHORT by {short} pages: no layer left to reclaim (inactive tenants at their cap, "
                        "active tenants at their alpha budget or their staging slots would cost what they free)")
-        return RemapPlan(reclaim, restore, stream, max(0, -spare), reason)
+        elif spare < 0:
+            reason += f"; admissions wait for {-spare} pages: restores of streaming models over budget come first"
+        return RemapPlan(reclaim, restore, stream, short, reason)
 
     def _stream(self, t: _Tenant, layers: tuple[int, ...], link_bytes_per_s: float) -> StreamPlan:
         alpha, slots = len(layers), num_staging_slots(len(layers), self.config)

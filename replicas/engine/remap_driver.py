@@ -69,12 +69,14 @@ class RemapDriver:
         tenants = []
         for model, metrics in self._tenants().items():
             sched = self.scheduler
+            running, admitting = sched.kv_demand(model)
             tenants.append(self.memory.tenant_snapshot(
                 model,
                 num_running=len(sched.running[model]),
                 num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
-                kv_pages_needed=(sched.kv_pages_needed(model) + (extra or {}).get(model, 0)
+                kv_pages_needed=(running + admitting + (extra or {}).get(model, 0)
                                  + self.reserved.get(model, 0)),  # the head's reservation
+                kv_pages_admitting=admitting,
                 last_active_s=metrics.last_active_s,
                 predicted_compute_s=(metrics.predicted_compute_s(self.config.budget_on_decode)
                                      if sched.has_work(model) else 0.0),

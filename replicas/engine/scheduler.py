@@ -407,36 +407,42 @@ class Scheduler:
     def kv_pages_needed(self, model: ModelId) -> int:
         """Extra pages the tenant needs for its next step: growth of running sequences, swapped ones
         coming back, and first chunks of waiting ones (up to the token budget)."""
+        return sum(self.kv_demand(model))
+
+    def kv_demand(self, model: ModelId) -> tuple[int, int]:
+        """kv_pages_needed in two parts: (running: growth of running sequences and swapped ones coming
+        back, admitting: what admitting waiting ones would take)."""
         kv, budget = self._kv[model], self.config.budget(model)
         need = sum(kv.num_swapped_blocks(s.seq_id) for s in self.swapped[model])
         if self.config.policy is SchedulingPolicy.VLLM_V0:
-            return need + self._v0_pages_needed(model, budget)
+            return self._v0_demand(model, need, budget)
         for seq in self.running[model]:
             n = min(seq.num_uncomputed_tokens, budget)
             need += max(0, kv.num_blocks_for(seq.num_computed_tokens + n) - len(kv.table(seq.seq_id)))
             budget -= n
+        admitting = 0
         for seq in islice(self.waiting[model], max(0, self.config.max_num_seqs - len(self.running[model]))):
             if budget <= 0:
                 break
             n = min(seq.num_uncomputed_tokens, budget)
-            need += kv.num_blocks_for(seq.num_computed_tokens + n)
+            admitting += kv.num_blocks_for(seq.num_computed_tokens + n)
             budget -= n
-        return need
+        return need, admitting
 
-    def _v0_pages_needed(self, model: ModelId, budget: int) -> int:
+    def _v0_demand(self, model: ModelId, need: int, budget: int) -> tuple[int, int]:
         """vllm-v0: a page for each running sequence's next token that starts a block, and the whole
         prompts of the waiting ones its next prefill step would admit, plus the watermark."""
         kv = self._kv[model]
-        need = sum(kv.num_blocks_for(s.num_tokens) - len(kv.table(s.seq_id)) for s in self.running[model])
+        need += sum(kv.num_blocks_for(s.num_tokens) - len(kv.table(s.seq_id)) for s in self.running[model])
         if self.swapped[model]:
-            return need
+            return need, 0
         prompts = 0
         for seq in islice(self.waiting[model], max(0, self.config.max_num_seqs - len(self.running[model]))):
             if seq.num_uncomputed_tokens > budget:
                 break
             prompts += kv.num_blocks_for(seq.num_tokens)
             budget -= seq.num_uncomputed_tokens
-        return need + (prompts + self.watermark_pages() if prompts else 0)
+        return need, (prompts + self.watermark_pages() if prompts else 0)
 
 
 def _order(seq: Sequence) -> tuple[float, SeqId]:

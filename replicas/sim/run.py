@@ -71,7 +71,8 @@ _ENGINE = {
     Policy.STATIC_PROP: ("recompute", None), Policy.ORACLE: ("recompute", None), Policy.OURS: ("remap", None),
     # the paper: MRU, cap 0.75, a ring of alpha+1 slots (alpha+2 once alpha >= 9)
     Policy.ONEIROS: ("remap", RemapConfig(victim_order=VictimOrder.MRU, max_remapped_fraction=0.75,
-                                          max_staging_slots=None, budget_on_decode=False)),
+                                          max_staging_slots=None, budget_on_decode=False,
+                                          restore_before_admitting=False)),
 }
 PILOT_FRACTION = 0.1  # share of arrivals `ours` may look at to choose its victim order
 TOKEN_ID = 7  # every prompt token; the SimExecutor samples token 0 (neither is an eos of the paper's models)

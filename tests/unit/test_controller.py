@@ -233,6 +233,31 @@ def test_over_budget_restore_never_takes_pages_another_tenants_kv_needs():
     assert stream.alpha == 4 and stream.alpha_budget == 2 and "OVER BUDGET" in stream.reason
 
 
+@pytest.mark.parametrize(("first", "restored", "spare"), [(True, (0, 3, 4, 7), -8), (False, (2, 6), 0)])
+def test_a_streaming_model_over_budget_gets_its_layers_back_before_waiting_requests_are_admitted(
+        first, restored, spare):
+    # b's 8 pages would admit waiting requests. Every step of a streams 4 layers where its compute hides
+    # 2, so (by default) its restores come first and the admissions wait; the paper's back-off does not.
+    controller = make_controller(max_staging_slots=2, restore_before_admitting=first)
+    woken = make_active(model="a", remapped_layers=uniform_layers(8, 6))
+    other = make_active(model="b", kv_pages_needed=8, kv_pages_admitting=8, predicted_compute_s=0.0)
+    plan = controller.plan(make_snapshot(woken, other, num_free_pages=8 + 8 + 8))
+    assert layers_of(plan.restore, "a") == restored
+    assert plan.num_pages_short == 0  # admissions that wait for restores are not short: nothing is urgent
+    assert f"= spare {spare} pages" in plan.reason
+    assert ("admissions wait for 8 pages" in plan.reason) == first
+
+
+@pytest.mark.parametrize(("first", "num_restored"), [(True, 2), (False, 1)])
+def test_restores_before_admissions_never_take_pages_of_running_requests(first, num_restored):
+    controller = make_controller(max_staging_slots=2, restore_before_admitting=first)
+    woken = make_active(model="a", remapped_layers=uniform_layers(8, 6))
+    other = make_active(model="b", kv_pages_needed=8 + 4, kv_pages_admitting=4, predicted_compute_s=0.0)
+    plan = controller.plan(make_snapshot(woken, other, num_free_pages=8 + 8 + 8))
+    # 24 free - 8 of ring - 12 needed = 4 spare pages: one 4-page layer; two with the 4 of admissions
+    assert len(layers_of(plan.restore, "a")) == num_restored
+
+
 def test_an_over_budget_model_still_streams_when_no_pages_allow_a_restore():
     controller = make_controller(max_staging_slots=2)  # an 8-page ring whatever alpha is
     plan = controller.plan(make_snapshot(make_active(remapped_layers=uniform_layers(8, 6))))
@@ -291,6 +316,7 @@ def test_reversion_keeps_the_headroom_pages_free():
 @pytest.mark.parametrize(("build", "message"), [
     (lambda: make_tenant(kv_pages_needed=-1), "kv_pages_needed=-1"),
     (lambda: make_tenant(layer_pages=0), "layer_pages=0"),
+    (lambda: make_tenant(kv_pages_needed=2, kv_pages_admitting=3), "kv_pages_admitting 3 > kv_pages_needed 2"),
     (lambda: make_tenant(num_layers=4, remapped_layers={1, 4, -1}), r"\[-1, 4\] outside \[0, 4\)"),
     (lambda: make_tenant(num_layers=2, remapped_layers={0, 1}), "2 of 2 layers remapped"),
     (lambda: make_snapshot(make_tenant(), num_free_pages=-3), "num_free_pages=-3"),
@@ -335,7 +361,8 @@ def snapshots(draw) -> MemorySnapshot:
         tenants.append(make_tenant(
             model=name, num_layers=num_layers, remapped_layers=remapped, layer_pages=draw(st.integers(1, 5)),
             layer_bytes=draw(st.integers(1, 1000)), num_running=draw(st.integers(0, 2)),
-            num_waiting=draw(st.integers(0, 1)), kv_pages_needed=draw(st.integers(0, 40)),
+            num_waiting=draw(st.integers(0, 1)), kv_pages_needed=(need := draw(st.integers(0, 40))),
+            kv_pages_admitting=draw(st.integers(0, need)),
             last_active_s=float(draw(st.integers(0, 3))), predicted_compute_s=draw(st.sampled_from([0.0, 0.01, 0.1]))))
     return make_snapshot(*tenants, num_free_pages=draw(st.integers(0, 80)),
                          link_bytes_per_s=draw(st.sampled_from([0.0, 1e3, 1e4, 1e5])),
@@ -345,7 +372,7 @@ def snapshots(draw) -> MemorySnapshot:
 configs = st.builds(RemapConfig, victim_order=st.sampled_from(VictimOrder),
                     max_remapped_fraction=st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]),
                     double_buffer_min_alpha=st.integers(0, 10), revert_headroom_pages=st.integers(0, 5),
-                    max_staging_slots=st.sampled_from([None, 1, 2, 3]))
+                    max_staging_slots=st.sampled_from([None, 1, 2, 3]), restore_before_admitting=st.booleans())
 
 
 def check_plan(controller: RemapController, snap: MemorySnapshot, plan: RemapPlan) -> None:
@@ -368,7 +395,11 @@ def check_plan(controller: RemapController, snap: MemorySnapshot, plan: RemapPla
         spare += t.layer_pages * (len(mine_r) - len(mine_s))
         if t.is_active:
             spare -= num_staging_slots(len(post), controller.config) * t.layer_pages
-    assert plan.num_pages_short == max(0, -spare)
+    admitting = sum(t.kv_pages_admitting for t in snap.tenants) if controller.config.restore_before_admitting else 0
+    if admitting:  # restores may leave admissions waiting, for up to their pages, and that is not short
+        assert plan.num_pages_short <= max(0, -spare) and spare >= -(plan.num_pages_short + admitting)
+    else:
+        assert plan.num_pages_short == max(0, -spare)
     over = any(len(after[t.model]) > controller.alpha_budget(t, snap.link_bytes_per_s, snap.copies_overlap) for t in snap.tenants)
     if plan.reclaim and not over:  # only as many layers as cover the deficit
         assert spare < max(by_name[m].layer_pages for m, _ in reclaimed)

@@ -86,6 +86,15 @@ def test_admission_keeps_the_watermark_free():
     assert seqs[1].status is SeqStatus.WAITING
 
 
+def test_demand_splits_running_growth_from_admissions():
+    sched, _ = setup(kv_pages=200, budget=16)  # watermark 2 pages
+    seqs = add(sched, seq(0, 4))
+    run_step(sched, seqs)  # 0 runs: 5 tokens next step need a second block
+    seqs |= add(sched, seq(1, 8), seq(2, 8), seq(3, 8))  # a 16-token step admits 1 and 2: 2 blocks each
+    assert sched.kv_demand(M) == (1, 2 + 2 + 2)
+    assert sched.kv_pages_needed(M) == 7
+
+
 def test_a_block_shortage_preempts_the_last_admitted_and_puts_it_at_the_head_of_the_queue():
     sched, _ = setup(kv_pages=5)
     seqs = add(sched, seq(0, 4), seq(1, 4), seq(2, 4))
