@@ -19,7 +19,9 @@ for the ring it is about to need.
 
 Decisions, in order: put over-budget models at their budget; cover the deficit by reclaiming
 inactive tenants (victim order, up to the cap), then active ones (most unused alpha budget first);
-back off the restores that reclaims could not fund; if nothing was reclaimed, revert spare pages.
+back off the restores that reclaims could not fund, except that a streaming model's restores come
+before admitting waiting requests (`kv_pages_admitting`; RemapConfig.restore_before_admitting); if
+nothing was reclaimed, revert spare pages.
 
 An active model's alpha budget is the paper's: the layers whose copies hide under its next step's
 compute. That assumes a copy engine beside the compute (a GPU). Where copies run inline
