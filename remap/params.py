@@ -22,6 +22,7 @@ reclaimed slab has none. Reclaim frees them without copying anything (the host c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -139,9 +140,13 @@ class ParamStore:
         free = self._pool.num_free
         self._num_layers[model] = len(layers)
         self._remapped[model] = set()
+        # One host buffer for the whole model, a slice per slab: CUDA's caching host allocator rounds
+        # each pinned allocation up to a power of two (a 436 MB layer would take 512 MiB).
+        starts = list(itertools.accumulate((_round_up(n, TENSOR_ALIGN_BYTES) for _, n in layouts), initial=0))
+        host = self._backend.host_copy(starts[-1])
         try:
-            for (i, tensors), (specs, nbytes) in zip(parts, layouts):
-                slab = Slab(model, i, specs, nbytes, -(-nbytes // page), self._backend.host_copy(nbytes))
+            for (i, tensors), (specs, nbytes), start in zip(parts, layouts, starts):
+                slab = Slab(model, i, specs, nbytes, -(-nbytes // page), host[start : start + nbytes])
                 while (pages := self._placement.place(slab)) is None:
                     if len(self._remapped[model]) >= max_lent or not self._lend_own(model, i):
                         runs = self._placement.shortfall(max(-(-n // page) for _, n in layouts))
@@ -181,7 +186,7 @@ class ParamStore:
             table.pop(model, None)
 
     def close(self) -> None:
-        """Free every host copy (DeviceMemory.close)."""
+        """Free every host copy (DeviceMemory.close): each model's one buffer, through any of its slabs."""
         for slab in self._slabs.values():
             slab.host.untyped_storage().resize_(0)
 

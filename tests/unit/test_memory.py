@@ -12,6 +12,7 @@ from remap import (
     ModelId,
     OwnerKind,
     RemapError,
+    TENSOR_ALIGN_BYTES,
     SeqId,
     ThreadTransferEngine,
     opaque,
@@ -47,6 +48,20 @@ def test_registered_parameters_are_bit_identical_views(backend):
     assert_params_equal(mem, "m0", layers, base)
     assert kv.block_size == PAGE // (4 * 2 * 2 * 16 * 4)
     mem.check_integrity()
+
+
+def test_a_models_host_copies_are_slices_of_one_buffer():
+    # CUDA's caching host allocator rounds every pinned allocation up to a power of two, so each model
+    # gets one buffer, a slice per slab (aligned, not overlapping); closing frees it through any slice
+    mem = make_memory()
+    add_model(mem)
+    slabs = sorted((s for s in mem.params.slabs()), key=lambda s: s.host.storage_offset())
+    assert len({s.host.untyped_storage().data_ptr() for s in slabs}) == 1
+    for a, b in zip(slabs, slabs[1:]):
+        assert a.host.storage_offset() + a.num_bytes <= b.host.storage_offset()
+    assert all(s.host.storage_offset() % TENSOR_ALIGN_BYTES == 0 and s.host.numel() == s.num_bytes for s in slabs)
+    mem.close()
+    assert slabs[0].host.untyped_storage().nbytes() == 0
 
 
 @BACKENDS
