@@ -44,7 +44,8 @@ class StagingRing:
         self._order: list[int] = []  # remapped layers of this pass, forward order
         self._next = 0  # index in _order of the next layer to copy
         self.num_copies = 0  # layer copies issued (reuse of a still-valid slot is not a copy)
-        self.wait_s = 0.0  # time callers spent in copies or waiting for them (inline copies count whole)
+        self.wait_s = 0.0  # this pass's host time in copies or waits for them (inline copies count whole;
+        # a CUDA wait blocks no host: the device times it, TransferEngine.take_device_wait_s)
         self.in_pass = False  # between begin_pass and finish: the slots are being read
 
     @property
@@ -62,6 +63,7 @@ class StagingRing:
     def begin_pass(self, layers: Sequence[int]) -> None:
         """Start a forward pass over these remapped layers (ascending); prefetch the first slots."""
         self.in_pass = True
+        self.wait_s = 0.0
         self._order = sorted(layers)
         self._next = 0
         for _ in range(min(self.num_slots, len(self._order))):

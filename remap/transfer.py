@@ -49,6 +49,11 @@ class TransferEngine(ABC):
         if ticket.error is not None:
             raise RuntimeError("host-to-device copy failed") from ticket.error
 
+    def take_device_wait_s(self) -> float:
+        """Seconds the compute stream stood still in `wait` since the last call, where the device keeps
+        the time (CUDA events); 0.0 where a wait blocks the host, whose caller times it itself."""
+        return 0.0
+
     def close(self) -> None:
         """Release worker resources; the engine accepts no copies afterwards."""
 
@@ -114,29 +119,63 @@ class CudaTransferEngine(TransferEngine):
     `wait` makes the caller's current stream wait for that event on the GPU, so the host never
     blocks and compute launched afterwards sees the bytes. Host copies (the master copies) live as
     long as the model, so no lifetime bookkeeping is needed for the source.
+
+    The host cannot time either (it only enqueues), so the device does, with timing events read
+    without blocking once they have passed: each copy between events on the copy stream (the totals
+    behind `measured_bytes_per_s`), each wait between events on the compute stream before and after
+    it (`take_device_wait_s`: the time a step stood still for copies, which is not compute).
     """
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
         self._stream = torch.cuda.Stream(device=device)
+        self._copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, bytes), untimed
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # (before, after) a wait, untimed
 
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
         ticket = Ticket(src.numel() * src.element_size())
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # dst's last readers are done
         with torch.cuda.stream(self._stream):
+            start = _timing_event(self._stream)
             dst.copy_(src, non_blocking=True)
-            ticket.event = torch.cuda.Event()
-            ticket.event.record(self._stream)
-        self.total_bytes += ticket.num_bytes
+            ticket.event = _timing_event(self._stream)
+        self._copies.append((start, ticket.event, ticket.num_bytes))
         ticket.done.set()  # enqueued; completion is the event's
         return ticket
 
     def wait(self, ticket: Ticket) -> None:
-        torch.cuda.current_stream(self.device).wait_event(ticket.event)
+        stream = torch.cuda.current_stream(self.device)
+        before = _timing_event(stream)
+        stream.wait_event(ticket.event)
+        self._waits.append((before, _timing_event(stream)))
+
+    def take_device_wait_s(self) -> float:
+        for _, end, num_bytes in (done := _passed(self._copies)):
+            self.total_bytes += num_bytes
+        self.total_copy_s += sum(start.elapsed_time(end) for start, end, _ in done) / 1e3
+        del self._copies[: len(done)]
+        waits = _passed(self._waits)
+        del self._waits[: len(waits)]
+        return sum(before.elapsed_time(after) for before, after in waits) / 1e3
 
     def synchronize(self) -> None:
         self._stream.synchronize()
+
+
+def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _passed(pairs: list) -> list:
+    """The leading pairs whose second event the device has reached (recorded in stream order, so
+    the first one not reached ends the run)."""
+    n = 0
+    while n < len(pairs) and pairs[n][1].query():
+        n += 1
+    return pairs[:n]
 
 
 def make_transfer_engine(device: torch.device | None = None, threaded: bool = False) -> TransferEngine:

@@ -92,7 +92,7 @@ class TorchExecutor:
         if ring is not None:
             ring.finish()
         if not sampling:
-            return ExecutorResult({}, {}, source.num_streamed, ring.wait_s if ring else 0.0)
+            return ExecutorResult({}, {}, source.num_streamed, self._transfer_wait_s(ring))
         chosen = [seqs[output.seqs[i].seq_id] for i in sampling]
         params, raw = [s.params for s in chosen], logits.float()
         adjusted, failed = _adjust(raw, chosen)
@@ -111,7 +111,13 @@ class TorchExecutor:
             except Exception as exc:  # noqa: BLE001 - this request's logprobs, nobody else's
                 failed[s.seq_id] = f"logprobs failed: {type(exc).__name__}: {exc}"
                 del sampled[s.seq_id]
-        return ExecutorResult(sampled, lp, source.num_streamed, ring.wait_s if ring else 0.0, failed)
+        return ExecutorResult(sampled, lp, source.num_streamed, self._transfer_wait_s(ring), failed)
+
+    def _transfer_wait_s(self, ring: StagingRing | None) -> float:
+        """Of this step's time, the waits for copies: the ring's on the host (inline copies), and the
+        device's stalls on copy events (CUDA: streamed layers, and restores of the step's memory plan),
+        as far as the device has timed them (a step with nothing to sample does not wait for it)."""
+        return (ring.wait_s if ring is not None else 0.0) + self._memory.transfer.take_device_wait_s()
 
 
 def _logprobs_entry(logprobs: torch.Tensor, token: int, top_n: int) -> dict[int, float]:

@@ -46,6 +46,20 @@ def test_copy_stream_restore_and_streaming_are_bit_identical_on_cuda():
 
 
 @pytest.mark.gpu
+def test_the_device_times_copies_and_the_compute_streams_waits_for_them():
+    transfer = CudaTransferEngine(torch.device("cuda"))
+    src = torch.ones(64 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    ticket = transfer.submit(dst, src)
+    transfer.wait(ticket)  # the compute stream stands still until 64 MiB have crossed the link
+    torch.cuda.synchronize()
+    waited = transfer.take_device_wait_s()
+    assert 0 < waited < 1 and transfer.total_bytes == 64 << 20 and 0 < transfer.total_copy_s < 1
+    assert transfer.take_device_wait_s() == 0.0  # each wait is taken once
+    assert transfer.measured_bytes_per_s > 1e9
+
+
+@pytest.mark.gpu
 def test_engine_greedy_output_on_cuda_with_remapping_equals_cpu():
     from remap import DeviceMemory
     from replicas.engine.engine import EngineConfig, LLMEngine
