@@ -151,10 +151,10 @@ class CudaTransferEngine(TransferEngine):
         self._waits.append((before, _timing_event(stream)))
 
     def take_device_wait_s(self) -> float:
-        for _, end, num_bytes in (done := _passed(self._copies)):
-            self.total_bytes += num_bytes
-        self.total_copy_s += sum(start.elapsed_time(end) for start, end, _ in done) / 1e3
+        done = _passed(self._copies)
         del self._copies[: len(done)]
+        self.total_bytes += sum(num_bytes for _, _, num_bytes in done)
+        self.total_copy_s += sum(start.elapsed_time(end) for start, end, _ in done) / 1e3
         waits = _passed(self._waits)
         del self._waits[: len(waits)]
         return sum(before.elapsed_time(after) for before, after in waits) / 1e3
