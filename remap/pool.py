@@ -19,10 +19,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 
 import numpy as np
 
 from remap.types import FREE, IntegrityError, Owner, OwnerKind, PageId, RemapError
+
+_FREE = int(OwnerKind.FREE)  # for array comparisons: numpy probes an IntEnum operand for array hooks (~3 us)
 
 
 class PagePool:
@@ -60,11 +63,12 @@ class PagePool:
         not one per page (a layer's slab on a GH200 pool is hundreds of pages)."""
         idx = _index(list(pages))
         kinds = self._kinds[idx]
+        kind = int(kind)  # numpy probes an IntEnum operand for array hooks, which costs more than the scan
         return idx[(kinds != kind) if other_than else (kinds == kind)].tolist()
 
     def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
         """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""
-        usable = self._kinds == OwnerKind.FREE
+        usable = self._kinds == _FREE
         if not homed_ok:
             usable &= ~self._homed
         starts = np.flatnonzero(window_sums(usable, num_pages) == num_pages)
@@ -78,18 +82,28 @@ class PagePool:
 
     # ---- alloc / free --------------------------------------------------------------------
     def alloc(self, num_pages: int, owner: Owner) -> list[PageId] | None:
-        """`num_pages` free pages now owned by `owner`, or None (nothing changes) if too few."""
+        """`num_pages` free pages now owned by `owner`, or None (nothing changes) if too few: plain
+        pages last freed first, then homed ones oldest first, as popping them one at a time would."""
         if num_pages > self._num_by_kind[OwnerKind.FREE]:
             return None
-        plain, homed, owners = self._free_plain, self._free_homed, self._owner
-        pages = []
-        for _ in range(num_pages):
-            page = plain.popitem()[0] if plain else homed.popitem(last=False)[0]
-            owners[page] = owner
-            pages.append(page)
+        plain, owners = self._free_plain, self._owner
         if num_pages == 1:  # a decode's block: a scalar store, not an array built from a list
-            self._kinds[pages[0]] = owner.kind
-        else:
+            page = plain.popitem()[0] if plain else self._free_homed.popitem(last=False)[0]
+            owners[page] = owner
+            self._kinds[page] = owner.kind
+            pages = [page]
+        else:  # a prompt's blocks (a thousand on a GH200 pool): read the ends of the tiers, then delete
+            pages = list(islice(reversed(plain), num_pages))
+            for page in pages:
+                del plain[page]
+                owners[page] = owner
+            if len(pages) < num_pages:
+                homed = self._free_homed
+                oldest = list(islice(homed, num_pages - len(pages)))
+                for page in oldest:
+                    del homed[page]
+                    owners[page] = owner
+                pages += oldest
             self._kinds[_index(pages)] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= num_pages
         self._num_by_kind[owner.kind] += num_pages
@@ -98,15 +112,18 @@ class PagePool:
     def claim(self, pages: Sequence[PageId], owner: Owner) -> bool:
         """Take these specific pages if all are free; False (nothing changes) otherwise."""
         self._check_ids(pages)
-        if any(self._owner[p].kind is not OwnerKind.FREE for p in pages) or len(set(pages)) != len(pages):
+        idx = _index(pages)
+        if (self._kinds[idx] != _FREE).any() or len(set(pages)) != len(pages):
             return False
+        homed = self._homed[idx]
+        for p in idx[homed].tolist():
+            del self._free_homed[p]
+        for p in idx[~homed].tolist():
+            del self._free_plain[p]
+        owners = self._owner
         for p in pages:
-            if self._homed[p]:
-                del self._free_homed[p]
-            else:
-                del self._free_plain[p]
-            self._owner[p] = owner
-        self._kinds[_index(pages)] = owner.kind
+            owners[p] = owner
+        self._kinds[idx] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= len(pages)
         self._num_by_kind[owner.kind] += len(pages)
         return True
@@ -119,7 +136,7 @@ class PagePool:
             return
         idx = _index(pages)
         kinds = self._kinds[idx]
-        if (kinds == OwnerKind.FREE).any() or len(set(pages)) != len(pages):
+        if (kinds == _FREE).any() or len(set(pages)) != len(pages):
             seen: set[PageId] = set()
             for p in pages:
                 if self._owner[p].kind is OwnerKind.FREE or p in seen:
@@ -134,8 +151,8 @@ class PagePool:
             owners[p] = FREE
         homed = self._homed[idx]
         if homed.any():  # each tier gets its pages in the order given, as one insertion at a time would
-            self._free_homed.update(dict.fromkeys(idx[homed].tolist()))
             self._free_plain.update(dict.fromkeys(idx[~homed].tolist()))
+            _append(self._free_homed, idx[homed].tolist())
         else:
             self._free_plain.update(dict.fromkeys(pages))
         self._kinds[idx] = OwnerKind.FREE
@@ -145,15 +162,20 @@ class PagePool:
         """Inside the block the free ones among `pages` are out of reach of `alloc` and not counted in
         `num_free` (an eviction's destinations must land outside the run it clears); they stay FREE and
         go back to their tier on exit, as `free` would put them. Nothing else may own them meanwhile."""
-        held = self.having(pages, OwnerKind.FREE)
-        for p in held:
-            del (self._free_homed if self._homed[p] else self._free_plain)[p]
+        idx = _index(list(pages))
+        held = idx[self._kinds[idx] == _FREE]
+        homed = self._homed[held]
+        for p in held[homed].tolist():
+            del self._free_homed[p]
+        for p in held[~homed].tolist():
+            del self._free_plain[p]
         self._num_by_kind[OwnerKind.FREE] -= len(held)
         try:
             yield
         finally:
-            for p in held:
-                (self._free_homed if self._homed[p] else self._free_plain)[p] = None
+            homed = self._homed[held]  # each tier gets its pages back in page order
+            self._free_plain.update(dict.fromkeys(held[~homed].tolist()))
+            _append(self._free_homed, held[homed].tolist())
             self._num_by_kind[OwnerKind.FREE] += len(held)
 
     def reassign(self, pages: Iterable[PageId], owner: Owner | Sequence[Owner]) -> None:
@@ -221,6 +243,13 @@ def window_sums(flags: np.ndarray, width: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     c = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
     return c[width:] - c[:-width]
+
+
+def _append(tier: OrderedDict[PageId, None], pages: Iterable[PageId]) -> None:
+    """Put pages at the end of an ordered tier, one by one: OrderedDict.update takes the generic
+    mapping path and costs twice as much per page."""
+    for p in pages:
+        tier[p] = None
 
 
 def _index(pages: Sequence[PageId]) -> np.ndarray:
