@@ -106,7 +106,9 @@ class ParamStore:
         self._bytes: dict[tuple[ModelId, int], torch.Tensor] = {}  # uint8 [num_bytes] device view per slab
         self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
         self._num_layers: dict[ModelId, int] = {}
-        self._remapped: dict[ModelId, set[int]] = {}  # reclaimed layer ids per model (kept in step)
+        # Reclaimed layer ids per model (kept in step), replaced on every change: the engine and the
+        # controller read them several times a step, and they change only on reclaims and restores.
+        self._remapped: dict[ModelId, frozenset[int]] = {}
         self._max_layer_pages: dict[ModelId, int] = {}
         self._max_layer_bytes: dict[ModelId, int] = {}
 
@@ -138,7 +140,7 @@ class ParamStore:
             )
         free = self._pool.num_free
         self._num_layers[model] = len(layers)
-        self._remapped[model] = set()
+        self._remapped[model] = frozenset()
         try:
             for (i, tensors), (specs, nbytes) in zip(parts, layouts):
                 slab = Slab(model, i, specs, nbytes, -(-nbytes // page), self._backend.host_copy(nbytes))
@@ -165,7 +167,7 @@ class ParamStore:
             return False
         layer = max(resident, key=lambda i: (min((abs(i - j) for j in lent), default=below), i))
         self._lend(self._slabs[(model, layer)])
-        lent.add(layer)
+        self._remapped[model] = lent | {layer}
         return True
 
     def _unregister(self, model: ModelId) -> None:
@@ -215,7 +217,7 @@ class ParamStore:
     def remapped_layers(self, model: ModelId) -> frozenset[int]:
         """Layers whose pages are lent out now."""
         self.num_layers(model)  # a clear error for an unknown model
-        return frozenset(self._remapped[model])
+        return self._remapped[model]
 
     def max_layer_pages(self, model: ModelId) -> int:
         self.num_layers(model)
@@ -272,7 +274,7 @@ class ParamStore:
         if not slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
         self._lend(slab)
-        self._remapped[model].add(layer)
+        self._remapped[model] = self._remapped[model] | {layer}
         return slab.num_pages
 
     def _lend(self, slab: Slab) -> None:
@@ -288,7 +290,7 @@ class ParamStore:
         if slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already resident")
         self._occupy(slab, pages)
-        self._remapped[model].discard(layer)
+        self._remapped[model] = self._remapped[model] - {layer}
 
     def _copy_in(self, slab: Slab) -> None:
         self._transfer.wait(self._transfer.submit(self._bytes[(slab.model, slab.index)], slab.host))
