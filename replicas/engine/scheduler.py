@@ -131,8 +131,9 @@ class Scheduler:
         self.waiting[seq.model].append(seq)
 
     def has_work(self, model: ModelId | None = None) -> bool:
-        models = [model] if model else list(self._kv)
-        return any(self.waiting[m] or self.running[m] or self.swapped[m] for m in models)
+        if model:  # asked for every tenant several times a step: no list, no generator
+            return bool(self.waiting[model] or self.running[model] or self.swapped[model])
+        return any(self.waiting[m] or self.running[m] or self.swapped[m] for m in self._kv)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is and free its pages at once."""
