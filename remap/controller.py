@@ -352,13 +352,18 @@ class RemapController:
         Looks ahead rather than stepping one layer at a time: an active model's first remapped layer
         costs a whole ring of staging slots, which only later layers pay back.
         """
-        best = (0, 0)
-        for k in range(1, t.budget - t.count + 1):  # t.budget == t.cap for an inactive tenant
-            gain = self._gain(t, t.count + k)
+        # _gain(t, t.count + k) spelled out: this loop runs a few dozen times per tenant per plan
+        count, lp, config = t.count, t.snap.layer_pages, self.config
+        slot_pages = lp if t.streams else 0
+        staged = num_staging_slots(count, config) * slot_pages
+        best_k = best_gain = 0
+        for k in range(1, t.budget - count + 1):  # t.budget == t.cap for an inactive tenant
+            gain = k * lp - num_staging_slots(count + k, config) * slot_pages + staged
             if gain >= deficit:
                 return k, gain
-            best = max(best, (gain, -k))  # most pages, then fewest layers
-        return (-best[1], best[0]) if best[0] > 0 else (0, 0)
+            if gain > best_gain:  # most pages, then fewest layers
+                best_k, best_gain = k, gain
+        return best_k, best_gain
 
     def _back_off(self, over: list[_Tenant], spare: int, tenants: list[_Tenant]) -> tuple[int, int]:
         """Undo target restores, inactive models first, until no other tenant's page is taken; a
