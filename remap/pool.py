@@ -184,14 +184,16 @@ class PagePool:
         owners = [owner] * len(pages) if isinstance(owner, Owner) else list(owner)
         if len(owners) != len(pages):
             raise IntegrityError(f"reassign of {len(pages)} pages to {len(owners)} owners")
+        owner_of, counts = self._owner, self._num_by_kind
         for p, owner in zip(pages, owners):
-            old = self._owner[p]
+            old = owner_of[p]
             if old.kind is OwnerKind.FREE:
                 raise IntegrityError(f"reassign of free page {p} to {owner}")
-            self._num_by_kind[old.kind] -= 1
-            self._num_by_kind[owner.kind] += 1
-            self._owner[p] = owner
-            self._kinds[p] = owner.kind
+            if owner.kind is not old.kind:  # a KV block handed to another sequence keeps its counts and mirror
+                counts[old.kind] -= 1
+                counts[owner.kind] += 1
+                self._kinds[p] = owner.kind
+            owner_of[p] = owner
 
     def set_homed(self, pages: Iterable[PageId], homed: bool) -> None:
         """Mark pages as a layer slab's home run (or not); moves free ones between tiers."""
