@@ -294,13 +294,13 @@ class HomeRuns(Placement):
         (nothing moves) if a page is not KV or too few pages are free outside."""
         if self._pool.having(pages, OwnerKind.KV, other_than=True):
             return None
-        owners = [self._pool.owner(p) for p in pages]
         with self._pool.withheld(keep_out):
-            if self._pool.num_free < len(pages):
+            if self._pool.num_free < len(pages):  # most failed restores end here: their owners are not read
                 return None
             by_model: dict[ModelId, list[PageId]] = {}
-            for p, o in zip(pages, owners):
-                by_model.setdefault(o.model, []).append(p)
+            owner = self._pool.owner
+            for p in pages:
+                by_model.setdefault(owner(p).model, []).append(p)
             # Every destination first: a source freed by one model's migration must not become the
             # destination of the next model's (it lies inside the run being cleared).
             dsts = {m: self._pool.alloc(len(src), Owner(OwnerKind.KV, m, 0)) for m, src in by_model.items()}
