@@ -134,10 +134,10 @@ class HomeRuns(Placement):
         moved = 0
         busy = self._owned(slab.home)
         if busy:
-            self._memory.retire_rings_on(busy)  # staging slots are caches of host bytes: they can go
-            evicted = self._evict(self._owned(busy), slab.home)
-            if evicted is None:
-                busy = self._owned(slab.home)
+            if self._memory.retire_rings_on(busy):  # staging slots are caches of host bytes: they can go
+                busy = self._owned(busy)
+            evicted = self._evict(busy, slab.home)
+            if evicted is None:  # it changed no owner: `busy` still lists the pages in use
                 not_kv = len(self._pool.having(busy, OwnerKind.KV, other_than=True))
                 free_outside = self._pool.num_free - (slab.num_pages - len(busy))
                 return RestoreOutcome(
