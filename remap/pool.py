@@ -85,6 +85,8 @@ class PagePool:
         pages last freed first, then homed ones oldest first, as popping them one at a time would."""
         if num_pages > self._num_by_kind[OwnerKind.FREE]:
             return None
+        if num_pages == 0:  # a decode step whose token fits the last block: most of a sequence's growths
+            return []
         plain, owners = self._free_plain, self._owner
         if num_pages == 1:  # a decode's block: a scalar store, not an array built from a list
             page = plain.popitem()[0] if plain else self._free_homed.popitem(last=False)[0]
