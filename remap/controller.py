@@ -110,9 +110,10 @@ class TenantSnapshot:
         if self.kv_pages_admitting > self.kv_pages_needed:
             raise ValueError(f"tenant {self.model!r}: kv_pages_admitting {self.kv_pages_admitting} > "
                              f"kv_pages_needed {self.kv_pages_needed}")
-        bad = sorted(i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < self.num_layers))
+        n = self.num_layers
+        bad = [i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < n)]
         if bad:
-            raise ValueError(f"tenant {self.model!r}: remapped layer ids {bad} outside [0, {self.num_layers})")
+            raise ValueError(f"tenant {self.model!r}: remapped layer ids {sorted(bad)} outside [0, {n})")
         if len(self.remapped_layers) >= self.num_layers:
             raise ValueError(f"tenant {self.model!r}: {len(self.remapped_layers)} of {self.num_layers} "
                              "layers remapped; at least one must stay resident")
@@ -150,7 +151,7 @@ class MemorySnapshot:
         if not math.isfinite(self.now_s):
             raise ValueError(f"now_s={self.now_s}: expected finite")
         names = [t.model for t in self.tenants]
-        dups = sorted({n for n in names if names.count(n) > 1})
+        dups = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
         if dups:
             raise ValueError(f"duplicate model names {dups} among {len(names)} tenants")
         if self.urgent is not None and self.urgent not in names:
@@ -294,9 +295,10 @@ class RemapController:
 
     def _working(self, t: TenantSnapshot, snapshot: MemorySnapshot) -> _Tenant:
         streams = t.is_active and snapshot.urgent in (None, t.model)
+        cap = self.cap(t)
         budget = (self.alpha_budget(t, snapshot.link_bytes_per_s, snapshot.copies_overlap)
-                  if streams and snapshot.urgent is None else self.cap(t))
-        return _Tenant(t, self.cap(t), budget, len(t.remapped_layers), streams)
+                  if streams and snapshot.urgent is None else cap)
+        return _Tenant(t, cap, budget, len(t.remapped_layers), streams)
 
     # -- the ledger ----------------------------------------------------------------------------
 
