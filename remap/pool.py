@@ -152,10 +152,10 @@ class PagePool:
             owners[p] = FREE
         homed = self._homed[idx]
         if homed.any():  # each tier gets its pages in the order given, as one insertion at a time would
-            self._free_plain.update(dict.fromkeys(idx[~homed].tolist()))
+            _append(self._free_plain, idx[~homed].tolist())
             _append(self._free_homed, idx[homed].tolist())
         else:
-            self._free_plain.update(dict.fromkeys(pages))
+            _append(self._free_plain, pages)
         self._kinds[idx] = OwnerKind.FREE
 
     @contextmanager
@@ -175,7 +175,7 @@ class PagePool:
             yield
         finally:
             homed = self._homed[held]  # each tier gets its pages back in page order
-            self._free_plain.update(dict.fromkeys(held[~homed].tolist()))
+            _append(self._free_plain, held[~homed].tolist())
             _append(self._free_homed, held[homed].tolist())
             self._num_by_kind[OwnerKind.FREE] += len(held)
 
@@ -265,9 +265,9 @@ def first_run(flags: np.ndarray, width: int) -> PageId | None:
     return PageId(int(starts[long[0]])) if long.size else None
 
 
-def _append(tier: OrderedDict[PageId, None], pages: Iterable[PageId]) -> None:
-    """Put pages at the end of an ordered tier, one by one: OrderedDict.update takes the generic
-    mapping path and costs twice as much per page."""
+def _append(tier: dict[PageId, None], pages: Iterable[PageId]) -> None:
+    """Put pages at the end of a tier, one by one: OrderedDict.update takes the generic mapping path
+    and costs twice as much per page, and a dict's update(dict.fromkeys(...)) builds a second dict."""
     for p in pages:
         tier[p] = None
 
