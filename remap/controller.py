@@ -326,6 +326,8 @@ class RemapController:
 
     def _reclaim(self, tenants: list[_Tenant], spare: int) -> tuple[int, list[_Tenant]]:
         """Cover a deficit: inactive tenants up to the cap, then active ones up to their alpha budget."""
+        if spare >= 0:  # no deficit (most plans): nothing to order
+            return spare, []
         order = self.config.victim_order.value.upper()
         active = sorted((t for t in tenants if t.streams and t.count < t.budget),
                         key=lambda t: (t.count - t.budget, t.snap.model))  # most unused budget first
@@ -396,6 +398,8 @@ class RemapController:
     def _revert(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
         """Give spare pages back to parameters: active models first, then inactive, reverse victim order."""
         headroom = self.config.revert_headroom_pages
+        if not any(t.count > 0 and spare - headroom >= t.snap.layer_pages for t in tenants):
+            return spare  # no lent layer fits in the spare pages (most plans): nothing to order
         active = sorted((t for t in tenants if t.streams and t.count > 0),
                         key=lambda t: (-t.count * t.snap.layer_bytes, t.snap.model))  # costliest stream first
         for t in active + self._victims(tenants)[::-1]:
@@ -412,18 +416,19 @@ class RemapController:
 
     def _build(self, snapshot: MemorySnapshot, tenants: list[_Tenant], reclaimed: list[_Tenant],
                restored: list[_Tenant], spare: int, short: int) -> RemapPlan:
-        n = {t.snap.model: t.snap.num_layers for t in tenants}
         reclaim = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in reclaimed
-                        for i in layers_to_add(n[t.snap.model], t.snap.remapped_layers, t.count - t.count0))
+                        for i in layers_to_add(t.snap.num_layers, t.snap.remapped_layers, t.count - t.count0))
         restore = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in restored
-                        for i in layers_to_restore(n[t.snap.model], t.snap.remapped_layers, t.count0 - t.count))
-        after = {t.snap.model: set(t.snap.remapped_layers) for t in tenants}
-        for a in reclaim:
-            after[a.model].add(a.layer)
-        for a in restore:
-            after[a.model].discard(a.layer)
+                        for i in layers_to_restore(t.snap.num_layers, t.snap.remapped_layers, t.count0 - t.count))
+        after: dict[str, frozenset[int] | set[int]] = {t.snap.model: t.snap.remapped_layers for t in tenants}
+        if reclaim or restore:  # copies only where layers change hands (most plans change none)
+            after = {model: set(layers) for model, layers in after.items()}
+            for a in reclaim:
+                after[a.model].add(a.layer)
+            for a in restore:
+                after[a.model].discard(a.layer)
         stream = tuple(self._stream(t, tuple(sorted(after[t.snap.model])), snapshot.link_bytes_per_s)
                        for t in tenants if t.streams and t.count > 0)
         staging = sum(self._staging_pages(t, t.count) for t in tenants)
@@ -475,6 +480,8 @@ def _note(restored: list[_Tenant], t: _Tenant) -> None:
 
 
 def _pages(actions: tuple[LayerAction, ...], tenants: list[_Tenant]) -> int:
+    if not actions:
+        return 0
     lp = {t.snap.model: t.snap.layer_pages for t in tenants}
     return sum(lp[a.model] for a in actions)
 
