@@ -277,9 +277,9 @@ class HomeRuns(Placement):
     def _cheapest_run(self, num_pages: int) -> PageId | None:
         """Start of the run with the fewest KV blocks and no other owners, if the blocks can move."""
         kinds = self._pool.kinds()
-        param, staging, kv = int(OwnerKind.PARAM), int(OwnerKind.STAGING), int(OwnerKind.KV)  # numpy probes IntEnums
-        blocked = window_sums((kinds == param) | (kinds == staging), num_pages)
-        kv = window_sums(kinds == kv, num_pages)
+        # int operands: numpy probes an IntEnum for array hooks, which costs more than the comparison
+        blocked = window_sums((kinds == int(OwnerKind.PARAM)) | (kinds == int(OwnerKind.STAGING)), num_pages)
+        kv = window_sums(kinds == int(OwnerKind.KV), num_pages)
         candidates = np.flatnonzero(blocked == 0)
         if not candidates.size:
             return None
