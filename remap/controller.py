@@ -110,9 +110,10 @@ class TenantSnapshot:
         if self.kv_pages_admitting > self.kv_pages_needed:
             raise ValueError(f"tenant {self.model!r}: kv_pages_admitting {self.kv_pages_admitting} > "
                              f"kv_pages_needed {self.kv_pages_needed}")
-        bad = sorted(i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < self.num_layers))
+        n = self.num_layers
+        bad = [i for i in self.remapped_layers if not (isinstance(i, int) and 0 <= i < n)]
         if bad:
-            raise ValueError(f"tenant {self.model!r}: remapped layer ids {bad} outside [0, {self.num_layers})")
+            raise ValueError(f"tenant {self.model!r}: remapped layer ids {sorted(bad)} outside [0, {n})")
         if len(self.remapped_layers) >= self.num_layers:
             raise ValueError(f"tenant {self.model!r}: {len(self.remapped_layers)} of {self.num_layers} "
                              "layers remapped; at least one must stay resident")
@@ -150,7 +151,7 @@ class MemorySnapshot:
         if not math.isfinite(self.now_s):
             raise ValueError(f"now_s={self.now_s}: expected finite")
         names = [t.model for t in self.tenants]
-        dups = sorted({n for n in names if names.count(n) > 1})
+        dups = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
         if dups:
             raise ValueError(f"duplicate model names {dups} among {len(names)} tenants")
         if self.urgent is not None and self.urgent not in names:
@@ -294,9 +295,10 @@ class RemapController:
 
     def _working(self, t: TenantSnapshot, snapshot: MemorySnapshot) -> _Tenant:
         streams = t.is_active and snapshot.urgent in (None, t.model)
+        cap = self.cap(t)
         budget = (self.alpha_budget(t, snapshot.link_bytes_per_s, snapshot.copies_overlap)
-                  if streams and snapshot.urgent is None else self.cap(t))
-        return _Tenant(t, self.cap(t), budget, len(t.remapped_layers), streams)
+                  if streams and snapshot.urgent is None else cap)
+        return _Tenant(t, cap, budget, len(t.remapped_layers), streams)
 
     # -- the ledger ----------------------------------------------------------------------------
 
@@ -324,6 +326,8 @@ class RemapController:
 
     def _reclaim(self, tenants: list[_Tenant], spare: int) -> tuple[int, list[_Tenant]]:
         """Cover a deficit: inactive tenants up to the cap, then active ones up to their alpha budget."""
+        if spare >= 0:  # no deficit (most plans): nothing to order
+            return spare, []
         order = self.config.victim_order.value.upper()
         active = sorted((t for t in tenants if t.streams and t.count < t.budget),
                         key=lambda t: (t.count - t.budget, t.snap.model))  # most unused budget first
@@ -352,13 +356,18 @@ class RemapController:
         Looks ahead rather than stepping one layer at a time: an active model's first remapped layer
         costs a whole ring of staging slots, which only later layers pay back.
         """
-        best = (0, 0)
-        for k in range(1, t.budget - t.count + 1):  # t.budget == t.cap for an inactive tenant
-            gain = self._gain(t, t.count + k)
+        # _gain(t, t.count + k) spelled out: this loop runs a few dozen times per tenant per plan
+        count, lp, config = t.count, t.snap.layer_pages, self.config
+        slot_pages = lp if t.streams else 0
+        staged = num_staging_slots(count, config) * slot_pages
+        best_k = best_gain = 0
+        for k in range(1, t.budget - count + 1):  # t.budget == t.cap for an inactive tenant
+            gain = k * lp - num_staging_slots(count + k, config) * slot_pages + staged
             if gain >= deficit:
                 return k, gain
-            best = max(best, (gain, -k))  # most pages, then fewest layers
-        return (-best[1], best[0]) if best[0] > 0 else (0, 0)
+            if gain > best_gain:  # most pages, then fewest layers
+                best_k, best_gain = k, gain
+        return best_k, best_gain
 
     def _back_off(self, over: list[_Tenant], spare: int, tenants: list[_Tenant]) -> tuple[int, int]:
         """Undo target restores, inactive models first, until no other tenant's page is taken; a
@@ -389,6 +398,8 @@ class RemapController:
     def _revert(self, tenants: list[_Tenant], spare: int, restored: list[_Tenant]) -> int:
         """Give spare pages back to parameters: active models first, then inactive, reverse victim order."""
         headroom = self.config.revert_headroom_pages
+        if not any(t.count > 0 and spare - headroom >= t.snap.layer_pages for t in tenants):
+            return spare  # no lent layer fits in the spare pages (most plans): nothing to order
         active = sorted((t for t in tenants if t.streams and t.count > 0),
                         key=lambda t: (-t.count * t.snap.layer_bytes, t.snap.model))  # costliest stream first
         for t in active + self._victims(tenants)[::-1]:
@@ -405,18 +416,19 @@ class RemapController:
 
     def _build(self, snapshot: MemorySnapshot, tenants: list[_Tenant], reclaimed: list[_Tenant],
                restored: list[_Tenant], spare: int, short: int) -> RemapPlan:
-        n = {t.snap.model: t.snap.num_layers for t in tenants}
         reclaim = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in reclaimed
-                        for i in layers_to_add(n[t.snap.model], t.snap.remapped_layers, t.count - t.count0))
+                        for i in layers_to_add(t.snap.num_layers, t.snap.remapped_layers, t.count - t.count0))
         restore = tuple(LayerAction(t.snap.model, i, "; ".join(t.why))
                         for t in restored
-                        for i in layers_to_restore(n[t.snap.model], t.snap.remapped_layers, t.count0 - t.count))
-        after = {t.snap.model: set(t.snap.remapped_layers) for t in tenants}
-        for a in reclaim:
-            after[a.model].add(a.layer)
-        for a in restore:
-            after[a.model].discard(a.layer)
+                        for i in layers_to_restore(t.snap.num_layers, t.snap.remapped_layers, t.count0 - t.count))
+        after: dict[str, frozenset[int] | set[int]] = {t.snap.model: t.snap.remapped_layers for t in tenants}
+        if reclaim or restore:  # copies only where layers change hands (most plans change none)
+            after = {model: set(layers) for model, layers in after.items()}
+            for a in reclaim:
+                after[a.model].add(a.layer)
+            for a in restore:
+                after[a.model].discard(a.layer)
         stream = tuple(self._stream(t, tuple(sorted(after[t.snap.model])), snapshot.link_bytes_per_s)
                        for t in tenants if t.streams and t.count > 0)
         staging = sum(self._staging_pages(t, t.count) for t in tenants)
@@ -468,6 +480,8 @@ def _note(restored: list[_Tenant], t: _Tenant) -> None:
 
 
 def _pages(actions: tuple[LayerAction, ...], tenants: list[_Tenant]) -> int:
+    if not actions:
+        return 0
     lp = {t.snap.model: t.snap.layer_pages for t in tenants}
     return sum(lp[a.model] for a in actions)
 

@@ -224,13 +224,15 @@ class DeviceMemory:
         for model in list(self._rings):
             self._retire_ring(model)
 
-    def retire_rings_on(self, pages: Sequence[PageId]) -> None:
+    def retire_rings_on(self, pages: Sequence[PageId]) -> bool:
         """Close the idle staging rings that own any of these pages, in page order: the order decides
         which freed pages the next allocations get, and a set of owners (which hash model names)
-        would make it, and a simulation's result, differ from one process to the next."""
+        would make it, and a simulation's result, differ from one process to the next. Returns
+        whether any of the pages was staging (then some of them are free now)."""
         staging = [self.pool.owner(p).model for p in self.pool.having(pages, OwnerKind.STAGING)]
         for model in dict.fromkeys(staging):
             self._retire_ring(model)  # a no-op where the model has no ring
+        return bool(staging)
 
     def _retire_ring(self, model: ModelId) -> None:
         """A model's resident layers are about to change: its ring (sized and filled for the old

@@ -107,7 +107,9 @@ class ParamStore:
         self._bytes: dict[tuple[ModelId, int], torch.Tensor] = {}  # uint8 [num_bytes] device view per slab
         self._views: dict[tuple[ModelId, int], dict[str, torch.Tensor]] = {}
         self._num_layers: dict[ModelId, int] = {}
-        self._remapped: dict[ModelId, set[int]] = {}  # reclaimed layer ids per model (kept in step)
+        # Reclaimed layer ids per model (kept in step), replaced on every change: the engine and the
+        # controller read them several times a step, and they change only on reclaims and restores.
+        self._remapped: dict[ModelId, frozenset[int]] = {}
         self._max_layer_pages: dict[ModelId, int] = {}
         self._max_layer_bytes: dict[ModelId, int] = {}
 
@@ -139,7 +141,7 @@ class ParamStore:
             )
         free = self._pool.num_free
         self._num_layers[model] = len(layers)
-        self._remapped[model] = set()
+        self._remapped[model] = frozenset()
         # One host buffer for the whole model, a slice per slab: CUDA's caching host allocator rounds
         # each pinned allocation up to a power of two (a 436 MB layer would take 512 MiB).
         starts = list(itertools.accumulate((_round_up(n, TENSOR_ALIGN_BYTES) for _, n in layouts), initial=0))
@@ -170,7 +172,7 @@ class ParamStore:
             return False
         layer = max(resident, key=lambda i: (min((abs(i - j) for j in lent), default=below), i))
         self._lend(self._slabs[(model, layer)])
-        lent.add(layer)
+        self._remapped[model] = lent | {layer}
         return True
 
     def _unregister(self, model: ModelId) -> None:
@@ -220,7 +222,7 @@ class ParamStore:
     def remapped_layers(self, model: ModelId) -> frozenset[int]:
         """Layers whose pages are lent out now."""
         self.num_layers(model)  # a clear error for an unknown model
-        return frozenset(self._remapped[model])
+        return self._remapped[model]
 
     def max_layer_pages(self, model: ModelId) -> int:
         self.num_layers(model)
@@ -277,7 +279,7 @@ class ParamStore:
         if not slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already reclaimed")
         self._lend(slab)
-        self._remapped[model].add(layer)
+        self._remapped[model] = self._remapped[model] | {layer}
         return slab.num_pages
 
     def _lend(self, slab: Slab) -> None:
@@ -293,7 +295,7 @@ class ParamStore:
         if slab.resident:
             raise RemapError(f"layer {layer} of {model!r} is already resident")
         self._occupy(slab, pages)
-        self._remapped[model].discard(layer)
+        self._remapped[model] = self._remapped[model] - {layer}
 
     def _copy_in(self, slab: Slab) -> None:
         self._transfer.wait(self._transfer.submit(self._bytes[(slab.model, slab.index)], slab.host))

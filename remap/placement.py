@@ -134,10 +134,10 @@ class HomeRuns(Placement):
         moved = 0
         busy = self._owned(slab.home)
         if busy:
-            self._memory.retire_rings_on(busy)  # staging slots are caches of host bytes: they can go
-            evicted = self._evict(self._owned(busy), slab.home)
-            if evicted is None:
-                busy = self._owned(slab.home)
+            if self._memory.retire_rings_on(busy):  # staging slots are caches of host bytes: they can go
+                busy = self._owned(busy)
+            evicted = self._evict(busy, slab.home)
+            if evicted is None:  # it changed no owner: `busy` still lists the pages in use
                 not_kv = len(self._pool.having(busy, OwnerKind.KV, other_than=True))
                 free_outside = self._pool.num_free - (slab.num_pages - len(busy))
                 return RestoreOutcome(
@@ -277,8 +277,9 @@ class HomeRuns(Placement):
     def _cheapest_run(self, num_pages: int) -> PageId | None:
         """Start of the run with the fewest KV blocks and no other owners, if the blocks can move."""
         kinds = self._pool.kinds()
-        blocked = window_sums((kinds == OwnerKind.PARAM) | (kinds == OwnerKind.STAGING), num_pages)
-        kv = window_sums(kinds == OwnerKind.KV, num_pages)
+        # int operands: numpy probes an IntEnum for array hooks, which costs more than the comparison
+        blocked = window_sums((kinds == int(OwnerKind.PARAM)) | (kinds == int(OwnerKind.STAGING)), num_pages)
+        kv = window_sums(kinds == int(OwnerKind.KV), num_pages)
         candidates = np.flatnonzero(blocked == 0)
         if not candidates.size:
             return None
@@ -293,13 +294,13 @@ class HomeRuns(Placement):
         (nothing moves) if a page is not KV or too few pages are free outside."""
         if self._pool.having(pages, OwnerKind.KV, other_than=True):
             return None
-        owners = [self._pool.owner(p) for p in pages]
         with self._pool.withheld(keep_out):
-            if self._pool.num_free < len(pages):
+            if self._pool.num_free < len(pages):  # most failed restores end here: their owners are not read
                 return None
             by_model: dict[ModelId, list[PageId]] = {}
-            for p, o in zip(pages, owners):
-                by_model.setdefault(o.model, []).append(p)
+            owner = self._pool.owner
+            for p in pages:
+                by_model.setdefault(owner(p).model, []).append(p)
             # Every destination first: a source freed by one model's migration must not become the
             # destination of the next model's (it lies inside the run being cleared).
             dsts = {m: self._pool.alloc(len(src), Owner(OwnerKind.KV, m, 0)) for m, src in by_model.items()}
@@ -356,7 +357,7 @@ class AnyPages(Placement):
 
 
 def _run(first: PageId, num_pages: int) -> list[PageId]:
-    return [PageId(p) for p in range(first, first + num_pages)]
+    return list(range(first, first + num_pages))  # PageIds are ints: calling PageId per page cost 4x as much
 
 
 def _slot_key(model: ModelId, slot: int) -> tuple[ModelId, str, int]:

@@ -19,10 +19,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 
 import numpy as np
 
 from remap.types import FREE, IntegrityError, Owner, OwnerKind, PageId, RemapError
+
+_FREE = int(OwnerKind.FREE)  # for array comparisons: numpy probes an IntEnum operand for array hooks (~3 us)
 
 
 class PagePool:
@@ -60,15 +63,15 @@ class PagePool:
         not one per page (a layer's slab on a GH200 pool is hundreds of pages)."""
         idx = _index(list(pages))
         kinds = self._kinds[idx]
+        kind = int(kind)  # numpy probes an IntEnum operand for array hooks, which costs more than the scan
         return idx[(kinds != kind) if other_than else (kinds == kind)].tolist()
 
     def find_free_run(self, num_pages: int, homed_ok: bool = False) -> PageId | None:
         """First id of `num_pages` contiguous free pages (plain ones only unless `homed_ok`)."""
-        usable = self._kinds == OwnerKind.FREE
+        usable = self._kinds == _FREE
         if not homed_ok:
             usable &= ~self._homed
-        starts = np.flatnonzero(window_sums(usable, num_pages) == num_pages)
-        return PageId(int(starts[0])) if starts.size else None
+        return first_run(usable, num_pages)
 
     def kinds(self) -> np.ndarray:
         """Owner kind of every page (read-only view; OwnerKind values)."""
@@ -78,18 +81,30 @@ class PagePool:
 
     # ---- alloc / free --------------------------------------------------------------------
     def alloc(self, num_pages: int, owner: Owner) -> list[PageId] | None:
-        """`num_pages` free pages now owned by `owner`, or None (nothing changes) if too few."""
+        """`num_pages` free pages now owned by `owner`, or None (nothing changes) if too few: plain
+        pages last freed first, then homed ones oldest first, as popping them one at a time would."""
         if num_pages > self._num_by_kind[OwnerKind.FREE]:
             return None
-        plain, homed, owners = self._free_plain, self._free_homed, self._owner
-        pages = []
-        for _ in range(num_pages):
-            page = plain.popitem()[0] if plain else homed.popitem(last=False)[0]
-            owners[page] = owner
-            pages.append(page)
+        if num_pages == 0:  # a decode step whose token fits the last block: most of a sequence's growths
+            return []
+        plain, owners = self._free_plain, self._owner
         if num_pages == 1:  # a decode's block: a scalar store, not an array built from a list
-            self._kinds[pages[0]] = owner.kind
-        else:
+            page = plain.popitem()[0] if plain else self._free_homed.popitem(last=False)[0]
+            owners[page] = owner
+            self._kinds[page] = owner.kind
+            pages = [page]
+        else:  # a prompt's blocks (a thousand on a GH200 pool): read the ends of the tiers, then delete
+            pages = list(islice(reversed(plain), num_pages))
+            for page in pages:
+                del plain[page]
+                owners[page] = owner
+            if len(pages) < num_pages:
+                homed = self._free_homed
+                oldest = list(islice(homed, num_pages - len(pages)))
+                for page in oldest:
+                    del homed[page]
+                    owners[page] = owner
+                pages += oldest
             self._kinds[_index(pages)] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= num_pages
         self._num_by_kind[owner.kind] += num_pages
@@ -98,15 +113,18 @@ class PagePool:
     def claim(self, pages: Sequence[PageId], owner: Owner) -> bool:
         """Take these specific pages if all are free; False (nothing changes) otherwise."""
         self._check_ids(pages)
-        if any(self._owner[p].kind is not OwnerKind.FREE for p in pages) or len(set(pages)) != len(pages):
+        idx = _index(pages)
+        if (self._kinds[idx] != _FREE).any() or len(set(pages)) != len(pages):
             return False
+        homed = self._homed[idx]
+        for p in idx[homed].tolist():
+            del self._free_homed[p]
+        for p in idx[~homed].tolist():
+            del self._free_plain[p]
+        owners = self._owner
         for p in pages:
-            if self._homed[p]:
-                del self._free_homed[p]
-            else:
-                del self._free_plain[p]
-            self._owner[p] = owner
-        self._kinds[_index(pages)] = owner.kind
+            owners[p] = owner
+        self._kinds[idx] = owner.kind
         self._num_by_kind[OwnerKind.FREE] -= len(pages)
         self._num_by_kind[owner.kind] += len(pages)
         return True
@@ -119,7 +137,7 @@ class PagePool:
             return
         idx = _index(pages)
         kinds = self._kinds[idx]
-        if (kinds == OwnerKind.FREE).any() or len(set(pages)) != len(pages):
+        if (kinds == _FREE).any() or len(set(pages)) != len(pages):
             seen: set[PageId] = set()
             for p in pages:
                 if self._owner[p].kind is OwnerKind.FREE or p in seen:
@@ -134,10 +152,10 @@ class PagePool:
             owners[p] = FREE
         homed = self._homed[idx]
         if homed.any():  # each tier gets its pages in the order given, as one insertion at a time would
-            self._free_homed.update(dict.fromkeys(idx[homed].tolist()))
-            self._free_plain.update(dict.fromkeys(idx[~homed].tolist()))
+            _append(self._free_plain, idx[~homed].tolist())
+            _append(self._free_homed, idx[homed].tolist())
         else:
-            self._free_plain.update(dict.fromkeys(pages))
+            _append(self._free_plain, pages)
         self._kinds[idx] = OwnerKind.FREE
 
     @contextmanager
@@ -145,15 +163,20 @@ class PagePool:
         """Inside the block the free ones among `pages` are out of reach of `alloc` and not counted in
         `num_free` (an eviction's destinations must land outside the run it clears); they stay FREE and
         go back to their tier on exit, as `free` would put them. Nothing else may own them meanwhile."""
-        held = self.having(pages, OwnerKind.FREE)
-        for p in held:
-            del (self._free_homed if self._homed[p] else self._free_plain)[p]
+        idx = _index(list(pages))
+        held = idx[self._kinds[idx] == _FREE]
+        homed = self._homed[held]
+        for p in held[homed].tolist():
+            del self._free_homed[p]
+        for p in held[~homed].tolist():
+            del self._free_plain[p]
         self._num_by_kind[OwnerKind.FREE] -= len(held)
         try:
             yield
         finally:
-            for p in held:
-                (self._free_homed if self._homed[p] else self._free_plain)[p] = None
+            homed = self._homed[held]  # each tier gets its pages back in page order
+            _append(self._free_plain, held[~homed].tolist())
+            _append(self._free_homed, held[homed].tolist())
             self._num_by_kind[OwnerKind.FREE] += len(held)
 
     def reassign(self, pages: Iterable[PageId], owner: Owner | Sequence[Owner]) -> None:
@@ -163,14 +186,16 @@ class PagePool:
         owners = [owner] * len(pages) if isinstance(owner, Owner) else list(owner)
         if len(owners) != len(pages):
             raise IntegrityError(f"reassign of {len(pages)} pages to {len(owners)} owners")
+        owner_of, counts = self._owner, self._num_by_kind
         for p, owner in zip(pages, owners):
-            old = self._owner[p]
+            old = owner_of[p]
             if old.kind is OwnerKind.FREE:
                 raise IntegrityError(f"reassign of free page {p} to {owner}")
-            self._num_by_kind[old.kind] -= 1
-            self._num_by_kind[owner.kind] += 1
-            self._owner[p] = owner
-            self._kinds[p] = owner.kind
+            if owner.kind is not old.kind:  # a KV block handed to another sequence keeps its counts and mirror
+                counts[old.kind] -= 1
+                counts[owner.kind] += 1
+                self._kinds[p] = owner.kind
+            owner_of[p] = owner
 
     def set_homed(self, pages: Iterable[PageId], homed: bool) -> None:
         """Mark pages as a layer slab's home run (or not); moves free ones between tiers."""
@@ -216,11 +241,35 @@ class PagePool:
 
 
 def window_sums(flags: np.ndarray, width: int) -> np.ndarray:
-    """Sum of `flags` over every window of `width` consecutive pages; index = window start."""
+    """Sum of `flags` over every window of `width` consecutive pages; index = window start.
+
+    In int32 (a pool has fewer than 2**31 pages): int64 sums over a GH200 pool (~40k pages) take
+    ~10x longer here, in the allocation of their 320 KB results."""
     if width <= 0 or width > len(flags):
-        return np.zeros(0, dtype=np.int64)
-    c = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
+        return np.zeros(0, dtype=np.int32)
+    c = np.zeros(len(flags) + 1, dtype=np.int32)
+    np.cumsum(flags, dtype=np.int32, out=c[1:])
     return c[width:] - c[:-width]
+
+
+def first_run(flags: np.ndarray, width: int) -> PageId | None:
+    """Start of the first `width` consecutive set `flags` (bools), or None: the start of the first
+    run of set flags at least that long, found from the runs' edges rather than from window sums."""
+    if width <= 0 or width > len(flags):
+        return None
+    padded = np.zeros(len(flags) + 2, dtype=bool)
+    padded[1:-1] = flags
+    edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a run's first page and the page after it
+    starts, ends = edges[::2], edges[1::2]
+    long = np.flatnonzero(ends - starts >= width)
+    return PageId(int(starts[long[0]])) if long.size else None
+
+
+def _append(tier: dict[PageId, None], pages: Iterable[PageId]) -> None:
+    """Put pages at the end of a tier, one by one: OrderedDict.update takes the generic mapping path
+    and costs twice as much per page, and a dict's update(dict.fromkeys(...)) builds a second dict."""
+    for p in pages:
+        tier[p] = None
 
 
 def _index(pages: Sequence[PageId]) -> np.ndarray:

@@ -20,7 +20,7 @@ class TenantMetrics:
         self.ttft: deque[float] = deque(maxlen=MAX_SAMPLES)
         self.tbt: deque[float] = deque(maxlen=MAX_SAMPLES)
         self._new_ttft: list[float] = []  # samples not yet drained (metrics export)
-        self._new_tbt: list[float] = []
+        self._new_tbt: deque[float] = deque(maxlen=MAX_SAMPLES)
 
     def arrived(self, now: float) -> None:
         self.last_active_s = now
@@ -52,9 +52,9 @@ class TenantMetrics:
             self._new_ttft.append(self.ttft[-1])
         elif len(times) >= 2:
             self.tbt.append(times[-1] - times[-2])
+            if len(self._new_tbt) == MAX_SAMPLES:  # nobody drains: keep memory bounded (the deque drops its
+                del self._new_ttft[:-MAX_SAMPLES]  # oldest in O(1); a list shifted 4k entries per token)
             self._new_tbt.append(self.tbt[-1])
-        if len(self._new_tbt) > MAX_SAMPLES:  # nobody drains: keep memory bounded
-            del self._new_ttft[:-MAX_SAMPLES], self._new_tbt[:-MAX_SAMPLES]
 
     def arrival_rate_per_s(self, now: float) -> float:
         while self._arrivals and self._arrivals[0] < now - STATS_WINDOW_S:
@@ -63,8 +63,8 @@ class TenantMetrics:
 
     def drain(self) -> tuple[list[float], list[float]]:
         """TTFT and TBT samples recorded since the last drain."""
-        out = (self._new_ttft, self._new_tbt)
-        self._new_ttft, self._new_tbt = [], []
+        out = (self._new_ttft, list(self._new_tbt))
+        self._new_ttft, self._new_tbt = [], deque(maxlen=MAX_SAMPLES)
         return out
 
 

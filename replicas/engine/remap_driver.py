@@ -67,14 +67,14 @@ class RemapDriver:
                   urgent: ModelId | None = None) -> MemorySnapshot:
         ring_pages = 0
         tenants = []
+        sched, extra = self.scheduler, extra or {}
         for model, metrics in self._tenants().items():
-            sched = self.scheduler
             running, admitting = sched.kv_demand(model)
             tenants.append(self.memory.tenant_snapshot(
                 model,
                 num_running=len(sched.running[model]),
                 num_waiting=len(sched.waiting[model]) + len(sched.swapped[model]),
-                kv_pages_needed=(running + admitting + (extra or {}).get(model, 0)
+                kv_pages_needed=(running + admitting + extra.get(model, 0)
                                  + self.reserved.get(model, 0)),  # the head's reservation
                 kv_pages_admitting=admitting,
                 last_active_s=metrics.last_active_s,
@@ -83,8 +83,7 @@ class RemapDriver:
                 cold=model in self.cold,
                 warming=model in self.warming,
             ))
-        for model in self._tenants():  # the controller charges staging itself: open rings count as free
-            ring = self.memory.ring(model)
+            ring = self.memory.ring(model)  # the controller charges staging itself: open rings count as free
             ring_pages += ring.num_pages if ring else 0
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
                               urgent, copies_overlap=self.copies_overlap)

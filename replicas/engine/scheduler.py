@@ -131,8 +131,9 @@ class Scheduler:
         self.waiting[seq.model].append(seq)
 
     def has_work(self, model: ModelId | None = None) -> bool:
-        models = [model] if model else list(self._kv)
-        return any(self.waiting[m] or self.running[m] or self.swapped[m] for m in models)
+        if model:  # asked for every tenant several times a step: no list, no generator
+            return bool(self.waiting[model] or self.running[model] or self.swapped[model])
+        return any(self.waiting[m] or self.running[m] or self.swapped[m] for m in self._kv)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is and free its pages at once."""
@@ -201,7 +202,7 @@ class Scheduler:
             waiting.remove(head)
             waiting.appendleft(head)
         if not self.swapped[model]:  # swapped sequences come back before anything new is prefilled
-            watermark = self.watermark_pages()
+            watermark = self.watermark_pages() if waiting and len(running) < seats else 0  # read only below
             while waiting and len(running) < seats:
                 seq = waiting[0]
                 n = seq.num_uncomputed_tokens
@@ -232,8 +233,9 @@ class Scheduler:
             taken.add(seq.seq_id)
             budget -= 1
         swapped_in = 0
-        if self.num_preemptions == preempted_before:  # a preemption means no room to bring any back
-            watermark, swapped = self.watermark_pages(), self.swapped[model]
+        swapped = self.swapped[model]
+        if self.num_preemptions == preempted_before and swapped:  # a preemption means no room to bring any back
+            watermark = self.watermark_pages()
             while swapped and budget > 0 and len(running) < seats:
                 seq = swapped[0]
                 if kv.num_free_pages - kv.num_swapped_blocks(seq.seq_id) - 1 < watermark or kv.swap_in(seq.seq_id) is None:
@@ -412,8 +414,8 @@ class Scheduler:
     def kv_demand(self, model: ModelId) -> tuple[int, int]:
         """kv_pages_needed in two parts: (running: growth of running sequences and swapped ones coming
         back, admitting: what admitting waiting ones would take)."""
-        kv, budget = self._kv[model], self.config.budget(model)
-        need = sum(kv.num_swapped_blocks(s.seq_id) for s in self.swapped[model])
+        kv, budget, swapped = self._kv[model], self.config.budget(model), self.swapped[model]
+        need = sum(kv.num_swapped_blocks(s.seq_id) for s in swapped) if swapped else 0
         if self.config.policy is SchedulingPolicy.VLLM_V0:
             return self._v0_demand(model, need, budget)
         for seq in self.running[model]:
@@ -433,7 +435,8 @@ class Scheduler:
         """vllm-v0: a page for each running sequence's next token that starts a block, and the whole
         prompts of the waiting ones its next prefill step would admit, plus the watermark."""
         kv = self._kv[model]
-        need += sum(kv.num_blocks_for(s.num_tokens) - len(kv.table(s.seq_id)) for s in self.running[model])
+        blocks_for, table = kv.num_blocks_for, kv.table  # per running sequence, for every tenant, every step
+        need += sum([blocks_for(s.num_tokens) - len(table(s.seq_id)) for s in self.running[model]])
         if self.swapped[model]:
             return need, 0
         prompts = 0

@@ -14,6 +14,7 @@ restored layers' home runs.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -91,7 +92,7 @@ class SimStats:
     blocking_s: float = 0.0  # swaps, restores, migrations
     num_streamed_layers: int = 0
     num_tokens: int = 0  # tokens computed (prefill, decode and recomputed)
-    steps: list[tuple[ModelId, StepCost]] = field(default_factory=list)  # last `keep_steps` steps
+    steps: deque[tuple[ModelId, StepCost]] = field(default_factory=deque)  # last `keep_steps` steps (SimExecutor)
 
 
 class SimExecutor:
@@ -105,9 +106,9 @@ class SimExecutor:
         self._swapped_blocks: dict[SeqId, int] = {}  # swapped-out sequence -> blocks it took to host
         self._migrated = memory.num_blocks_migrated
         self._rings: dict[ModelId, tuple[StagingRing, frozenset[int]] | None] = {}  # model -> last step's ring
-        self._keep_steps = keep_steps
         self._last_model: ModelId | None = None  # the previous step's
-        self.stats = SimStats()
+        # a deque drops the oldest step in O(1); a list shifted 10k entries on every step once full
+        self.stats = SimStats(steps=deque(maxlen=keep_steps))
 
     def add_model(self, model: ModelId, lm: CausalLM) -> None:
         if self.token_id in lm.config.eos_token_ids or not 0 <= self.token_id < lm.config.vocab_size:
@@ -170,6 +171,8 @@ class SimExecutor:
         nbytes = 0.0
         for model in self._configs:  # restored: lent at the last step, resident now
             now = self._memory.params.remapped_layers(model)
+            if now is self._remapped[model]:  # the same set object: no reclaim or restore since (ParamStore)
+                continue
             nbytes += sum(self._memory.params.slab(model, i).num_bytes for i in self._remapped[model] - now)
             self._remapped[model] = now
         return nbytes
@@ -188,9 +191,7 @@ class SimExecutor:
         st.blocking_s += cost.blocking_s
         st.num_streamed_layers += num_streamed
         st.num_tokens += num_tokens
-        st.steps.append((model, cost))
-        if len(st.steps) > self._keep_steps:
-            del st.steps[: len(st.steps) - self._keep_steps]
+        st.steps.append((model, cost))  # the deque keeps the last keep_steps
         logger.debug("sim step %s: %s", model, cost)
 
 

@@ -132,8 +132,8 @@ def _replay(engines: Mapping[str, object], clock: VirtualClock, requests: Seq[Re
     records: list[RequestRecord] = []
     i, n, steps, turn = 0, len(requests), 0, 0
     stalled: set[int] = set()  # engines whose last step could not run, since the clock last moved
-    while i < n or any(e.has_unfinished() for e in distinct):
-        if not any(e.has_unfinished() for e in distinct):
+    while (unfinished := any(e.has_unfinished() for e in distinct)) or i < n:
+        if not unfinished:
             clock.advance_to(requests[i].arrival_s)  # idle: jump
         while i < n and requests[i].arrival_s <= clock.now():
             r = requests[i]
