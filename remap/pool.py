@@ -212,9 +212,9 @@ class PagePool:
 
     # ---- checks --------------------------------------------------------------------------
     def _check_ids(self, pages: Iterable[PageId]) -> None:
-        for p in pages:
-            if not 0 <= p < self.num_pages:
-                raise RemapError(f"page id {p} outside the pool's 0..{self.num_pages - 1}")
+        for p in pages:  # an exact int: a float would pass the range check and fail after changes began
+            if type(p) is not int or not 0 <= p < self.num_pages:
+                raise RemapError(f"page id {p!r} is not an int in the pool's 0..{self.num_pages - 1}")
 
     def check_integrity(self) -> None:
         counts = [0] * len(OwnerKind)

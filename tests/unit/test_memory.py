@@ -137,6 +137,19 @@ def test_alloc_returns_none_and_changes_nothing_when_full():
     mem.check_integrity()
 
 
+def test_a_claim_of_bad_page_ids_raises_before_anything_changes():
+    from remap import Owner, PagePool
+
+    pool = PagePool(8, PAGE)
+    owner = Owner(OwnerKind.KV, ModelId("m"), 1)
+    for bad in ([1, 8], [2, 3.0], [-1]):  # a float id would pass a range check and fail half way
+        with pytest.raises(RemapError, match="is not an int in the pool's 0..7"):
+            pool.claim(bad, owner)
+        assert pool.num_free == 8
+        pool.check_integrity()
+    assert pool.claim([2, 3], owner) and pool.num_free == 6
+
+
 def test_a_double_free_raises_before_anything_changes_and_frees_keep_each_tier_in_order():
     from remap import IntegrityError, Owner, PagePool
 
