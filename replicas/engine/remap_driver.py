@@ -83,8 +83,7 @@ class RemapDriver:
                 cold=model in self.cold,
                 warming=model in self.warming,
             ))
-            ring = self.memory.ring(model)  # the controller charges staging itself: open rings count as free
-            ring_pages += ring.num_pages if ring else 0
+            ring_pages += self._ring_pages(model)  # the controller charges staging itself: open rings count as free
         return MemorySnapshot(now, self.memory.pool.num_free + ring_pages, self.link_bytes_per_s, tuple(tenants),
                               urgent, copies_overlap=self.copies_overlap)
 
