@@ -6,7 +6,9 @@ scheduling, recompute), each with its own parameters and a fixed share of the KV
 of the device at gpu_memory_utilization 0.9, taking turns on the device: `static` (equal shares) and,
 as a second row, `static-prop` (shares proportional to each model's token demand). Against it:
 `oneiros` (the paper's settings) on V0, `ours` on V0 and on our chunked scheduler, and, for the Pie
-cell, `oneiros` and `ours` against `swap` on V0.
+cell, `oneiros` and `ours` against `swap` on V0. `oracle` (a pool the whole workload fits in: no
+memory pressure, nothing remapped) on each scheduler is the bound a memory policy can reach there; it
+shows which changes come from the memory a policy gives and which from the scheduler.
 
 Cells: c1 and c2 (the Azure code trace, 1 h), rate (C1's arrival-rate sweep, each point's change
 averaged over the points), input (C1's input-length sweep, averaged the same way), pie (the C1 trace,
@@ -44,6 +46,7 @@ CELLS = {"c1": "c1", "c2": "c2", "rate": "c1-rate", "input": "c1-input"}  # cell
 RUNS = (  # (row name, policy, scheduler)
     ("static", "static", "vllm-v0"), ("static-prop", "static-prop", "vllm-v0"), ("oneiros", "oneiros", "vllm-v0"),
     ("ours", "ours", "vllm-v0"), ("ours-chunked", "ours", "chunked"),
+    ("oracle", "oracle", "vllm-v0"), ("oracle-chunked", "oracle", "chunked"),
 )
 PIE_RUN = ("swap", "swap", "vllm-v0")
 
@@ -127,7 +130,8 @@ def _cell(cell: str, points: dict, base: str) -> dict:
             return _mean([_pct(p[row][key], p[against][key]) for p in points.values()])
         entry = {"paper_pct": paper_value(cell, metric), "paper_range": PAPER_RANGE.get(metric),
                  "oneiros_pct": change("oneiros"), "ours_pct": change("ours"),
-                 "ours_chunked_pct": change("ours-chunked")}
+                 "ours_chunked_pct": change("ours-chunked"), "oracle_pct": change("oracle"),
+                 "oracle_chunked_pct": change("oracle-chunked")}
         if base == "static":
             entry |= {"oneiros_vs_prop_pct": change("oneiros", "static-prop"),
                       "ours_vs_prop_pct": change("ours", "static-prop")}
@@ -151,14 +155,15 @@ def format_paper_table(table: dict) -> str:
     lines = [f"P99 TBT = {table['tbt_definition']} (pooled per-token gaps, vLLM's P99 ITL); changes against "
              "static (vLLM v0.7.3, one engine per model, equal KV shares); pie: against swap on V0",
              f"{'cell':<6} {'metric':<10} {'paper':>14} {'oneiros':>8} {'ours':>8} {'ours-chk':>8} "
-             f"{'on/prop':>8} {'ours/prop':>9}  reproduces  ours>=oneiros  ours-chk>=oneiros"]
+             f"{'oracle':>8} {'orcl-chk':>8} {'on/prop':>8} {'ours/prop':>9}  reproduces  ours>=oneiros  ours-chk>=oneiros"]
     for cell, metrics in table["cells"].items():
         for metric, e in metrics.items():
             paper = e["paper_pct"]
             lo_hi = e["paper_range"]
             shown = f"{paper:+.1f}%" if paper is not None else (f"[{lo_hi[0]:+.0f},{lo_hi[1]:+.0f}]%" if lo_hi else "")
             lines.append(f"{cell:<6} {metric:<10} {shown:>14} {f(e['oneiros_pct']):>8} {f(e['ours_pct']):>8} "
-                         f"{f(e['ours_chunked_pct']):>8} {f(e.get('oneiros_vs_prop_pct')):>8} "
+                         f"{f(e['ours_chunked_pct']):>8} {f(e['oracle_pct']):>8} {f(e['oracle_chunked_pct']):>8} "
+                         f"{f(e.get('oneiros_vs_prop_pct')):>8} "
                          f"{f(e.get('ours_vs_prop_pct')):>9}  {yn(e.get('oneiros_reproduces')):>10}  "
                          f"{yn(e.get('ours_at_least_oneiros')):>13}  {yn(e.get('ours_chunked_at_least_oneiros')):>17}")
         rejected = metrics["p99_tbt"]["rejected"]

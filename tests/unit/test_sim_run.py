@@ -167,7 +167,7 @@ def test_paper_table_has_every_cell_and_metric_and_checks_signs(tmp_path):
     for cell in table["cells"].values():
         assert set(cell) == set(METRICS)
         for entry in cell.values():
-            assert {"paper_pct", "oneiros_pct", "ours_pct"} <= set(entry)
+            assert {"paper_pct", "oneiros_pct", "ours_pct", "oracle_pct", "oracle_chunked_pct"} <= set(entry)
     assert table["cells"]["c1"]["p99_tbt"]["paper_pct"] == -54.4
     assert "c1" in format_paper_table(table)
     assert reproduces("c1", "p99_tbt", -30.0) and not reproduces("c1", "p99_tbt", -20.0)
