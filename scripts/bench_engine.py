@@ -47,6 +47,7 @@ import torch
 
 from remap import DeviceMemory
 from remap.params import slab_num_pages
+from replicas.engine import heap
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.models import ModelConfig, dummy_weights
 from replicas.engine.models.loader import load_hf_folder
@@ -290,4 +291,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    heap.use_heap_env_here()  # the engines here allocate as an engine replica's do
     sys.exit(main())

@@ -26,6 +26,7 @@ from ray.util import metrics
 from cluster.actor import find_controller, get_or_create_controller
 from cluster.state import ControllerConfig
 from replicas.config import OneirosConfig, default_config
+from replicas.engine import heap
 from replicas.service.grpc.service import GrpcService
 from replicas.service.ingress import DirectHttp, OpenAIFrontend, make_app
 from replicas.service.router import MemoryAwareRouter
@@ -168,8 +169,9 @@ INGRESS_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": 
                                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 # The engine replicas run `generate` on the loop that owns the gRPC call, too: each request and each
 # streamed item then crosses one thread (the engine thread's handoff) instead of two; the engine's
-# work never runs on that loop. Measured in docs/latency.md.
-ENGINE_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# work never runs on that loop. Measured in docs/latency.md. HEAP_ENV: a step's large temporaries
+# come from a heap that keeps them (replicas/engine/heap.py).
+ENGINE_ENV = SERVING_PRIORITY | heap.HEAP_ENV | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 @serve.ingress()

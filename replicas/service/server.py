@@ -33,6 +33,7 @@ from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
 from remap import DeviceMemory, RemapError, SeqId, make_backend
 from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
 from replicas.engine.capacity import LoadRefused
+from replicas.engine import heap
 from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
@@ -43,6 +44,7 @@ from replicas.service.telemetry import read_device
 logger = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.25  # step period while idle: lets the controller give lent pages back
+HEAP_TRIM_IDLE_S = 2.0  # an engine idle this long gives its host heap's free memory back (engine/heap.py)
 QUEUE_WAIT_TIMEOUT_S = 600.0  # a request that sees no token for this long is a hung engine
 PLACEMENT_POLL_S = 0.25  # a request waiting for its model to fit retries the load this often
 FAILED_LOAD_MEMORY_S = 30.0  # a failed load order is reported this long (the controller places it elsewhere)
@@ -84,7 +86,8 @@ class EngineThread:
     steps. While `engine.has_unfinished()` the thread steps back to back and hands each step's
     outputs to `deliver` (called on this thread: it must only pass them on). A step that raises goes
     to `failed`, and the thread goes on. Idle, it waits up to `idle_tick_s` for a call, then runs an
-    idle step (the remap controller may give lent pages back)."""
+    idle step (the remap controller may give lent pages back); idle for HEAP_TRIM_IDLE_S, it trims the
+    host heap once (heap.trim), so what a burst's steps kept goes back until the next burst."""
 
     def __init__(self, name: str, make_engine: Callable[[], LLMEngine], idle_tick_s: float,
                  deliver: Callable[[list[RequestOutput]], None], failed: Callable[[BaseException], None]) -> None:
@@ -120,8 +123,14 @@ class EngineThread:
         started.set_result(self.engine)
         if self.engine.memory.device.type == "cpu":  # on a GPU it feeds the device: it keeps its priority
             lower_this_threads_priority(ENGINE_THREAD_NICENESS)
+        busy_at, trimmed = time.monotonic(), False
         while True:
             busy = self.engine.has_unfinished()
+            if busy:
+                busy_at, trimmed = time.monotonic(), False
+            elif not trimmed and time.monotonic() - busy_at >= HEAP_TRIM_IDLE_S:
+                heap.trim()
+                trimmed = True
             ran = 0
             while True:  # every call posted so far runs before the next step; idle, wait for one
                 try:

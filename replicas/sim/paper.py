@@ -155,7 +155,8 @@ def format_paper_table(table: dict) -> str:
     lines = [f"P99 TBT = {table['tbt_definition']} (pooled per-token gaps, vLLM's P99 ITL); changes against "
              "static (vLLM v0.7.3, one engine per model, equal KV shares); pie: against swap on V0",
              f"{'cell':<6} {'metric':<10} {'paper':>14} {'oneiros':>8} {'ours':>8} {'ours-chk':>8} "
-             f"{'oracle':>8} {'orcl-chk':>8} {'on/prop':>8} {'ours/prop':>9}  reproduces  ours>=oneiros  ours-chk>=oneiros"]
+             f"{'oracle':>8} {'orcl-chk':>8} {'on/prop':>8} {'ours/prop':>9}  "
+             "reproduces  ours>=oneiros  ours-chk>=oneiros"]
     for cell, metrics in table["cells"].items():
         for metric, e in metrics.items():
             paper = e["paper_pct"]
