@@ -6,8 +6,11 @@ fused gate/up projection is 100 MB). By default glibc serves a block above its m
 rising to at most 32 MB) with a fresh mmap, which is zeroed and faulted in page by page on first
 touch and unmapped on free. An engine thread's own arena (a replica runs its engine on a thread) grows
 in heaps of at most 64 MB, so there every large block is mapped afresh whatever the threshold. The
-prefill workload of scripts/bench_engine.py on an engine thread took 670-690 thousand minor page faults
-per run (2.7 GB touched afresh); with HEAP_ENV, 53 (docs/benchmarks.md, "The host heap").
+prefill workload of scripts/bench_engine.py (16 prompts of 512 tokens, the mid-size model) on a thread
+took 604-691 thousand minor page faults per run, 2.4-2.8 GB touched afresh; with HEAP_ENV, 53, and it
+ran 4-19% faster in three alternated pairs. Over 25 mixed runs (1-16 prompts of 40-512 tokens) the heap
+levelled off, and the process's peak RSS was 2.09 GB against 2.16 GB with glibc's defaults
+(docs/benchmarks.md, "The host heap").
 
 HEAP_ENV is read by glibc when a process starts, so it goes into the environment of the processes that
 will run engines (the engine replicas' runtime_env, or a script that re-executes itself with
