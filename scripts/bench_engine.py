@@ -2,6 +2,7 @@
 
     python scripts/bench_engine.py --json out/bench_engine.json [--vllm-python ../vllm-venv/bin/python]
                                    [--threads N] [--repeats N] [--quick] [--model FOLDER]
+                                   [--engine-thread] [--default-heap]
 
 The model: a mid-size Llama with random weights (MID_LLAMA: hidden 768, 12 layers, 12 query / 4 KV heads
 of 64, vocab 32000, tied embeddings, ~100M parameters, fp32), written once as a Hugging Face folder
@@ -27,6 +28,10 @@ earlier run's prefix can help). The JSON keeps every run's seconds; the table sh
 Both engines get --threads CPU threads (default: all): torch.set_num_threads here, and
 VLLM_CPU_OMP_THREADS_BIND=0-(N-1) for vLLM, whose default ("auto") keeps one core for its scheduler
 process and computes on the rest. No assertion on any number: compare ratios from one run only.
+
+Our engine runs on the main thread, or with --engine-thread on a second thread, as an engine replica
+runs it. The script re-executes itself with replicas/engine/heap.py's HEAP_ENV, as an engine replica
+starts, unless --default-heap (glibc's defaults, for comparison); `heap_env` in the JSON says which.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -259,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        "mid-size Llama (e.g. $(oneiros pull): SmolLM2-135M-Instruct)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each engine")
     ap.add_argument("--repeats", type=int, help="timed runs per workload (default 3; 1 with --quick)")
+    ap.add_argument("--engine-thread", action="store_true",
+                    help="run our engine on a second thread, as an engine replica does")
+    ap.add_argument("--default-heap", action="store_true",
+                    help="glibc's default heap instead of heap.HEAP_ENV (read at start: see __main__)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -268,13 +278,18 @@ def main(argv: list[str] | None = None) -> int:
                                                    TINY_LLAMA if args.quick else MID_LLAMA)
         model = BenchModel(folder)
         runs = {w.name: [w.prompts(r, model.config.vocab_size) for r in range(repeats + 1)] for w in workloads}
-        ours = bench_ours(model, runs, workloads)
+        if args.engine_thread:
+            with ThreadPoolExecutor(1, thread_name_prefix="engine") as pool:
+                ours = pool.submit(bench_ours, model, runs, workloads).result()
+        else:
+            ours = bench_ours(model, runs, workloads)
         vllm = bench_vllm(args.vllm_python, model, runs, workloads, args.threads) if args.vllm_python else {}
     results = {"model": str(args.model) if args.model else "tiny-llama" if args.quick else "mid-llama",
                "hf_config": model.hf_config, "num_params": model.num_params,
                "workloads": {w.name: asdict(w) for w in workloads}, "repeats": repeats,
                "torch_threads": torch.get_num_threads(), "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
-               "kv_block_tokens": PAGE // model.config.kv_geometry().bytes_per_token}
+               "kv_block_tokens": PAGE // model.config.kv_geometry().bytes_per_token,
+               "engine_thread": args.engine_thread, "heap_env": heap.started_with_heap_env()}
     results |= compare(workloads, ours, vllm)
     results |= {"vllm_version": vllm.get("vllm_version"), "vllm_dtype": vllm.get("dtype"),
                 "vllm_max_num_batched_tokens": vllm.get("max_num_batched_tokens"),
@@ -291,5 +306,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    heap.use_heap_env_here()  # the engines here allocate as an engine replica's do
+    if "--default-heap" not in sys.argv[1:]:
+        heap.use_heap_env_here()  # the engines here allocate as an engine replica's do
     sys.exit(main())

@@ -360,7 +360,7 @@ def test_bench_engine_quick_runs_without_vllm_and_writes_null_speedups(tmp_path)
 
     out, threads = tmp_path / "bench.json", torch.get_num_threads()
     try:
-        assert _bench_engine().main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+        assert _bench_engine().main(["--quick", "--threads", "1", "--engine-thread", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # main() sets the process's threads, as a script may
     results = json.loads(out.read_text())
@@ -368,3 +368,4 @@ def test_bench_engine_quick_runs_without_vllm_and_writes_null_speedups(tmp_path)
         "speedup_vs_vllm_decode_b1": None, "speedup_vs_vllm_decode_b16": None, "speedup_vs_vllm_prefill": None}
     assert all(results[k] > 0 for k in ("decode_tok_s_b1", "decode_tok_s_b16", "prefill_tok_s_b16"))
     assert set(results["p99_tbt_s"]) == {"remap", "recompute", "swap"}
+    assert results["engine_thread"] and results["heap_env"] is False  # pytest did not start with HEAP_ENV
