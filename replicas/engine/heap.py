@@ -13,10 +13,13 @@ levelled off, and the process's peak RSS was 2.09 GB against 2.16 GB with glibc'
 (docs/benchmarks.md, "The host heap").
 
 HEAP_ENV is read by glibc when a process starts, so it goes into the environment of the processes that
-will run engines (the engine replicas' runtime_env, or a script that re-executes itself with
+will run engines (a CPU engine replica's runtime_env, or a script that re-executes itself with
 `use_heap_env_here`): one arena for every thread, blocks below 1 GiB from the heap, and up to 1 GiB
 of free memory kept at the heap's top. What a busy engine keeps, `trim` gives back (malloc_trim); the
-engine thread calls it once the engine has been idle for a while. vLLM's CPU backend preloads tcmalloc
+engine thread calls it once the engine has been idle for a while. glibc 2.36 reuses a freed block for
+an aligned request of its size (torch aligns to 64 bytes) only once several lie free, so a run of one
+huge size can keep several (tests/unit/test_heap.py); the idle trim gives their pages back. vLLM's CPU
+backend preloads tcmalloc
 for the same reason. Other C libraries ignore the variables, and `trim` does nothing there."""
 
 from __future__ import annotations

@@ -169,9 +169,15 @@ INGRESS_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": 
                                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 # The engine replicas run `generate` on the loop that owns the gRPC call, too: each request and each
 # streamed item then crosses one thread (the engine thread's handoff) instead of two; the engine's
-# work never runs on that loop. Measured in docs/latency.md. HEAP_ENV: a step's large temporaries
-# come from a heap that keeps them (replicas/engine/heap.py).
-ENGINE_ENV = SERVING_PRIORITY | heap.HEAP_ENV | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# work never runs on that loop. Measured in docs/latency.md.
+ENGINE_ENV = SERVING_PRIORITY | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def engine_env(num_gpus: float) -> dict[str, str]:
+    """An engine replica's environment. One that computes on the CPU also gets heap.HEAP_ENV: a step's
+    large temporaries come from a heap that keeps them (replicas/engine/heap.py). On a GPU they are
+    device memory, and the host heap keeps glibc's defaults."""
+    return ENGINE_ENV | (heap.HEAP_ENV if num_gpus == 0 else {})
 
 
 @serve.ingress()
@@ -245,7 +251,7 @@ def build_app(config: OneirosConfig):
         EngineReplica,
         name="EngineReplica",
         **scaling,
-        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": {"env_vars": ENGINE_ENV}},
+        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": {"env_vars": engine_env(r.num_gpus)}},
         max_ongoing_requests=r.max_pending_requests,
         max_queued_requests=r.max_pending_requests,
         request_router_config=RequestRouterConfig(

@@ -85,10 +85,11 @@ print(heap.started_with_heap_env(), os.environ.get("MALLOC_ARENA_MAX"), child)
     assert _python(code, {}) == "True None None"
 
 
-def test_engine_replicas_start_with_the_heap_env():
-    from replicas.service.deployments import ENGINE_ENV
+def test_cpu_engine_replicas_start_with_the_heap_env_and_gpu_ones_without():
+    from replicas.service.deployments import ENGINE_ENV, engine_env
 
-    assert heap.HEAP_ENV.items() <= ENGINE_ENV.items()
+    assert engine_env(0) == ENGINE_ENV | heap.HEAP_ENV
+    assert engine_env(1) == ENGINE_ENV and not heap.HEAP_ENV.keys() & ENGINE_ENV.keys()
 
 
 def test_an_idle_engine_thread_trims_the_heap_once_per_idle_period(monkeypatch):
