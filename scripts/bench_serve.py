@@ -67,7 +67,6 @@ from replicas.bench.client import (
     stream_completion,
 )
 from replicas.bench.report import percentile
-from replicas.engine import heap
 from replicas.cli import free_port
 
 POPULARITY = (0.6, 0.3, 0.1)  # share of requests per tenant, in the config's model order
@@ -629,5 +628,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    heap.use_heap_env_here()  # the engines here allocate as an engine replica's do
     sys.exit(main())
