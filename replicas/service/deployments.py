@@ -251,7 +251,8 @@ def build_app(config: OneirosConfig):
         EngineReplica,
         name="EngineReplica",
         **scaling,
-        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": {"env_vars": engine_env(r.num_gpus)}},
+        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
+                           "runtime_env": {"env_vars": engine_env(r.num_gpus)}},
         max_ongoing_requests=r.max_pending_requests,
         max_queued_requests=r.max_pending_requests,
         request_router_config=RequestRouterConfig(

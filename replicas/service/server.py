@@ -32,8 +32,8 @@ import torch
 from cluster.messages import ReplicaOrders, ReplicaReport, TenantReport
 from remap import DeviceMemory, RemapError, SeqId, make_backend
 from replicas.config import ModelSpec, OneirosConfig, TINY_MODELS
-from replicas.engine.capacity import LoadRefused
 from replicas.engine import heap
+from replicas.engine.capacity import LoadRefused
 from replicas.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from replicas.engine.models import ModelConfig, dummy_weights, load_hf_folder
 from replicas.engine.sampling import InvalidRequest, SamplingParams
