@@ -18,7 +18,7 @@ will run engines (a CPU engine replica's runtime_env, or a script that re-execut
 of free memory kept at the heap's top. What a busy engine keeps, `trim` gives back (malloc_trim); the
 engine thread calls it once the engine has been idle for a while. glibc 2.36 reuses a freed block for
 an aligned request of its size (torch aligns to 64 bytes) only once several lie free, so a run of one
-huge size can keep several (tests/unit/test_heap.py); the idle trim gives their pages back. vLLM's CPU
+huge size can keep several (docs/benchmarks.md); the idle trim gives their pages back. vLLM's CPU
 backend preloads tcmalloc for the same reason. Other C libraries ignore the variables, and `trim` does
 nothing there."""
 
