@@ -151,8 +151,8 @@ class MemorySnapshot:
         if not math.isfinite(self.now_s):
             raise ValueError(f"now_s={self.now_s}: expected finite")
         names = [t.model for t in self.tenants]
-        dups = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
-        if dups:
+        if len(set(names)) != len(names):
+            dups = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"duplicate model names {dups} among {len(names)} tenants")
         if self.urgent is not None and self.urgent not in names:
             raise ValueError(f"urgent tenant {self.urgent!r} is not among the tenants {sorted(names)}")
