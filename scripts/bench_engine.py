@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -155,14 +156,17 @@ def run_once(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tu
 
 
 def bench_ours(model: BenchModel, runs: dict[str, list[list[list[int]]]], workloads: tuple[Workload, ...]) -> dict:
-    """{workload: {"seconds": [per timed run], "token_ids": the last run's outputs}}, runs in the order vLLM's are."""
+    """{workload: {"seconds": [per timed run], "minor_faults": [per timed run, the process's], "token_ids": the
+    last run's outputs}}, runs in the order vLLM's are."""
     engine = make_engine(model, kv_tokens=max(w.batch * (w.prompt_tokens + w.new_tokens + 16) for w in workloads))
-    out = {w.name: {"seconds": [], "token_ids": []} for w in workloads}
+    out = {w.name: {"seconds": [], "minor_faults": [], "token_ids": []} for w in workloads}
     for run in range(len(runs[workloads[0].name])):
         for w in workloads:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds, tokens = run_once(engine, runs[w.name][run], w.new_tokens)
             if run > 0:  # run 0 warms up
                 out[w.name]["seconds"].append(seconds)
+                out[w.name]["minor_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                 out[w.name]["token_ids"] = tokens
     engine.close()
     return out
@@ -242,13 +246,17 @@ def _rate_cell(summary: dict | None) -> str:
 
 
 def print_table(workloads: tuple[Workload, ...], results: dict) -> None:
-    print(f"{'workload':<12} {'ours tok/s (min-max)':>26} {'vLLM tok/s (min-max)':>26} {'speedup':>8} {'same':>5}")
+    print(f"{'workload':<12} {'ours tok/s (min-max)':>26} {'vLLM tok/s (min-max)':>26} {'speedup':>8} {'same':>5} "
+          f"{'ours faults/run':>16}")
     for w in workloads:
         speedup = results[f"speedup_vs_vllm_{w.name}"]
         same = (results["vllm_same_output_fraction"] or {}).get(w.name)
         print(f"{w.name:<12} {_rate_cell(results['ours'][w.name]):>26} "
               f"{_rate_cell((results['vllm'] or {}).get(w.name)):>26} "
-              f"{'-' if speedup is None else f'{speedup:.2f}':>8} {'-' if same is None else f'{same:.2f}':>5}")
+              f"{'-' if speedup is None else f'{speedup:.2f}':>8} {'-' if same is None else f'{same:.2f}':>5} "
+              f"{results['ours_minor_faults'][w.name]:>16.0f}")
+    print(f"ours: peak RSS {results['ours_peak_rss_mb']:.0f} MB, heap_env {results['heap_env']}, "
+          f"engine thread {results['engine_thread']}")
     for mode, v in results["modes"].items():
         print(f"{mode:<10} p50_tbt {v['p50_tbt_s'] * 1e3:8.2f} ms  p99_tbt {v['p99_tbt_s'] * 1e3:8.2f} ms  "
               f"preemptions {v['preemptions']}")
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours = pool.submit(bench_ours, model, runs, workloads).result()
         else:
             ours = bench_ours(model, runs, workloads)
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         vllm = bench_vllm(args.vllm_python, model, runs, workloads, args.threads) if args.vllm_python else {}
     results = {"model": str(args.model) if args.model else "tiny-llama" if args.quick else "mid-llama",
                "hf_config": model.hf_config, "num_params": model.num_params,
@@ -291,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                "kv_block_tokens": PAGE // model.config.kv_geometry().bytes_per_token,
                "engine_thread": args.engine_thread, "heap_env": heap.started_with_heap_env()}
     results |= compare(workloads, ours, vllm)
+    # page faults show what the heap setting changes (heap_env); peak RSS, what it keeps (before vLLM and
+    # the modes' engines, which run in other processes or after this is read)
+    results["ours_minor_faults"] = {w.name: statistics.median(ours[w.name]["minor_faults"]) for w in workloads}
+    results["ours_peak_rss_mb"] = peak_rss_mb
     results |= {"vllm_version": vllm.get("vllm_version"), "vllm_dtype": vllm.get("dtype"),
                 "vllm_max_num_batched_tokens": vllm.get("max_num_batched_tokens"),
                 "vllm_omp_threads_bind": vllm.get("omp_threads_bind")}

@@ -369,3 +369,4 @@ def test_bench_engine_quick_runs_without_vllm_and_writes_null_speedups(tmp_path)
     assert all(results[k] > 0 for k in ("decode_tok_s_b1", "decode_tok_s_b16", "prefill_tok_s_b16"))
     assert set(results["p99_tbt_s"]) == {"remap", "recompute", "swap"}
     assert results["engine_thread"] and results["heap_env"] is False  # pytest did not start with HEAP_ENV
+    assert set(results["ours_minor_faults"]) == set(results["ours"]) and results["ours_peak_rss_mb"] > 0
