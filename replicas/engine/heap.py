@@ -7,10 +7,8 @@ rising to at most 32 MB) with a fresh mmap, which is zeroed and faulted in page 
 touch and unmapped on free. An engine thread's own arena (a replica runs its engine on a thread) grows
 in heaps of at most 64 MB, so there every large block is mapped afresh whatever the threshold. The
 prefill workload of scripts/bench_engine.py (16 prompts of 512 tokens, the mid-size model) on a thread
-took 604-691 thousand minor page faults per run, 2.4-2.8 GB touched afresh; with HEAP_ENV, 53, and it
-ran 4-19% faster in three alternated pairs. Over 25 mixed runs (1-16 prompts of 40-512 tokens) the heap
-levelled off, and the process's peak RSS was 2.09 GB against 2.16 GB with glibc's defaults
-(docs/benchmarks.md, "The host heap").
+took 450 thousand minor page faults per run with glibc's defaults and 28 with HEAP_ENV, ran 6.5% faster,
+and peaked at 1.92 GB of RSS against 2.05 GB (docs/benchmarks.md, "The host heap").
 
 HEAP_ENV is read by glibc when a process starts, so it goes into the environment of the processes that
 will run engines (a CPU engine replica's runtime_env, or a script that re-executes itself with
@@ -18,9 +16,8 @@ will run engines (a CPU engine replica's runtime_env, or a script that re-execut
 of free memory kept at the heap's top. What a busy engine keeps, `trim` gives back (malloc_trim); the
 engine thread calls it once the engine has been idle for a while. glibc 2.36 reuses a freed block for
 an aligned request of its size (torch aligns to 64 bytes) only once several lie free, so a run of one
-huge size can keep several (docs/benchmarks.md); the idle trim gives their pages back. vLLM's CPU
-backend preloads tcmalloc for the same reason. Other C libraries ignore the variables, and `trim` does
-nothing there."""
+huge size can keep several; the idle trim gives their pages back. vLLM's CPU backend preloads tcmalloc
+for the same reason. Other C libraries ignore the variables, and `trim` does nothing there."""
 
 from __future__ import annotations
 
