@@ -65,6 +65,13 @@ class RouteEntry:
     resident_fraction: float  # resident layers / layers of this model on this replica, 0..1
     spare_pages: int  # free + reclaimable pages of the replica
     queue: int  # waiting + running sequences of this model on the replica
+    kv_pages: int = 0  # KV pages the replica's tenants hold (all of them)
+
+    def load_per_room(self, requests: int) -> float:
+        """Requests per page of KV room on the replica, counting one more (`requests` are those it
+        has now, as the router counts them). The room is what KV holds plus what it could take:
+        busy tenants' parameters do not count, so a replica hosting more of them has less."""
+        return (requests + 1) / max(1, self.spare_pages + self.kv_pages)
 
 
 @dataclass(frozen=True)

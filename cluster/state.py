@@ -119,7 +119,8 @@ class ClusterState:
         lines = self._cold(live, now_s) + self._warming(live) + self._placements(live, now_s)
         orders = {rid: self._orders_for(rid, lines, rid in _sole_warm_hosts(live, lines)) for rid in live}
         entries = tuple(_route_entry(rid, rec.report, t) for rid, rec in live.items() for t in rec.report.tenants)
-        loading = tuple(RouteEntry(rid, model, 0.0, spare_pages(live[rid].report), 0)
+        loading = tuple(RouteEntry(rid, model, 0.0, spare_pages(live[rid].report), 0,
+                                   sum(t.kv_pages_used for t in live[rid].report.tenants))
                         for (rid, model) in sorted(self._loading) if rid in live)
         view = RoutingView(version=self._version, made_at_s=now_s,
                            entries=tuple(sorted(entries, key=lambda e: (e.model, e.replica_id))), loading=loading)
@@ -293,7 +294,8 @@ def _active_at(rec: _Received, t: TenantReport) -> float:
 def _route_entry(rid: str, report: ReplicaReport, t: TenantReport) -> RouteEntry:
     fraction = t.resident_layers / t.num_layers if t.num_layers > 0 else 0.0
     return RouteEntry(replica_id=rid, model=t.model, resident_fraction=min(1.0, max(0.0, fraction)),
-                      spare_pages=spare_pages(report), queue=t.num_waiting + t.num_running)
+                      spare_pages=spare_pages(report), queue=t.num_waiting + t.num_running,
+                      kv_pages=sum(x.kv_pages_used for x in report.tenants))
 
 
 def _replica_summary(rec: _Received) -> dict:

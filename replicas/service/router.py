@@ -2,9 +2,12 @@
 
 Ranks, from the cluster controller's published RoutingView: the replicas hosting the request's
 model in groups of equal residency, most resident first (`RoutingView.host_groups`), then those
-loading it; replicas that do not host it come last (they load it on demand). Serve sends the request
-to the shortest queue within the first group with room, so a burst spreads over equally good hosts
-and a full group spills to the next.
+loading it; replicas that do not host it come last (they load it on demand). Within a group, the
+host with the fewest requests per page of KV room comes first (`RouteEntry.load_per_room`: the
+requests are this router's live counts, the room the view's), and Serve sends the request to the
+first host with room. Equal rooms make that the shortest queue, so a burst spreads over equally good
+hosts; a replica hosting more busy tenants, whose parameters leave less room for KV, gets fewer
+requests instead of as many that then wait for pages. A full host spills to the next.
 
 No actor call per request: the view is refreshed in the background at most every `refresh_s`. When
 it is older than `stale_after_s` (controller down or restarting), or it does not know the model,
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -46,13 +50,23 @@ def avoided_by(pending_request: PendingRequest | None) -> frozenset[str]:
     return frozenset(pending_request.kwargs.get("avoid", ()))
 
 
-def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
-    """The view's host groups of `model` (RoutingView.host_groups), then the rest: Serve sends the
-    request to the shortest queue within the first group with room (8 chats at once went 7 to 1
-    when each host was a group of its own)."""
+def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica],
+                  requests: Mapping[str, int | None] | None = None) -> list[list[RunningReplica]]:
+    """The view's host groups of `model` (RoutingView.host_groups), then the rest. A group whose
+    hosts' `requests` (replica id -> requests it has now) are all known is split into one group per
+    host, fewest requests per page of KV room first; Serve sends the request to the first with room.
+    Otherwise Serve picks the shortest queue within the group (8 chats at once went 7 to 1 when each
+    host was a group of its own, ranked by the view alone)."""
     by_id = {r.replica_id.unique_id: r for r in candidates}
-    groups = [[by_id.pop(e.replica_id) for e in group if e.replica_id in by_id] for group in view.host_groups(model)]
-    groups = [g for g in groups if g]
+    requests = requests or {}
+    groups: list[list[RunningReplica]] = []
+    for group in view.host_groups(model):
+        entries = [e for e in group if e.replica_id in by_id]
+        if len(entries) > 1 and all(requests.get(e.replica_id) is not None for e in entries):
+            entries.sort(key=lambda e: e.load_per_room(requests[e.replica_id]))  # stable: ties keep the view's order
+            groups += [[by_id.pop(e.replica_id)] for e in entries]
+        elif entries:
+            groups.append([by_id.pop(e.replica_id) for e in entries])
     if not groups:
         return []
     rest = list(by_id.values())
@@ -60,7 +74,8 @@ def rank_replicas(view: RoutingView, model: str, candidates: list[RunningReplica
 
 
 def route(view: RoutingView | None, model: str | None, avoid: frozenset[str],
-          candidates: list[RunningReplica]) -> list[list[RunningReplica]] | None:
+          candidates: list[RunningReplica],
+          requests: Mapping[str, int | None] | None = None) -> list[list[RunningReplica]] | None:
     """The groups Serve tries in turn (it takes the shortest queue with room in the first group that
     has any, and backs off and asks again when none has), or None for Serve's power of two choices.
     A replica that refused the model for good is offered only when every replica has: offered last
@@ -69,7 +84,7 @@ def route(view: RoutingView | None, model: str | None, avoid: frozenset[str],
     if not usable:  # every replica refused for good: one of them answers again, and the ingress stops
         return [candidates]
     if view is not None and model is not None:
-        ranks = rank_replicas(view, model, usable)
+        ranks = rank_replicas(view, model, usable, requests)
         if ranks:
             return ranks
     return [usable] if avoid else None  # Serve's power of two choices draws from every replica
@@ -92,7 +107,9 @@ class MemoryAwareRouter(PowerOfTwoChoicesRequestRouter):
         if self._view is None and self._refreshing is not None:  # the very first requests: wait for a view
             await asyncio.wait([self._refreshing], timeout=FIRST_VIEW_WAIT_S)
         view = self._view if time.monotonic() - self._view_at <= self._stale_after_s else None
-        ranks = route(view, model_of(pending_request), avoided_by(pending_request), candidate_replicas)
+        cache = self.replica_queue_len_cache  # Serve's live count per replica: + on send, - on completion
+        requests = {r.replica_id.unique_id: cache.get(r.replica_id) for r in candidate_replicas}
+        ranks = route(view, model_of(pending_request), avoided_by(pending_request), candidate_replicas, requests)
         if ranks is not None:
             return ranks
         return await super().choose_replicas(candidate_replicas, pending_request)

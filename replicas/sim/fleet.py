@@ -132,9 +132,10 @@ def _route(request: Request, replicas: list[_Replica], now: float, model_of, rec
         [min(replicas, key=lambda r: r.ready_at_s)]  # nothing ready yet: queue at the first to start
     model = model_of[request.tenant]
     view = RoutingView(0, now, tuple(_route_entry(str(i), r.engine, model) for i, r in enumerate(ready)))
-    # the production router's ranking (RoutingView.host_groups); within the first group, Serve's
-    # choice: the replica with the fewest requests in flight
-    target = min((ready[int(e.replica_id)] for e in view.host_groups(model)[0]), key=lambda r: r.queue())
+    # the production router's choice (replicas/service/router.py): in the first group of equally
+    # resident hosts, the fewest requests in flight per page of KV room
+    best = min(view.host_groups(model)[0], key=lambda e: e.load_per_room(ready[int(e.replica_id)].queue()))
+    target = ready[int(best.replica_id)]
     if not target.busy():
         target.clock.advance_to(max(now, target.ready_at_s))
     params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
@@ -150,7 +151,8 @@ def _route_entry(replica_id: str, engine, model: str) -> RouteEntry:
     """What a replica's report tells the controller's routing view about one of its tenants."""
     params = engine.memory.params
     return RouteEntry(replica_id, model, len(params.resident_layers(model)) / params.num_layers(model),
-                      engine.capacity().spare_pages, engine.num_unfinished(model))
+                      engine.capacity().spare_pages, engine.num_unfinished(model),
+                      sum(engine.memory.kv[m].num_pages_used for m in engine.models))
 
 
 def _scale(replicas, now, fleet: FleetSettings, state, pending_since, recent_ttft):

@@ -370,3 +370,26 @@ def test_bench_engine_quick_runs_without_vllm_and_writes_null_speedups(tmp_path)
     assert set(results["p99_tbt_s"]) == {"remap", "recompute", "swap"}
     assert results["engine_thread"] and results["heap_env"] is False  # pytest did not start with HEAP_ENV
     assert set(results["ours_minor_faults"]) == set(results["ours"]) and results["ours_peak_rss_mb"] > 0
+
+
+# ---- scripts/bench_routing.py ------------------------------------------------------------------
+
+def test_bench_routing_runs_both_rules_over_the_production_ranking_and_writes_json(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import bench_routing
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "routing.json"
+    assert bench_routing.main(["--rounds", "1", "--seeds", "1", "--requests", "8", "--concurrency", "4",
+                               "--max-tokens", "3", "--view-period-s", "0.05", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["placement"] == {"r0": ["llama", "qwen", "opt"], "r1": ["llama", "qwen"]}
+    for rule in bench_routing.RULES:
+        s = data["rounds"][0][rule]
+        assert s["num_requests"] == 8 and sum(s["by_replica"].values()) == 8
+        assert all(not k.startswith("r1/opt") for k in s["by_replica"])  # only hosts get requests
+        assert 0 < s["ttft_p50_ms"] <= s["ttft_p99_ms"] <= s["ttft_max_ms"]
+    assert "per-room" in capsys.readouterr().out

@@ -329,6 +329,38 @@ def test_the_router_groups_equally_resident_hosts_so_serve_picks_the_shortest_qu
     assert rank_replicas(view, "c", list(replicas.values())) == []  # no host: Serve's own choice
 
 
+def test_within_a_group_the_router_puts_first_the_host_with_the_fewest_requests_per_page_of_kv_room():
+    """A replica hosting three busy tenants has less KV room than one hosting two; at equal queues its
+    requests waited for pages (TTFT tail). Equal rooms stay the shortest queue; unknown counts leave
+    the group to Serve."""
+    from types import SimpleNamespace
+
+    from cluster.messages import RouteEntry, RoutingView
+    from replicas.service.router import rank_replicas
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid)) for rid in ("r0", "r1", "r2")]
+    # r0: 2 spare + 17 KV pages of room; r1: 20 + 14 (one tenant fewer); r2 hosts only model b
+    view = RoutingView(1, NOW, entries=(RouteEntry("r0", "a", 1.0, 2, 9, 17), RouteEntry("r1", "a", 1.0, 20, 7, 14),
+                                        RouteEntry("r2", "b", 1.0, 40, 0, 0)))
+
+    def ids(requests):
+        return [[r.replica_id.unique_id for r in g] for g in rank_replicas(view, "a", replicas, requests)]
+
+    assert ids({"r0": 16, "r1": 16}) == [["r1"], ["r0"], ["r2"]]  # as many requests, more room
+    assert ids({"r0": 9, "r1": 18}) == [["r0"], ["r1"], ["r2"]]  # 10/19 < 19/34: r1 has taken its share
+    assert ids({"r0": 16, "r1": None}) == [["r1", "r0"], ["r2"]]  # a count unknown: Serve's shortest queue
+    assert ids(None) == [["r1", "r0"], ["r2"]]
+    equal = RoutingView(1, NOW, entries=(RouteEntry("r0", "a", 1.0, 10, 0, 10), RouteEntry("r1", "a", 1.0, 10, 0, 10)))
+    assert [[r.replica_id.unique_id for r in g] for g in rank_replicas(equal, "a", replicas[:2], {"r0": 3, "r1": 2})] \
+        == [["r1"], ["r0"]]  # equal rooms: the shortest queue
+
+    # a burst between two views spreads in proportion to room: each request counts on the host it went to
+    counts = {"r0": 0, "r1": 0}
+    for _ in range(53):
+        counts[ids(counts)[0][0]] += 1
+    assert counts == {"r0": 19, "r1": 34}
+
+
 def test_the_router_never_offers_a_replica_that_refused_the_model_for_good_while_another_exists():
     """CI saw a burst's overflow spill onto the replica that had refused the model (offered last, behind
     a full one): it refused again and the ingress answered 503. Serve waits for room instead."""
