@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"placement: {placement}; {args.seeds} workloads of {args.requests} requests per rule and round, "
           f"{args.concurrency} clients, view remade every {args.view_period_s:g} s")
-    print(f"{'round':>5}  {'rule':15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'max':>7} {'tok/s':>7}  requests per replica")
+    print(f"{'round':>5}  {'rule':15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'max':>7} {'tok/s':>7}  "
+          "requests per replica")
     for k, r in enumerate(rounds, 1):
         for rule in RULES:
             s = r[rule]
