@@ -391,18 +391,23 @@ RIDS = [f"r{i}" for i in range(6)]
 @given(candidates=st.lists(st.sampled_from(RIDS), min_size=1, unique=True), avoid=st.sets(st.sampled_from(RIDS)),
        hosts=st.lists(st.tuples(st.sampled_from(RIDS), st.sampled_from(["a", "b"]), st.sampled_from([0.5, 1.0])),
                       unique_by=lambda h: (h[0], h[1])),
-       loading=st.sets(st.sampled_from(RIDS)), model=st.sampled_from(["a", "b", None]), has_view=st.booleans())
+       loading=st.sets(st.sampled_from(RIDS)), model=st.sampled_from(["a", "b", None]), has_view=st.booleans(),
+       counts=st.lists(st.integers(-1, 300), min_size=len(RIDS), max_size=len(RIDS)),
+       rooms=st.lists(st.integers(0, 200), min_size=len(RIDS), max_size=len(RIDS)))
 def test_the_router_offers_only_candidates_and_an_avoided_one_only_when_all_are(candidates, avoid, hosts, loading,
-                                                                                 model, has_view):
+                                                                                 model, has_view, counts, rooms):
     from types import SimpleNamespace
 
     from cluster.messages import RouteEntry, RoutingView
     from replicas.service.router import route
 
     replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid)) for rid in candidates]
-    view = RoutingView(1, NOW, entries=tuple(RouteEntry(r, m, f, 10, 0) for r, m, f in hosts),
-                       loading=tuple(RouteEntry(r, "a", 0.0, 10, 0) for r in sorted(loading))) if has_view else None
-    groups = route(view, model, frozenset(avoid), replicas)
+    room = dict(zip(RIDS, rooms))  # spare pages; the KV pages held, half as many
+    requests = {rid: None if n < 0 else n for rid, n in zip(RIDS, counts)}  # -1: a count Serve does not know
+    entries = tuple(RouteEntry(r, m, f, room[r], 0, room[r] // 2) for r, m, f in hosts)
+    loads = tuple(RouteEntry(r, "a", 0.0, room[r], 0) for r in sorted(loading))
+    view = RoutingView(1, NOW, entries=entries, loading=loads) if has_view else None
+    groups = route(view, model, frozenset(avoid), replicas, requests)
     usable = set(candidates) - avoid
     if groups is None:  # Serve's own choice over every candidate: only when nothing is avoided
         assert not avoid
@@ -410,6 +415,12 @@ def test_the_router_offers_only_candidates_and_an_avoided_one_only_when_all_are(
     offered = [r.replica_id.unique_id for g in groups for r in g]
     assert len(offered) == len(set(offered)) and set(offered) <= set(candidates) and all(groups)
     assert set(offered) == (usable or set(candidates))  # every usable one offered; an avoided one never beside it
+    first = [e for e in (view.host_groups(model)[:1][0] if view and model and view.host_groups(model) else [])
+             if e.replica_id in usable]
+    if len(first) > 1 and all(requests.get(e.replica_id) is not None for e in first):  # the least loaded per room
+        best = min(e.load_per_room(requests[e.replica_id]) for e in first)
+        assert len(groups[0]) == 1
+        assert next(e for e in first if e.replica_id == offered[0]).load_per_room(requests[offered[0]]) == best
 
 
 def test_every_live_replica_gets_orders_even_with_nothing_to_do():
