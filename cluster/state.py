@@ -79,6 +79,11 @@ def spare_pages(report: ReplicaReport) -> int:
     return report.free_pages + report.reclaimable_pages
 
 
+def kv_pages(report: ReplicaReport) -> int:
+    """KV pages the replica's tenants hold."""
+    return sum(t.kv_pages_used for t in report.tenants)
+
+
 class ClusterState:
     """Latest reports in, orders and a routing view out. Synchronous; time is passed in."""
 
@@ -120,7 +125,7 @@ class ClusterState:
         orders = {rid: self._orders_for(rid, lines, rid in _sole_warm_hosts(live, lines)) for rid in live}
         entries = tuple(_route_entry(rid, rec.report, t) for rid, rec in live.items() for t in rec.report.tenants)
         loading = tuple(RouteEntry(rid, model, 0.0, spare_pages(live[rid].report), 0,
-                                   sum(t.kv_pages_used for t in live[rid].report.tenants))
+                                   kv_pages(live[rid].report))
                         for (rid, model) in sorted(self._loading) if rid in live)
         view = RoutingView(version=self._version, made_at_s=now_s,
                            entries=tuple(sorted(entries, key=lambda e: (e.model, e.replica_id))), loading=loading)
@@ -295,19 +300,19 @@ def _route_entry(rid: str, report: ReplicaReport, t: TenantReport) -> RouteEntry
     fraction = t.resident_layers / t.num_layers if t.num_layers > 0 else 0.0
     return RouteEntry(replica_id=rid, model=t.model, resident_fraction=min(1.0, max(0.0, fraction)),
                       spare_pages=spare_pages(report), queue=t.num_waiting + t.num_running,
-                      kv_pages=sum(x.kv_pages_used for x in report.tenants))
+                      kv_pages=kv_pages(report))
 
 
 def _replica_summary(rec: _Received) -> dict:
     r = rec.report
-    kv_pages = sum(t.kv_pages_used for t in r.tenants)
+    kv = kv_pages(r)
     return {
         "replica_id": r.replica_id, "node_id": r.node_id,
         "sent_at_s": r.sent_at_s, "received_at_s": rec.received_at_s,
         "num_pages": r.num_pages, "page_size_bytes": r.page_size_bytes,
-        "free_pages": r.free_pages, "reclaimable_pages": r.reclaimable_pages, "kv_pages": kv_pages,
+        "free_pages": r.free_pages, "reclaimable_pages": r.reclaimable_pages, "kv_pages": kv,
         # what reports tell of the rest: parameters (and staging slots) of the hosted tenants
-        "param_pages": max(0, r.num_pages - r.free_pages - kv_pages),
+        "param_pages": max(0, r.num_pages - r.free_pages - kv),
         "link_bytes_per_s": r.link_bytes_per_s, "num_aborted": r.num_aborted,
         "device_memory_used_bytes": r.device_memory_used_bytes,
         "device_memory_total_bytes": r.device_memory_total_bytes,
